@@ -1,0 +1,276 @@
+//! The vhost-user backend: feature negotiation, config space, the shared-memory region, and the
+//! request queue's event handler.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use log::{debug, info, warn};
+use vhost::vhost_user::message::{
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::Backend;
+use vhost_user_backend::{VhostUserBackend, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueOwnedT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::backing::BackingFile;
+use crate::device::{
+    CONFIG_SPACE_LEN, MAX_QUEUE_SIZE, NUM_QUEUES, REQUEST_QUEUE, RESP_ERR,
+    VIRTIO_PMEM_F_SHMEM_REGION,
+};
+use crate::flush::{FlushEngine, FlushJob};
+use crate::queue::{complete, notify, GuestMemory, Vring};
+use crate::ratelimit::RateLimit;
+use crate::request::{self, Request};
+use crate::shmem::ShmemMapper;
+use crate::stats::Stats;
+
+/// State that outlives a connection: the file, its flush worker, and the mapper thread.
+pub struct Device {
+    pub backing: Arc<BackingFile>,
+    pub stats: Arc<Stats>,
+    engine: FlushEngine,
+    mapper: ShmemMapper,
+}
+
+impl Device {
+    pub fn new(backing: BackingFile) -> io::Result<Self> {
+        let backing = Arc::new(backing);
+        let stats = Arc::new(Stats::default());
+        Ok(Device {
+            engine: FlushEngine::new(backing.clone(), stats.clone())?,
+            mapper: ShmemMapper::new(backing.clone(), stats.clone())?,
+            backing,
+            stats,
+        })
+    }
+}
+
+/// One frontend connection's view of the device.
+pub struct PmemBackend {
+    device: Arc<Device>,
+    /// Tells this connection's vrings apart from an earlier connection's in the flush worker.
+    conn_id: u64,
+    mem: GuestMemoryAtomic<GuestMemory>,
+    event_idx: AtomicBool,
+    channel: Mutex<Option<Backend>>,
+    exit: Mutex<Option<EventNotifier>>,
+    bad_input_log: RateLimit,
+}
+
+impl PmemBackend {
+    pub fn new(device: Arc<Device>, conn_id: u64, mem: GuestMemoryAtomic<GuestMemory>) -> Self {
+        PmemBackend {
+            device,
+            conn_id,
+            mem,
+            event_idx: AtomicBool::new(false),
+            channel: Mutex::new(None),
+            exit: Mutex::new(None),
+            bad_input_log: RateLimit::new(Duration::from_secs(5), 10),
+        }
+    }
+
+    /// Stops the vring worker threads after the connection has ended.
+    pub fn signal_exit(&self) {
+        if let Some(n) = lock(&self.exit).as_ref() {
+            if let Err(e) = n.notify() {
+                warn!("cannot stop the vring worker: {e}");
+            }
+        }
+    }
+
+    fn process_queue(&self, vring: &Vring) {
+        let mem = self.mem.memory();
+        let chains: Vec<_> = {
+            let mut state = vring.get_mut();
+            match state.get_queue_mut().iter(mem.clone()) {
+                Ok(iter) => iter.collect(),
+                Err(e) => {
+                    if let Some(n) = self.bad_input_log.check() {
+                        warn!("guest queue is unusable: {e} ({n} similar messages suppressed)");
+                    }
+                    return;
+                }
+            }
+        };
+        let mut completed_here = false;
+        for chain in chains {
+            let head = chain.head_index();
+            match request::parse(&*mem, chain) {
+                Request::Flush { status } => self.device.engine.submit(FlushJob {
+                    vring: vring.clone(),
+                    vring_id: self.conn_id,
+                    mem: mem.clone(),
+                    head,
+                    status,
+                }),
+                Request::Unknown { kind, status } => {
+                    Stats::add(&self.device.stats.unknown, 1);
+                    if let Some(n) = self.bad_input_log.check() {
+                        warn!("request type {kind} in chain {head} is not FLUSH; answering -1 ({n} similar messages suppressed)");
+                    }
+                    complete(vring, &mem, head, Some(status), RESP_ERR);
+                    completed_here = true;
+                }
+                Request::Malformed { reason, status } => {
+                    Stats::add(&self.device.stats.malformed, 1);
+                    if let Some(n) = self.bad_input_log.check() {
+                        warn!(
+                            "malformed chain {head}: {reason}; {} ({n} similar messages suppressed)",
+                            if status.is_some() { "answering -1" } else { "completing it with no status" }
+                        );
+                    }
+                    complete(vring, &mem, head, status, RESP_ERR);
+                    completed_here = true;
+                }
+            }
+        }
+        if completed_here {
+            notify(vring);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl VhostUserBackend for PmemBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_PMEM_F_SHMEM_REGION)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        info!("device starting: features {features:#x} acked");
+        if features & (1 << VIRTIO_PMEM_F_SHMEM_REGION) == 0 {
+            warn!("the driver did not ack SHMEM_REGION; it needs Linux 6.8 or later to find the memory");
+        }
+        match lock(&self.channel).as_ref() {
+            Some(channel) => self.device.mapper.request(channel.clone()),
+            None => warn!(
+                "the frontend has not set up the backend channel, so the file cannot be mapped; \
+                 the guest will see no memory"
+            ),
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::BACKEND_SEND_FD
+            | VhostUserProtocolFeatures::SHMEM
+    }
+
+    fn reset_device(&self) {
+        info!("device reset by the frontend; the region is mapped again at the next start");
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = [0u8; CONFIG_SPACE_LEN];
+        let start = (offset as usize).min(CONFIG_SPACE_LEN);
+        let end = start.saturating_add(size as usize).min(CONFIG_SPACE_LEN);
+        if (end - start) as u32 != size {
+            warn!("config read of {size} bytes at {offset} is outside the {CONFIG_SPACE_LEN}-byte config space");
+        }
+        config[start..end].to_vec()
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
+        debug!("guest memory table updated");
+        Ok(())
+    }
+
+    fn set_backend_req_fd(&self, channel: Backend) {
+        debug!("backend channel set up");
+        *lock(&self.channel) = Some(channel);
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
+        *lock(&self.exit) = Some(notifier.try_clone().ok()?);
+        Some((consumer, notifier))
+    }
+
+    fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
+        // The frontend reads the ring position right after this returns; answer every request
+        // already taken off the ring first, or its completion would land in a stopped ring.
+        self.device.engine.wait_idle();
+        Ok(())
+    }
+
+    fn get_shmem_config(&self) -> io::Result<VhostUserShMemConfig> {
+        Ok(VhostUserShMemConfig::new(1, &[self.device.backing.size()]))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        // An error returned from here stops the vring thread for good, so problems caused by the
+        // guest are logged and the thread keeps serving.
+        if evset != EventSet::IN {
+            warn!("unexpected event set {evset:?} on event {device_event}");
+            return Ok(());
+        }
+        if device_event != REQUEST_QUEUE {
+            warn!("event for unknown queue {device_event}");
+            return Ok(());
+        }
+        let Some(vring) = vrings.first() else {
+            return Ok(());
+        };
+        if self.event_idx.load(Ordering::Relaxed) {
+            // With EVENT_IDX the guest only kicks again after it has seen the used index move,
+            // so drain until no new chain appeared while notifications were off.
+            loop {
+                if let Err(e) = vring.disable_notification() {
+                    warn!("cannot disable notifications: {e}");
+                }
+                self.process_queue(vring);
+                match vring.enable_notification() {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        warn!("cannot enable notifications: {e}");
+                        break;
+                    }
+                }
+            }
+        } else {
+            self.process_queue(vring);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,117 @@
+//! Mapping the backing file into the guest's shared-memory region.
+//!
+//! QEMU 11.1 forces the timing (see docs/qemu.md):
+//! - a SHMEM_MAP that arrives before the device has started crashes QEMU (no `vdev` yet), so the
+//!   map follows SET_FEATURES, the first message of a device start;
+//! - QEMU reads the backend channel only when it is not waiting for our reply to SET_FEATURES,
+//!   so sending the map from the handler of that message, and waiting for its ack, deadlocks;
+//! - every device reset (guest reboot, driver rebind, new connection) drops the mapping.
+//!
+//! So every SET_FEATURES wakes this module's thread, which sends the map at once. The guest
+//! cannot probe the namespace before QEMU has finished starting the device, and QEMU serves the
+//! backend channel as soon as it has, which keeps the unmapped window as small as QEMU allows.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::Instant;
+
+use log::{error, info};
+use vhost::vhost_user::message::{VhostUserMMap, VhostUserMMapFlags};
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
+
+use crate::backing::BackingFile;
+use crate::device::SHMEM_REGION_ID;
+use crate::stats::Stats;
+
+struct MapJob {
+    channel: Backend,
+    requested: Instant,
+}
+
+#[derive(Default)]
+struct Pending {
+    job: Mutex<Option<MapJob>>,
+    wake: Condvar,
+}
+
+/// Sends SHMEM_MAP from its own thread. Requests that pile up while one is being sent collapse
+/// into one, so a frontend cannot make the daemon queue work without bound.
+pub struct ShmemMapper {
+    pending: Arc<Pending>,
+}
+
+impl ShmemMapper {
+    pub fn new(backing: Arc<BackingFile>, stats: Arc<Stats>) -> std::io::Result<Self> {
+        let pending = Arc::new(Pending::default());
+        let p = pending.clone();
+        thread::Builder::new()
+            .name("pmem-shmem-map".into())
+            .spawn(move || run(&p, &backing, &stats))?;
+        Ok(ShmemMapper { pending })
+    }
+
+    /// Asks for the file to be mapped through `channel`, the backend channel of the connection
+    /// whose device is starting.
+    pub fn request(&self, channel: Backend) {
+        let mut job = self.pending.job.lock().unwrap_or_else(|e| e.into_inner());
+        *job = Some(MapJob {
+            channel,
+            requested: Instant::now(),
+        });
+        self.pending.wake.notify_one();
+    }
+}
+
+/// The message that maps the whole file at the start of region 0.
+pub fn map_message(backing: &BackingFile) -> VhostUserMMap {
+    let flags = if backing.read_only() {
+        VhostUserMMapFlags::empty()
+    } else {
+        VhostUserMMapFlags::WRITABLE
+    };
+    VhostUserMMap {
+        shmid: SHMEM_REGION_ID,
+        fd_offset: 0,
+        shm_offset: 0,
+        len: backing.size(),
+        flags: flags.bits(),
+        ..Default::default()
+    }
+}
+
+fn run(pending: &Pending, backing: &BackingFile, stats: &Stats) {
+    let msg = map_message(backing);
+    loop {
+        let job = {
+            let mut guard = pending.job.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if let Some(job) = guard.take() {
+                    break job;
+                }
+                guard = pending.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        match job.channel.shmem_map(&msg, backing.file()) {
+            Ok(_) => {
+                Stats::add(&stats.maps, 1);
+                info!(
+                    "mapped {} ({}, {}) into shared-memory region {} in {} us",
+                    backing.path().display(),
+                    crate::size::ByteSize(backing.size()),
+                    if backing.read_only() {
+                        "read-only"
+                    } else {
+                        "writable"
+                    },
+                    SHMEM_REGION_ID,
+                    job.requested.elapsed().as_micros()
+                );
+            }
+            Err(e) => error!(
+                "SHMEM_MAP of {} failed: {e}; the guest will see a region of zeros until the \
+                 device restarts",
+                backing.path().display()
+            ),
+        }
+    }
+}
