@@ -82,10 +82,11 @@ pub fn serve(device: Arc<Device>, mut listener: Listener) -> ! {
 /// Validates everything, opens and locks the file, binds the socket, and returns what [`serve`]
 /// needs. Nothing is listening for frontends until `serve` runs.
 pub fn prepare(config: &config::Config) -> Result<(Arc<Device>, Listener), Error> {
-    // The socket first: if it is taken, nothing has touched the file yet. If opening the file
-    // fails, dropping the listener removes the socket again.
-    let listener = socket::listen(&config.socket_path)?;
+    // A taken socket path is refused before the file is touched; the socket is bound only once
+    // the file is ready, so a frontend that can connect finds a device it can use.
+    socket::ensure_free(&config.socket_path)?;
     let backing = backing::BackingFile::open(config)?;
+    let listener = socket::listen(&config.socket_path)?;
     info!(
         "serving {} ({}, {}) on {}",
         config.file.display(),

@@ -28,6 +28,16 @@ pub enum SocketError {
 /// Binds `path`, first removing a socket file that nobody listens on any more (left by a
 /// daemon that was killed).
 pub fn listen(path: &Path) -> Result<Listener, SocketError> {
+    ensure_free(path)?;
+    Listener::new(path, false).map_err(|source| SocketError::Listen {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Fails if a live process listens on `path` or if `path` is something other than a socket;
+/// removes a stale socket file.
+pub fn ensure_free(path: &Path) -> Result<(), SocketError> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => {
             return Err(SocketError::NotASocket(path.to_path_buf()))
@@ -56,10 +66,7 @@ pub fn listen(path: &Path) -> Result<Listener, SocketError> {
             })
         }
     }
-    Listener::new(path, false).map_err(|source| SocketError::Listen {
-        path: path.to_path_buf(),
-        source,
-    })
+    Ok(())
 }
 
 #[cfg(test)]

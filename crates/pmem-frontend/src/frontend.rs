@@ -1,0 +1,517 @@
+//! The frontend: connects to a vhost-user-pmem backend and drives it the way QEMU's
+//! `vhost-user-test-device-pci` (virtio-id 27) does, with a Linux-like driver on top.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserShMemConfig};
+use vhost::vhost_user::{
+    Frontend as VhostUserConnection, VhostUserFrontend, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
+use vhost::{VhostBackend, VringConfigData};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::backend_channel::{BackendChannel, ShmemMapping};
+use crate::error::{Error, Result};
+use crate::memory::GuestRam;
+use crate::vring::{
+    DescSpec, SplitVring, Used, AVAIL_RING_ADDR, DESC_TABLE_ADDR, SCRATCH_BASE,
+    SLOT_REQUEST_OFFSET, SLOT_STATUS_OFFSET, USED_RING_ADDR,
+};
+
+/// `VIRTIO_PMEM_F_SHMEM_REGION`: the pmem range is shared-memory region 0.
+pub const VIRTIO_PMEM_F_SHMEM_REGION: u64 = 1 << 0;
+/// `VIRTIO_F_VERSION_1`.
+pub const VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
+/// `VIRTIO_RING_F_EVENT_IDX`.
+pub const RING_EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
+/// `VIRTIO_RING_F_INDIRECT_DESC`.
+pub const RING_INDIRECT_DESC: u64 = 1 << VIRTIO_RING_F_INDIRECT_DESC;
+/// `VHOST_USER_F_PROTOCOL_FEATURES`.
+pub const PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+/// Size of the virtio-pmem config space `{le64 start; le64 size}`.
+pub const CONFIG_SIZE: u32 = 16;
+/// virtio-pmem request type FLUSH.
+pub const REQ_TYPE_FLUSH: u32 = 0;
+/// Value the harness puts in a status buffer before submitting, so that a test can tell
+/// whether the device wrote it.
+pub const STATUS_SENTINEL: u32 = 0x5a5a_5a5a;
+/// The only queue of a virtio-pmem device.
+const QUEUE_INDEX: usize = 0;
+
+/// How the frontend behaves.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Queue size (power of two, at most 1024).
+    pub queue_size: u16,
+    /// Whether the driver acks RING_EVENT_IDX when offered.
+    pub ack_event_idx: bool,
+    /// Whether the driver acks RING_INDIRECT_DESC when offered.
+    pub ack_indirect_desc: bool,
+    /// Ring index the queue starts at (SET_VRING_BASE of the first start). Non-zero values
+    /// exercise the 16-bit wrap-around, as after a migration.
+    pub ring_base: u16,
+    /// Guest RAM size in bytes (at least 16 MiB, see `vring` for the layout).
+    pub guest_memory_size: u64,
+    /// Upper bound for every wait: connect, replies, SHMEM_MAP, used entries.
+    pub timeout: Duration,
+    /// Protocol features the frontend supports; it acks these where offered.
+    pub protocol_features: VhostUserProtocolFeatures,
+    /// If set, `start()` fails unless the SHMEM_MAP's WRITABLE flag is `!read_only`.
+    pub expect_read_only: Option<bool>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            queue_size: 256,
+            ack_event_idx: true,
+            ack_indirect_desc: true,
+            ring_base: 0,
+            guest_memory_size: 16 << 20,
+            timeout: Duration::from_secs(5),
+            protocol_features: VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::BACKEND_REQ
+                | VhostUserProtocolFeatures::BACKEND_SEND_FD
+                | VhostUserProtocolFeatures::SHMEM,
+            expect_read_only: None,
+        }
+    }
+}
+
+/// The outcome of one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// The used element.
+    pub used: Used,
+    /// The status buffer's content after completion, as a signed `le32`
+    /// (`STATUS_SENTINEL as i32` if the device did not write it).
+    pub status: i32,
+}
+
+/// A vhost-user frontend connected to a virtio-pmem backend.
+pub struct Frontend {
+    // Field order is drop order: close the main socket first so the backend sees the
+    // disconnect, then stop the channel thread.
+    conn: VhostUserConnection,
+    channel: BackendChannel,
+    vring: SplitVring,
+    ram: GuestRam,
+    opts: Options,
+    offered_features: u64,
+    offered_protocol_features: VhostUserProtocolFeatures,
+    acked_protocol_features: VhostUserProtocolFeatures,
+    acked_features: Option<u64>,
+    /// SET_VRING_BASE for the next start (GET_VRING_BASE's answer after a stop).
+    next_base: u16,
+    running: bool,
+}
+
+impl Frontend {
+    /// Connects with default options and performs the initial negotiation.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Self> {
+        Self::connect_with(path, Options::default())
+    }
+
+    /// Connects and performs what QEMU does when the device is created: GET_FEATURES,
+    /// GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, SET_BACKEND_REQ_FD, SET_OWNER.
+    pub fn connect_with(path: impl AsRef<Path>, opts: Options) -> Result<Self> {
+        if opts.guest_memory_size < SCRATCH_BASE + (1 << 20) {
+            return Err(Error::InvalidArgument(format!(
+                "guest memory must be at least {} bytes",
+                SCRATCH_BASE + (1 << 20)
+            )));
+        }
+        let stream = connect_socket(path.as_ref(), opts.timeout)?;
+        // Bounds every reply we wait for, so a hung backend fails the test instead of
+        // hanging it.
+        stream
+            .set_read_timeout(Some(opts.timeout))
+            .map_err(Error::io("set socket timeout"))?;
+        let mut conn = VhostUserConnection::from_stream(stream, 1);
+
+        let offered_features = conn.get_features().map_err(Error::vhost("GET_FEATURES"))?;
+        if offered_features & PROTOCOL_FEATURES == 0 {
+            return Err(Error::Protocol(format!(
+                "features {offered_features:#x} lack PROTOCOL_FEATURES"
+            )));
+        }
+        let offered_protocol_features = conn
+            .get_protocol_features()
+            .map_err(Error::vhost("GET_PROTOCOL_FEATURES"))?;
+        let acked_protocol_features = offered_protocol_features & opts.protocol_features;
+        conn.set_protocol_features(acked_protocol_features)
+            .map_err(Error::vhost("SET_PROTOCOL_FEATURES"))?;
+        let reply_ack = acked_protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK);
+        if reply_ack {
+            // Like QEMU, ask for an ack of every request that has no reply of its own:
+            // failures then surface at the request that caused them.
+            conn.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+        }
+
+        let (channel, backend_end) = BackendChannel::start(reply_ack)?;
+        if acked_protocol_features.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            conn.set_backend_request_fd(&backend_end)
+                .map_err(Error::vhost("SET_BACKEND_REQ_FD"))?;
+        }
+        drop(backend_end);
+        conn.set_owner().map_err(Error::vhost("SET_OWNER"))?;
+
+        let ram = GuestRam::new(opts.guest_memory_size)?;
+        let vring = SplitVring::new(ram.mem(), opts.queue_size, opts.ring_base, false)?;
+        let next_base = opts.ring_base;
+        Ok(Frontend {
+            conn,
+            channel,
+            vring,
+            ram,
+            opts,
+            offered_features,
+            offered_protocol_features,
+            acked_protocol_features,
+            acked_features: None,
+            next_base,
+            running: false,
+        })
+    }
+
+    /// Virtio features the backend offered (GET_FEATURES).
+    pub fn features(&self) -> u64 {
+        self.offered_features
+    }
+
+    /// Protocol features the backend offered (GET_PROTOCOL_FEATURES).
+    pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.offered_protocol_features
+    }
+
+    /// Protocol features the frontend acked.
+    pub fn acked_protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.acked_protocol_features
+    }
+
+    /// Virtio features sent with the last SET_FEATURES.
+    pub fn acked_features(&self) -> Option<u64> {
+        self.acked_features
+    }
+
+    /// The options in use.
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// GET_CONFIG of the whole 16-byte config space.
+    pub fn get_config(&mut self) -> Result<Vec<u8>> {
+        let buf = vec![0u8; CONFIG_SIZE as usize];
+        let (_, payload) = self
+            .conn
+            .get_config(0, CONFIG_SIZE, VhostUserConfigFlags::WRITABLE, &buf)
+            .map_err(Error::vhost("GET_CONFIG"))?;
+        Ok(payload)
+    }
+
+    /// GET_SHMEM_CONFIG.
+    pub fn get_shmem_config(&mut self) -> Result<VhostUserShMemConfig> {
+        self.conn
+            .get_shmem_config()
+            .map_err(Error::vhost("GET_SHMEM_CONFIG"))
+    }
+
+    /// The features a Linux virtio-pmem driver would ack, given the options.
+    pub fn driver_features(&self) -> u64 {
+        let mut wanted = VERSION_1 | VIRTIO_PMEM_F_SHMEM_REGION | PROTOCOL_FEATURES;
+        if self.opts.ack_event_idx {
+            wanted |= RING_EVENT_IDX;
+        }
+        if self.opts.ack_indirect_desc {
+            wanted |= RING_INDIRECT_DESC;
+        }
+        self.offered_features & wanted
+    }
+
+    /// Starts the device in QEMU's order and waits for the SHMEM_MAP it triggers:
+    /// SET_FEATURES, SET_MEM_TABLE, then for the queue SET_VRING_NUM, _BASE, _ADDR,
+    /// _KICK, _CALL, _ENABLE.
+    pub fn start(&mut self) -> Result<Arc<ShmemMapping>> {
+        let maps_before = self.channel.map_count();
+        self.start_no_wait()?;
+        let mapping = self.channel.wait_map(maps_before + 1, self.opts.timeout)?;
+        if let Some(read_only) = self.opts.expect_read_only {
+            if mapping.writable() == read_only {
+                return Err(Error::Protocol(format!(
+                    "SHMEM_MAP flags {:#x} but the device should be {}",
+                    { mapping.request.flags },
+                    if read_only { "read-only" } else { "writable" }
+                )));
+            }
+        }
+        Ok(mapping)
+    }
+
+    /// [`Self::start`] without waiting for the SHMEM_MAP.
+    pub fn start_no_wait(&mut self) -> Result<()> {
+        let features = self.driver_features();
+        self.conn
+            .set_features(features)
+            .map_err(Error::vhost("SET_FEATURES"))?;
+        self.acked_features = Some(features);
+        self.vring.set_event_idx(features & RING_EVENT_IDX != 0);
+
+        let regions = self.ram.region_infos()?;
+        self.conn
+            .set_mem_table(&regions)
+            .map_err(Error::vhost("SET_MEM_TABLE"))?;
+
+        let size = self.vring.size();
+        self.conn
+            .set_vring_num(QUEUE_INDEX, size)
+            .map_err(Error::vhost("SET_VRING_NUM"))?;
+        self.conn
+            .set_vring_base(QUEUE_INDEX, self.next_base)
+            .map_err(Error::vhost("SET_VRING_BASE"))?;
+        // With vhost-user, ring addresses are frontend virtual addresses; the backend
+        // translates them through the memory table.
+        let host = |gpa: u64| self.ram.host_address(gpa);
+        let config = VringConfigData {
+            queue_max_size: size,
+            queue_size: size,
+            flags: 0,
+            desc_table_addr: host(DESC_TABLE_ADDR)?,
+            used_ring_addr: host(USED_RING_ADDR)?,
+            avail_ring_addr: host(AVAIL_RING_ADDR)?,
+            log_addr: None,
+        };
+        self.conn
+            .set_vring_addr(QUEUE_INDEX, &config)
+            .map_err(Error::vhost("SET_VRING_ADDR"))?;
+        self.conn
+            .set_vring_kick(QUEUE_INDEX, self.vring.kick_fd())
+            .map_err(Error::vhost("SET_VRING_KICK"))?;
+        self.conn
+            .set_vring_call(QUEUE_INDEX, self.vring.call_fd())
+            .map_err(Error::vhost("SET_VRING_CALL"))?;
+        self.conn
+            .set_vring_enable(QUEUE_INDEX, true)
+            .map_err(Error::vhost("SET_VRING_ENABLE"))?;
+        self.running = true;
+        Ok(())
+    }
+
+    /// Stops the device like QEMU: SET_VRING_ENABLE 0, then GET_VRING_BASE, whose answer
+    /// the next [`Self::start`] sends back with SET_VRING_BASE. Returns that base.
+    pub fn stop(&mut self) -> Result<u16> {
+        self.conn
+            .set_vring_enable(QUEUE_INDEX, false)
+            .map_err(Error::vhost("SET_VRING_ENABLE"))?;
+        let base = self
+            .conn
+            .get_vring_base(QUEUE_INDEX)
+            .map_err(Error::vhost("GET_VRING_BASE"))?;
+        let base = u16::try_from(base)
+            .map_err(|_| Error::Protocol(format!("GET_VRING_BASE answered {base}")))?;
+        self.next_base = base;
+        self.running = false;
+        Ok(base)
+    }
+
+    /// Closes the connection (the backend should go back to listening).
+    pub fn disconnect(self) {
+        drop(self);
+    }
+
+    /// The latest SHMEM_MAP received, if any.
+    pub fn shmem(&self) -> Option<Arc<ShmemMapping>> {
+        self.channel.maps().pop()
+    }
+
+    /// Every SHMEM_MAP received on this connection, oldest first.
+    pub fn shmem_maps(&self) -> Vec<Arc<ShmemMapping>> {
+        self.channel.maps()
+    }
+
+    /// Every SHMEM_UNMAP received on this connection.
+    pub fn shmem_unmaps(&self) -> Vec<vhost::vhost_user::message::VhostUserMMap> {
+        self.channel.unmaps()
+    }
+
+    /// Waits until `count` SHMEM_MAPs have arrived on this connection; returns the last.
+    pub fn wait_shmem_map(&self, count: usize) -> Result<Arc<ShmemMapping>> {
+        self.channel.wait_map(count, self.opts.timeout)
+    }
+
+    /// Guest RAM size.
+    pub fn guest_memory_size(&self) -> u64 {
+        self.ram.size()
+    }
+
+    /// First guest address the harness never touches; tests may use everything from here
+    /// to [`Self::guest_memory_size`].
+    pub fn scratch_addr(&self) -> u64 {
+        SCRATCH_BASE
+    }
+
+    /// Reads guest RAM.
+    pub fn read_guest(&self, addr: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.ram.mem().read_slice(&mut buf, GuestAddress(addr))?;
+        Ok(buf)
+    }
+
+    /// Writes guest RAM.
+    pub fn write_guest(&self, addr: u64, data: &[u8]) -> Result<()> {
+        self.ram.mem().write_slice(data, GuestAddress(addr))?;
+        Ok(())
+    }
+
+    /// Reads a `le32` from guest RAM.
+    pub fn read_u32(&self, addr: u64) -> Result<u32> {
+        Ok(u32::from_le(self.ram.mem().read_obj(GuestAddress(addr))?))
+    }
+
+    /// Writes a `le32` to guest RAM.
+    pub fn write_u32(&self, addr: u64, value: u32) -> Result<()> {
+        Ok(self
+            .ram
+            .mem()
+            .write_obj(value.to_le(), GuestAddress(addr))?)
+    }
+
+    /// Puts an arbitrary chain on the queue and kicks. Returns the head index.
+    pub fn submit_chain(&mut self, chain: &[DescSpec]) -> Result<u16> {
+        let ids = self.vring.alloc(chain.len())?;
+        let head = self.vring.publish(self.ram.mem(), ids, chain)?;
+        self.vring.kick()?;
+        Ok(head)
+    }
+
+    /// Puts a well-formed request on the queue the way the Linux driver does (4-byte
+    /// readable request, 4-byte writable status preset to [`STATUS_SENTINEL`]) and kicks.
+    /// The buffers live in the head's slot; see [`Self::request_status`].
+    pub fn submit_request(&mut self, req_type: u32) -> Result<u16> {
+        let ids = self.vring.alloc(2)?;
+        let slot = SplitVring::slot_addr(ids[0]);
+        let (req, status) = (slot + SLOT_REQUEST_OFFSET, slot + SLOT_STATUS_OFFSET);
+        self.write_u32(req, req_type)?;
+        self.write_u32(status, STATUS_SENTINEL)?;
+        let chain = [DescSpec::readable(req, 4), DescSpec::writable(status, 4)];
+        let head = self.vring.publish(self.ram.mem(), ids, &chain)?;
+        self.vring.kick()?;
+        Ok(head)
+    }
+
+    /// The status a request from [`Self::submit_request`] got (read it before the head is
+    /// reused by another submission).
+    pub fn request_status(&self, head: u16) -> Result<i32> {
+        Ok(self.read_u32(SplitVring::slot_addr(head) + SLOT_STATUS_OFFSET)? as i32)
+    }
+
+    /// Guest address of the status buffer [`Self::submit_request`] uses for `head`.
+    pub fn request_status_addr(&self, head: u16) -> u64 {
+        SplitVring::slot_addr(head) + SLOT_STATUS_OFFSET
+    }
+
+    /// Waits for the next used element (frees its descriptors).
+    pub fn wait_used(&mut self, timeout: Duration) -> Result<Used> {
+        self.vring.wait_used(self.ram.mem(), timeout)
+    }
+
+    /// Submits one request of `req_type` and waits for its completion. Expects nothing
+    /// else in flight.
+    pub fn request(&mut self, req_type: u32) -> Result<Completion> {
+        let head = self.submit_request(req_type)?;
+        let used = self.wait_used(self.opts.timeout)?;
+        if used.id != u32::from(head) {
+            return Err(Error::Protocol(format!(
+                "completed head {} while {head} was the only one in flight",
+                used.id
+            )));
+        }
+        Ok(Completion {
+            used,
+            status: self.request_status(head)?,
+        })
+    }
+
+    /// One virtio-pmem FLUSH, as the guest driver does it. Returns the device's status
+    /// (0 success, -1 failure). A completion without a written status is an error.
+    pub fn flush(&mut self) -> Result<i32> {
+        let c = self.request(REQ_TYPE_FLUSH)?;
+        if c.used.len != 4 {
+            return Err(Error::Protocol(format!(
+                "flush completed with used len {} (status {:#x})",
+                c.used.len, c.status
+            )));
+        }
+        Ok(c.status)
+    }
+
+    /// Requests submitted and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.vring.in_flight()
+    }
+
+    /// Whether the device has been started and not stopped.
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    /// The underlying vhost connection, for requests the harness does not wrap.
+    pub fn connection(&mut self) -> &mut VhostUserConnection {
+        &mut self.conn
+    }
+
+    /// Raw fd of the main socket.
+    pub fn socket_fd(&self) -> i32 {
+        self.conn.as_raw_fd()
+    }
+}
+
+/// Proves that a backend is serving on `path`: connects, asks GET_FEATURES, disconnects.
+/// Returns the offered features.
+///
+/// A socket that accepts connections is not enough: the kernel completes connections
+/// into the listen backlog before the backend has finished setting up (and a backend
+/// may bind its socket before it opens its file).
+pub fn probe(path: impl AsRef<Path>, timeout: Duration) -> Result<u64> {
+    let stream = connect_socket(path.as_ref(), timeout)?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(Error::io("set socket timeout"))?;
+    VhostUserConnection::from_stream(stream, 1)
+        .get_features()
+        .map_err(Error::vhost("GET_FEATURES"))
+}
+
+/// Connects to `path`, retrying while the backend is not listening yet.
+fn connect_socket(path: &Path, timeout: Duration) -> Result<UnixStream> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) && Instant::now() < deadline =>
+            {
+                // Only at connect time, while a freshly started backend binds its socket.
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(source) => {
+                return Err(Error::Connect {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
+        }
+    }
+}

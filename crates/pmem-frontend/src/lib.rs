@@ -1,0 +1,32 @@
+//! A vhost-user frontend for virtio-pmem backends, for tests and benchmarks.
+//!
+//! It does what QEMU 11's `vhost-user-test-device-pci,virtio-id=27` and a Linux
+//! virtio-pmem driver do together, using the `vhost` crate's frontend side for the
+//! protocol:
+//!
+//! ```no_run
+//! let mut fe = pmem_frontend::Frontend::connect("/run/pmem0.sock")?;
+//! let map = fe.start()?; // SET_FEATURES .. SET_VRING_ENABLE, then the SHMEM_MAP
+//! assert_eq!(fe.flush()?, 0);
+//! # Ok::<(), pmem_frontend::Error>(())
+//! ```
+
+mod backend_channel;
+mod error;
+mod frontend;
+mod memory;
+mod vring;
+
+pub use backend_channel::ShmemMapping;
+pub use error::{Error, Result};
+pub use frontend::{
+    probe, Completion, Frontend, Options, CONFIG_SIZE, PROTOCOL_FEATURES, REQ_TYPE_FLUSH,
+    RING_EVENT_IDX, RING_INDIRECT_DESC, STATUS_SENTINEL, VERSION_1, VIRTIO_PMEM_F_SHMEM_REGION,
+};
+pub use memory::GuestRam;
+/// The vhost crate, for requests the harness does not wrap (see `Frontend::connection`).
+pub use vhost;
+/// Re-exported so users need not depend on `vhost` for flag and message types.
+pub use vhost::vhost_user::message::{VhostUserMMap, VhostUserMMapFlags, VhostUserShMemConfig};
+pub use vhost::vhost_user::VhostUserProtocolFeatures;
+pub use vring::{DescSpec, Used, MAX_QUEUE_SIZE};

@@ -1,0 +1,314 @@
+//! Shared helpers for the integration tests: start the real daemon binary on a tempdir
+//! socket and a real file, wait for it with deadlines, and kill it on drop.
+
+#![allow(dead_code)] // Each test binary uses a different subset.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use pmem_frontend::{Frontend, Options};
+
+/// The daemon under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-pmem");
+/// Upper bound for anything the tests wait for.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+pub const MIB: u64 = 1 << 20;
+
+/// A scratch directory with a socket path and a backing-file path in it.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub file: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("pmem.sock");
+        let file = dir.path().join("pmem.img");
+        Env { dir, socket, file }
+    }
+
+    /// Another path in the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Creates the backing file with `len` bytes of a recognisable pattern.
+    pub fn create_file(&self, len: u64) -> Vec<u8> {
+        let data = pattern(len as usize, 7);
+        std::fs::write(&self.file, &data).expect("write backing file");
+        data
+    }
+
+    /// The usual arguments: `--socket-path S --file F` plus `extra`.
+    pub fn args<'a>(&'a self, extra: &[&'a str]) -> Vec<String> {
+        let mut v = vec![
+            "--socket-path".to_string(),
+            self.socket.display().to_string(),
+            "--file".to_string(),
+            self.file.display().to_string(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+
+    /// Starts a daemon with [`Self::args`] and waits until it listens.
+    pub fn start(&self, extra: &[&str]) -> Daemon {
+        Daemon::start(&self.args(extra), &self.socket, &self.path("daemon.log"))
+    }
+}
+
+/// Bytes `i * 31 + seed` (mod 251, so the pattern does not repeat at page sizes).
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i * 31 + seed as usize) % 251) as u8)
+        .collect()
+}
+
+/// A running daemon. Killed (SIGKILL) on drop; its log is printed if the test panicked.
+pub struct Daemon {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Spawns the daemon and waits (with a deadline) until its socket accepts connections.
+    pub fn start(args: &[String], socket: &Path, log: &Path) -> Daemon {
+        let log_file = File::create(log).expect("create daemon log");
+        let child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn daemon");
+        let mut d = Daemon {
+            child: Some(child),
+            socket: socket.to_path_buf(),
+            log: log.to_path_buf(),
+        };
+        d.wait_listening();
+        d
+    }
+
+    /// Waits until the daemon answers GET_FEATURES. Its socket accepting a connection is
+    /// not enough: the daemon binds it before opening (creating, locking) the file.
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("try_wait") {
+                panic!(
+                    "daemon exited with {status} before serving; log:\n{}",
+                    self.log()
+                );
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            // The probe connection closes right after its one request, which the daemon
+            // must take as an ordinary disconnect.
+            match pmem_frontend::probe(&self.socket, left.max(Duration::from_millis(100))) {
+                Ok(_) => return,
+                Err(e) => assert!(
+                    Instant::now() < deadline,
+                    "daemon not serving on {} after {TIMEOUT:?} ({e}); log:\n{}",
+                    self.socket.display(),
+                    self.log()
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// The daemon's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Connects a frontend with default options.
+    pub fn connect(&self) -> Frontend {
+        self.connect_with(Options::default())
+    }
+
+    pub fn connect_with(&self, opts: Options) -> Frontend {
+        Frontend::connect_with(&self.socket, opts).unwrap_or_else(|e| {
+            panic!("connect: {e}; daemon log:\n{}", self.log());
+        })
+    }
+
+    /// Sends `signal` and waits for the exit.
+    pub fn signal_and_wait(&mut self, signal: i32) -> ExitStatus {
+        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+        let r = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(r, 0, "kill: {}", std::io::Error::last_os_error());
+        self.wait_exit(TIMEOUT).unwrap_or_else(|| {
+            panic!(
+                "daemon did not exit within {TIMEOUT:?} after signal {signal}; log:\n{}",
+                self.log()
+            )
+        })
+    }
+
+    /// Waits up to `timeout` for the daemon to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.as_mut().unwrap().try_wait().expect("try_wait") {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .unwrap()
+            .try_wait()
+            .expect("try_wait")
+            .is_none()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- daemon log ({}) ----\n{}",
+                self.log.display(),
+                self.log()
+            );
+        }
+    }
+}
+
+/// What a daemon run that is expected to end by itself produced.
+pub struct Outcome {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Outcome {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+/// Runs the daemon with `args` (default log level) and waits up to [`TIMEOUT`] for it to
+/// exit; kills it and panics if it does not (for example because it started serving).
+pub fn run(args: &[String]) -> Outcome {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn daemon");
+    let pid = child.id() as i32;
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut o = String::new();
+        let mut e = String::new();
+        let _ = out.read_to_string(&mut o);
+        let _ = err.read_to_string(&mut e);
+        let _ = tx.send((child.wait(), o, e));
+    });
+    match rx.recv_timeout(TIMEOUT) {
+        Ok((status, stdout, stderr)) => Outcome {
+            status: status.expect("wait"),
+            stdout,
+            stderr,
+        },
+        Err(_) => {
+            // SAFETY: kill(2) on the pid of our own child (the reaper thread still owns it).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let (status, _, stderr) = rx.recv().expect("reaper");
+            panic!(
+                "daemon {args:?} did not exit within {TIMEOUT:?} (killed: {:?}); stderr:\n{stderr}",
+                status.map(|s| s.signal())
+            );
+        }
+    }
+}
+
+/// Asserts the contract for a refused command line: exit status 1 and exactly one line on
+/// stderr, `vhost-user-pmem: error: ...`. Returns that line.
+pub fn assert_error(o: &Outcome) -> String {
+    assert_eq!(
+        o.code(),
+        Some(1),
+        "expected exit status 1, got {:?}; stderr:\n{}",
+        o.status,
+        o.stderr
+    );
+    let lines: Vec<&str> = o.stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected exactly one line on stderr, got:\n{}",
+        o.stderr
+    );
+    assert!(
+        lines[0].starts_with("vhost-user-pmem: error: "),
+        "stderr line lacks the `vhost-user-pmem: error: ` prefix: {:?}",
+        lines[0]
+    );
+    lines[0].to_string()
+}
+
+/// A file's observable state, to prove a refused run left it alone.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FileState {
+    Missing,
+    Dir { entries: Vec<String> },
+    File { len: u64, data: Vec<u8> },
+}
+
+impl FileState {
+    pub fn of(path: &Path) -> FileState {
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileState::Missing,
+            Err(e) => panic!("stat {}: {e}", path.display()),
+            Ok(m) if m.is_dir() => {
+                let mut entries: Vec<String> = std::fs::read_dir(path)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect();
+                entries.sort();
+                FileState::Dir { entries }
+            }
+            Ok(m) => FileState::File {
+                len: m.len(),
+                data: std::fs::read(path).unwrap(),
+            },
+        }
+    }
+}
+
+/// Allocated bytes of a file (st_blocks is in 512-byte units).
+pub fn allocated_bytes(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
