@@ -1,0 +1,336 @@
+//! Command-line parsing. Hand-written rather than clap: the grammar is tiny, and the
+//! kernel command line turns every comma of `vup.args=` into a space, so `--threads 1,4,16`
+//! arrives as `--threads 1 4 16`; the numbers after `--threads` are all taken.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+pub const USAGE: &str = "\
+usage: pmem-guest-tests [OPTIONS] SUITE...
+
+Runs each SUITE in order inside the guest and prints one TAP stream on stdout.
+Exit status 0 iff every case is ok.
+
+Suites:
+  e2e        device, (mkfs,) DAX mount, preconditions, data and mmap cases,
+             MAP_SYNC matrix, persistence generation 1
+  persist    fsck, DAX mount, preconditions, check generation --expect-gen N,
+             write generation N+1
+  latency    flush latency: pwrite+fdatasync, pwrite+fsync, mmap store+msync,
+             fdatasync of the block device, deep_flush
+
+Options:
+  --dev PATH         pmem block device [default: /dev/pmem0]
+  --mnt PATH         mount point [default: /mnt/pmem]
+  --fs ext4|xfs      filesystem to make and mount [default: ext4]
+  --mkfs             make a fresh filesystem before the run's first mount
+  --expect-gen N     generation persist.dat must hold (persist; e2e uses 0: no file)
+  --iters N          measured iterations per thread (latency) [default: 200]
+  --threads LIST     concurrencies, separated by ',' ':' or spaces [default: 1]
+  --crash-at-end     after the suites, print the plan and crash the kernel (sysrq c)
+                     with the filesystem still mounted, instead of sync + umount
+                     (the crash half of the persistence test)
+  -h, --help         print this help
+";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Suite {
+    E2e,
+    Persist,
+    Latency,
+}
+
+impl Suite {
+    fn parse(s: &str) -> Option<Suite> {
+        match s {
+            "e2e" => Some(Suite::E2e),
+            "persist" => Some(Suite::Persist),
+            "latency" => Some(Suite::Latency),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Suite::E2e => "e2e",
+            Suite::Persist => "persist",
+            Suite::Latency => "latency",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsType {
+    Ext4,
+    Xfs,
+}
+
+impl FsType {
+    pub fn name(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Args {
+    pub dev: PathBuf,
+    pub mnt: PathBuf,
+    pub fs: FsType,
+    pub mkfs: bool,
+    pub expect_gen: Option<u64>,
+    pub iters: usize,
+    pub threads: Vec<usize>,
+    pub suites: Vec<Suite>,
+    pub crash_at_end: bool,
+}
+
+impl Default for Args {
+    fn default() -> Self {
+        Args {
+            dev: PathBuf::from("/dev/pmem0"),
+            mnt: PathBuf::from("/mnt/pmem"),
+            fs: FsType::Ext4,
+            mkfs: false,
+            expect_gen: None,
+            iters: 200,
+            threads: vec![1],
+            suites: Vec::new(),
+            crash_at_end: false,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    Run(Args),
+    Help,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ArgError {
+    #[error("option {0} needs a value")]
+    MissingValue(String),
+    #[error("invalid value {value:?} for {option}: {why}")]
+    BadValue {
+        option: String,
+        value: String,
+        why: &'static str,
+    },
+    #[error("unknown option {0}")]
+    UnknownOption(String),
+    #[error("unknown suite {0:?} (expected e2e, persist or latency)")]
+    UnknownSuite(String),
+    #[error("no suite given")]
+    NoSuite,
+}
+
+/// Upper bound on threads: more only measures the guest scheduler under TCG.
+const MAX_THREADS: usize = 1024;
+
+fn parse_number<T: std::str::FromStr>(option: &str, value: &str) -> Result<T, ArgError> {
+    value.parse().map_err(|_| ArgError::BadValue {
+        option: option.into(),
+        value: value.into(),
+        why: "not a non-negative integer",
+    })
+}
+
+fn parse_threads(value: &str, into: &mut Vec<usize>) -> Result<(), ArgError> {
+    for part in value.split([',', ':']).filter(|p| !p.is_empty()) {
+        let n: usize = parse_number("--threads", part)?;
+        if n == 0 || n > MAX_THREADS {
+            return Err(ArgError::BadValue {
+                option: "--threads".into(),
+                value: part.into(),
+                why: "must be between 1 and 1024",
+            });
+        }
+        into.push(n);
+    }
+    Ok(())
+}
+
+fn looks_like_thread_list(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_digit() || c == ',' || c == ':')
+}
+
+pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Command, ArgError> {
+    let mut args = Args::default();
+    let mut threads: Vec<usize> = Vec::new();
+    let mut it = argv.into_iter().peekable();
+    while let Some(arg) = it.next() {
+        // Accept both `--opt value` and `--opt=value`.
+        let (opt, inline) = match arg.split_once('=') {
+            Some((o, v)) if o.starts_with("--") => (o.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let value = |it: &mut std::iter::Peekable<I::IntoIter>| -> Result<String, ArgError> {
+            match inline.clone() {
+                Some(v) => Ok(v),
+                None => it.next().ok_or_else(|| ArgError::MissingValue(opt.clone())),
+            }
+        };
+        match opt.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "--dev" => args.dev = PathBuf::from(value(&mut it)?),
+            "--mnt" => args.mnt = PathBuf::from(value(&mut it)?),
+            "--fs" => {
+                let v = value(&mut it)?;
+                args.fs = match v.as_str() {
+                    "ext4" => FsType::Ext4,
+                    "xfs" => FsType::Xfs,
+                    _ => {
+                        return Err(ArgError::BadValue {
+                            option: opt,
+                            value: v,
+                            why: "expected ext4 or xfs",
+                        })
+                    }
+                };
+            }
+            "--mkfs" => args.mkfs = true,
+            "--crash-at-end" => args.crash_at_end = true,
+            "--expect-gen" => args.expect_gen = Some(parse_number(&opt, &value(&mut it)?)?),
+            "--iters" => {
+                let v = value(&mut it)?;
+                args.iters = parse_number(&opt, &v)?;
+                if args.iters == 0 {
+                    return Err(ArgError::BadValue {
+                        option: opt,
+                        value: v,
+                        why: "must be at least 1",
+                    });
+                }
+            }
+            "--threads" => {
+                parse_threads(&value(&mut it)?, &mut threads)?;
+                while let Some(next) = it.next_if(|a| looks_like_thread_list(a)) {
+                    parse_threads(&next, &mut threads)?;
+                }
+            }
+            o if o.starts_with('-') => return Err(ArgError::UnknownOption(arg)),
+            _ => match Suite::parse(&arg) {
+                Some(s) => args.suites.push(s),
+                None => return Err(ArgError::UnknownSuite(arg)),
+            },
+        }
+    }
+    if !threads.is_empty() {
+        args.threads = threads;
+    }
+    if args.suites.is_empty() {
+        return Err(ArgError::NoSuite);
+    }
+    Ok(Command::Run(args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(line: &str) -> Result<Args, ArgError> {
+        match parse(line.split_whitespace().map(String::from))? {
+            Command::Run(a) => Ok(a),
+            Command::Help => panic!("unexpected help"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let a = run("e2e").unwrap();
+        assert_eq!(a.dev, PathBuf::from("/dev/pmem0"));
+        assert_eq!(a.mnt, PathBuf::from("/mnt/pmem"));
+        assert_eq!(a.fs, FsType::Ext4);
+        assert!(!a.mkfs);
+        assert_eq!(a.expect_gen, None);
+        assert_eq!(a.iters, 200);
+        assert_eq!(a.threads, vec![1]);
+        assert_eq!(a.suites, vec![Suite::E2e]);
+        assert!(!a.crash_at_end);
+    }
+
+    #[test]
+    fn all_options() {
+        let a = run(
+            "--dev /dev/pmem1 --mnt=/m --fs xfs --mkfs --expect-gen 3 --iters 50 \
+                     --threads 1,4,16 --crash-at-end e2e latency persist",
+        )
+        .unwrap();
+        assert_eq!(a.dev, PathBuf::from("/dev/pmem1"));
+        assert_eq!(a.mnt, PathBuf::from("/m"));
+        assert_eq!(a.fs, FsType::Xfs);
+        assert!(a.mkfs);
+        assert_eq!(a.expect_gen, Some(3));
+        assert_eq!(a.iters, 50);
+        assert_eq!(a.threads, vec![1, 4, 16]);
+        assert_eq!(a.suites, vec![Suite::E2e, Suite::Latency, Suite::Persist]);
+        assert!(a.crash_at_end);
+    }
+
+    #[test]
+    fn threads_survive_comma_to_space_rewriting() {
+        // What init.sh hands over for vup.args=--threads,1,4,16,latency
+        assert_eq!(
+            run("--threads 1 4 16 latency").unwrap().threads,
+            vec![1, 4, 16]
+        );
+        assert_eq!(run("--threads 1:4 latency").unwrap().threads, vec![1, 4]);
+        assert_eq!(
+            run("--threads=2 --threads 8 latency").unwrap().threads,
+            vec![2, 8]
+        );
+    }
+
+    #[test]
+    fn help() {
+        assert_eq!(
+            parse(["e2e".to_string(), "-h".to_string()]),
+            Ok(Command::Help)
+        );
+    }
+
+    #[test]
+    fn errors() {
+        assert_eq!(run(""), Err(ArgError::NoSuite));
+        assert_eq!(run("--mkfs"), Err(ArgError::NoSuite));
+        assert_eq!(run("nope"), Err(ArgError::UnknownSuite("nope".into())));
+        assert_eq!(
+            run("--bogus e2e"),
+            Err(ArgError::UnknownOption("--bogus".into()))
+        );
+        assert_eq!(
+            run("e2e --dev"),
+            Err(ArgError::MissingValue("--dev".into()))
+        );
+        assert!(matches!(
+            run("--iters 0 latency"),
+            Err(ArgError::BadValue { .. })
+        ));
+        assert!(matches!(
+            run("--iters x latency"),
+            Err(ArgError::BadValue { .. })
+        ));
+        assert!(matches!(
+            run("--threads 0 latency"),
+            Err(ArgError::BadValue { .. })
+        ));
+        assert!(matches!(
+            run("--threads 2000 latency"),
+            Err(ArgError::BadValue { .. })
+        ));
+        assert!(matches!(
+            run("--fs btrfs e2e"),
+            Err(ArgError::BadValue { .. })
+        ));
+        assert!(matches!(
+            run("--expect-gen -1 persist"),
+            Err(ArgError::BadValue { .. })
+        ));
+    }
+}

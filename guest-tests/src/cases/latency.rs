@@ -1,0 +1,76 @@
+//! The latency suite: one case per op and concurrency. The figures are measurements, not
+//! speed assertions: a case is ok when every op completed without an I/O error.
+
+use super::{ensure_dax_checked, ensure_mounted, Ctx, Verdict};
+use crate::latency::{self, Op, Targets};
+use crate::nd;
+use crate::stats;
+
+pub fn suite(ctx: &mut Ctx) {
+    ensure_mounted(ctx);
+    ensure_dax_checked(ctx);
+    let mut targets: Option<Targets> = None;
+    ctx.case("latency_setup", &["mount_dax"], |ctx| {
+        let deep_flush = nd::region_dir(&ctx.dev_name())
+            .map(|r| r.join("deep_flush"))
+            .filter(|p| p.exists());
+        let t = latency::prepare(ctx.mnt(), &ctx.args.dev, deep_flush.as_deref())?;
+        ctx.diag(&format!(
+            "latency.dat: {} MiB, written and synced; {} warm-up + {} timed ops per thread; threads {:?}",
+            latency::FILE_LEN >> 20,
+            latency::WARMUP,
+            ctx.args.iters,
+            ctx.args.threads
+        ));
+        if !t.has(Op::DevFdatasync) {
+            ctx.diag(&format!("{} cannot be opened: dev_fdatasync skipped", ctx.args.dev.display()));
+        }
+        targets = Some(t);
+        Ok(Verdict::Pass)
+    });
+    let threads = ctx.args.threads.clone();
+    for op in latency::ALL_OPS {
+        for &n in &threads {
+            let name = format!("flush_latency {} threads={n}", op.name());
+            ctx.case(&name, &["latency_setup"], |ctx| {
+                let Some(t) = targets.as_mut() else {
+                    return Ok(Verdict::Fail("latency targets were not prepared".into()));
+                };
+                if !t.has(op) {
+                    let why = match op {
+                        Op::DeepFlush => nd::NO_DEEP_FLUSH,
+                        _ => "block device cannot be opened",
+                    };
+                    return Ok(Verdict::Skip(why.into()));
+                }
+                let run = latency::measure(op, t, n, ctx.args.iters)?;
+                report(ctx, op, n, &run);
+                if !ctx.dax_ok {
+                    return Ok(Verdict::Fail(
+                        "precondition precond_dax failed: measured, but not on DAX".into(),
+                    ));
+                }
+                Ok(Verdict::Pass)
+            });
+        }
+    }
+    drop(targets);
+    let _ = std::fs::remove_file(ctx.mnt().join("latency.dat"));
+}
+
+fn report(ctx: &mut Ctx, op: Op, threads: usize, run: &latency::Run) {
+    let Some(summary) = stats::summarize(&run.samples_ns) else {
+        ctx.diag("no samples");
+        return;
+    };
+    let ops_s = stats::ops_per_sec(run.samples_ns.len(), run.wall_ns);
+    let buckets = stats::log2_buckets(&run.samples_ns);
+    ctx.diag(&stats::format_human(
+        op.name(),
+        threads,
+        &summary,
+        ops_s,
+        &buckets,
+    ));
+    ctx.raw(&stats::format_metric(op.name(), threads, &summary, ops_s));
+}

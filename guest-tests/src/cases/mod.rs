@@ -1,0 +1,279 @@
+//! Suites, the case runner, and the state cases share (what is mounted, whether the DAX
+//! preconditions held, which persistence generation is on disk).
+
+mod dax;
+mod device;
+mod latency;
+mod map_sync;
+mod persist;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+use crate::args::{Args, Suite};
+use crate::crash;
+use crate::error::Result;
+use crate::mounts;
+use crate::sys;
+use crate::tap::{Outcome, Tap};
+
+/// How a case that ran to completion ended. Errors (`Err`) are failures too; `Fail` is for
+/// a case that finished but must still not count as passed.
+pub enum Verdict {
+    Pass,
+    Skip(String),
+    Fail(String),
+}
+
+pub struct Ctx<'a> {
+    pub args: &'a Args,
+    tap: Tap,
+    /// Names of failed cases, for cases that depend on them.
+    failed: Vec<String>,
+    /// Unmount at exit only what this process mounted.
+    mounted_by_us: bool,
+    dax_checked: bool,
+    dax_ok: bool,
+    /// --mkfs is honoured once, before the first mount of the run.
+    mkfs_done: bool,
+    /// Generation persist.dat holds after a write in this invocation.
+    persisted_gen: Option<u64>,
+}
+
+impl<'a> Ctx<'a> {
+    pub fn new(args: &'a Args) -> Self {
+        Ctx {
+            args,
+            tap: Tap::stdout(),
+            failed: Vec::new(),
+            mounted_by_us: false,
+            dax_checked: false,
+            dax_ok: false,
+            mkfs_done: false,
+            persisted_gen: None,
+        }
+    }
+
+    /// "pmem0" for "/dev/pmem0": the name under /sys/block.
+    pub fn dev_name(&self) -> String {
+        self.args
+            .dev
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    pub fn mnt(&self) -> &Path {
+        &self.args.mnt
+    }
+
+    pub fn diag(&mut self, text: &str) {
+        self.tap.diag(text);
+    }
+
+    pub fn raw(&mut self, line: &str) {
+        self.tap.raw(line);
+    }
+
+    /// Run one case and print its result. A case whose dependency failed is not run and
+    /// reported `not ok`, so nothing passes by default. Panics are caught so one broken
+    /// case cannot take the rest of the suite with it.
+    pub fn case<F>(&mut self, name: &str, needs: &[&str], f: F) -> bool
+    where
+        F: FnOnce(&mut Ctx<'a>) -> Result<Verdict>,
+    {
+        if let Some(dep) = needs.iter().find(|d| self.failed.iter().any(|f| f == *d)) {
+            let outcome = Outcome::Fail(format!("skipped: precondition {dep} failed"));
+            return self.record(name, outcome);
+        }
+        crash::arm(self.tap.next_number(), name);
+        let started = sys::monotonic_raw_ns();
+        let result = catch_unwind(AssertUnwindSafe(|| f(self)));
+        crash::disarm();
+        let elapsed_ms = (sys::monotonic_raw_ns() - started) / 1_000_000;
+        if elapsed_ms >= 1000 {
+            self.diag(&format!("{name} took {:.1} s", elapsed_ms as f64 / 1000.0));
+        }
+        let outcome = match result {
+            Ok(Ok(Verdict::Pass)) => Outcome::Pass,
+            Ok(Ok(Verdict::Skip(why))) => Outcome::Skip(why),
+            Ok(Ok(Verdict::Fail(why))) => Outcome::Fail(why),
+            Ok(Err(e)) => Outcome::Fail(e.to_string()),
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("unknown panic");
+                Outcome::Fail(format!("panicked: {msg}"))
+            }
+        };
+        self.record(name, outcome)
+    }
+
+    fn record(&mut self, name: &str, outcome: Outcome) -> bool {
+        let ok = !matches!(outcome, Outcome::Fail(_));
+        if !ok {
+            self.failed.push(name.to_string());
+        }
+        self.tap.result(name, &outcome);
+        ok
+    }
+
+    /// Catalogue E15's crash: print the plan, then panic the kernel with the filesystem
+    /// still mounted and nothing synced beyond what the cases themselves flushed. Only
+    /// returns if the crash could not be triggered.
+    pub fn crash_now(&mut self) {
+        self.diag("--crash-at-end: crashing the kernel now (sysrq c), filesystem still mounted");
+        self.tap.finish();
+        // init copies our stdout to the serial ports through tee, and the UART sends from
+        // a buffer the panic abandons: give both time to drain, or the last results (the
+        // very ones this crash is about) never reach the host. Nothing is synced meanwhile;
+        // the filesystem stays mounted and marked as needing recovery.
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let r = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/proc/sysrq-trigger")
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"c"));
+        if let Err(e) = r {
+            let msg = format!(
+                "cannot crash: /proc/sysrq-trigger: {}",
+                crate::error::describe(&e)
+            );
+            self.diag(&msg);
+        }
+        // sysrq c panics the calling CPU; give it a moment before falling back.
+        std::thread::sleep(std::time::Duration::from_secs(5));
+        self.diag("still alive after sysrq c; finishing normally");
+    }
+
+    /// sync, unmount what we mounted (umount writes back and flushes the device), print
+    /// the plan. Returns the process exit status.
+    pub fn finish(mut self) -> i32 {
+        sys::sync();
+        if self.mounted_by_us {
+            match sys::umount(&self.args.mnt) {
+                Ok(()) => self.diag(&format!("unmounted {}", self.args.mnt.display())),
+                Err(e) => self.diag(&format!(
+                    "umount {}: {}",
+                    self.args.mnt.display(),
+                    crate::error::describe(&e)
+                )),
+            }
+        }
+        let failed = self.tap.failed();
+        if failed > 0 {
+            self.diag(&format!("{failed} case(s) failed"));
+        }
+        self.tap.finish();
+        if failed == 0 {
+            0
+        } else {
+            1
+        }
+    }
+}
+
+/// Cases that need a DAX mount list these.
+const NEEDS_DAX: &[&str] = &["mount_dax", "precond_dax"];
+
+pub fn run_suite(ctx: &mut Ctx, suite: Suite) {
+    ctx.diag(&format!("suite {}", suite.name()));
+    match suite {
+        Suite::E2e => e2e(ctx),
+        Suite::Persist => persist_suite(ctx),
+        Suite::Latency => latency::suite(ctx),
+    }
+}
+
+fn e2e(ctx: &mut Ctx) {
+    ctx.case("pmem0_present", &[], device::pmem0_present);
+    if ctx.args.mkfs {
+        make_fs(ctx);
+    }
+    ensure_mounted(ctx);
+    ensure_dax_checked(ctx);
+    ctx.case("write_fsync", NEEDS_DAX, dax::write_fsync);
+    ctx.case("pte_rw_basic", NEEDS_DAX, dax::pte_rw_basic);
+    ctx.case("map_sync_matrix", NEEDS_DAX, map_sync::matrix);
+    let expect = ctx.persisted_gen.or(ctx.args.expect_gen).unwrap_or(0);
+    ctx.case("fsync_persists", NEEDS_DAX, |ctx| {
+        persist::fsync_persists(ctx, Some(expect))
+    });
+}
+
+fn persist_suite(ctx: &mut Ctx) {
+    ctx.case("pmem0_present", &[], device::pmem0_present);
+    // fsck needs the filesystem unmounted; an earlier suite in this run may hold it.
+    release_mount(ctx);
+    ctx.case("fsck_clean", &["pmem0_present"], device::fsck_clean);
+    ensure_mounted(ctx);
+    // A fresh mount: check DAX again rather than trusting an earlier suite.
+    ctx.dax_checked = false;
+    ensure_dax_checked(ctx);
+    let expect = ctx.persisted_gen.or(ctx.args.expect_gen);
+    ctx.case("fsync_persists", NEEDS_DAX, |ctx| {
+        persist::fsync_persists(ctx, expect)
+    });
+}
+
+/// Unmount if this process mounted it, so mkfs/fsck see a quiescent device.
+fn release_mount(ctx: &mut Ctx) {
+    if ctx.mounted_by_us && mounts::current(ctx.mnt()).is_some() {
+        match sys::umount(ctx.mnt()) {
+            Ok(()) => {
+                ctx.mounted_by_us = false;
+                let m = ctx.mnt().display().to_string();
+                ctx.diag(&format!("unmounted {m}"));
+            }
+            Err(e) => {
+                let msg = format!(
+                    "umount {}: {}",
+                    ctx.mnt().display(),
+                    crate::error::describe(&e)
+                );
+                ctx.diag(&msg);
+            }
+        }
+    }
+}
+
+fn make_fs(ctx: &mut Ctx) {
+    release_mount(ctx);
+    let name = format!("mkfs_{}", ctx.args.fs.name());
+    ctx.case(&name, &["pmem0_present"], device::mkfs);
+    ctx.mkfs_done = true;
+}
+
+/// Mount unless something is already mounted there (an earlier suite, or the caller).
+/// With --mkfs and no filesystem made yet in this run, make it first, whichever suite
+/// comes first.
+fn ensure_mounted(ctx: &mut Ctx) {
+    match mounts::current(ctx.mnt()) {
+        Some(m) => {
+            let msg = format!(
+                "{} already mounted ({} type {}, {}); not mounting again",
+                m.target,
+                m.source,
+                m.fstype,
+                m.options.join(",")
+            );
+            ctx.diag(&msg);
+        }
+        None => {
+            if ctx.args.mkfs && !ctx.mkfs_done {
+                make_fs(ctx);
+            }
+            let mut needs = vec!["pmem0_present"];
+            let mkfs_name = format!("mkfs_{}", ctx.args.fs.name());
+            needs.push(&mkfs_name);
+            ctx.case("mount_dax", &needs, device::mount_dax);
+        }
+    }
+}
+
+fn ensure_dax_checked(ctx: &mut Ctx) {
+    if !ctx.dax_checked {
+        ctx.case("precond_dax", &["mount_dax"], dax::precond_dax);
+    }
+}

@@ -1,0 +1,211 @@
+//! Latency statistics and their two printed forms: the human block in the style of the
+//! MAP_SYNC series cover letter, and the machine line the runner compares across devices.
+
+/// Summary of one op at one concurrency. Times are nanoseconds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    pub n: usize,
+    pub min_ns: u64,
+    pub avg_ns: f64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub max_ns: u64,
+}
+
+/// Nearest-rank percentile of sorted samples: the smallest sample such that at least
+/// `p` percent of all samples are <= it. Never interpolates, so it is always a real
+/// observed latency.
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+    assert!(!sorted.is_empty(), "percentile of no samples");
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+pub fn summarize(samples_ns: &[u64]) -> Option<Summary> {
+    if samples_ns.is_empty() {
+        return None;
+    }
+    let mut sorted = samples_ns.to_vec();
+    sorted.sort_unstable();
+    let sum: u128 = sorted.iter().map(|&s| s as u128).sum();
+    Some(Summary {
+        n: sorted.len(),
+        min_ns: sorted[0],
+        avg_ns: sum as f64 / sorted.len() as f64,
+        p50_ns: percentile(&sorted, 50.0),
+        p99_ns: percentile(&sorted, 99.0),
+        max_ns: sorted[sorted.len() - 1],
+    })
+}
+
+/// One row of the log2 histogram: `lo_us - hi_us us: count`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bucket {
+    pub lo_us: u64,
+    pub hi_us: u64,
+    pub count: usize,
+}
+
+/// Whole-microsecond log2 buckets: [0,1], [2,3], [4,7], ... [2^k, 2^(k+1)-1]. Empty
+/// buckets are left out, as in the cover letter.
+pub fn log2_buckets(samples_ns: &[u64]) -> Vec<Bucket> {
+    let mut counts = [0usize; 64];
+    for &ns in samples_ns {
+        let us = ns / 1000;
+        let k = if us < 2 {
+            0
+        } else {
+            63 - us.leading_zeros() as usize
+        };
+        counts[k] += 1;
+    }
+    counts
+        .iter()
+        .enumerate()
+        .filter(|(_, &c)| c > 0)
+        .map(|(k, &count)| Bucket {
+            lo_us: if k == 0 { 0 } else { 1u64 << k },
+            hi_us: if k == 63 {
+                u64::MAX
+            } else {
+                (1u64 << (k + 1)) - 1
+            },
+            count,
+        })
+        .collect()
+}
+
+pub fn ops_per_sec(ops: usize, wall_ns: u64) -> f64 {
+    if wall_ns == 0 {
+        return 0.0;
+    }
+    ops as f64 * 1e9 / wall_ns as f64
+}
+
+/// The human block, without the `# ` prefix (the TAP writer adds it).
+pub fn format_human(
+    op: &str,
+    threads: usize,
+    s: &Summary,
+    ops_s: f64,
+    buckets: &[Bucket],
+) -> String {
+    let mut out = format!(
+        "{op}, {threads} thread(s), {n} ops, {ops_s:.0} ops/s:\nmin={} avg={} p50={} p99={} max={} (us)\n",
+        s.min_ns / 1000,
+        (s.avg_ns / 1000.0).round() as u64,
+        s.p50_ns / 1000,
+        s.p99_ns / 1000,
+        s.max_ns / 1000,
+        n = s.n,
+    );
+    for b in buckets {
+        out.push_str(&format!("{} - {} us: {}\n", b.lo_us, b.hi_us, b.count));
+    }
+    out
+}
+
+/// One `VUP-METRIC` line; fields are fixed so the runner can parse with a regex.
+pub fn format_metric(op: &str, threads: usize, s: &Summary, ops_s: f64) -> String {
+    format!(
+        "VUP-METRIC op={op} threads={threads} n={} min_us={:.1} avg_us={:.1} p50_us={:.1} p99_us={:.1} max_us={:.1} ops_per_s={ops_s:.1}",
+        s.n,
+        s.min_ns as f64 / 1000.0,
+        s.avg_ns / 1000.0,
+        s.p50_ns as f64 / 1000.0,
+        s.p99_ns as f64 / 1000.0,
+        s.max_ns as f64 / 1000.0,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50.0), 50);
+        assert_eq!(percentile(&v, 99.0), 99);
+        assert_eq!(percentile(&v, 100.0), 100);
+        assert_eq!(percentile(&v, 0.0), 1);
+        assert_eq!(percentile(&[5], 99.0), 5);
+        // With 10 samples p99 is the maximum, p50 the 5th.
+        let w: Vec<u64> = (10..20).collect();
+        assert_eq!(percentile(&w, 99.0), 19);
+        assert_eq!(percentile(&w, 50.0), 14);
+    }
+
+    #[test]
+    fn summarize_unsorted_input() {
+        let s = summarize(&[3000, 1000, 2000, 10_000]).unwrap();
+        assert_eq!(s.n, 4);
+        assert_eq!(s.min_ns, 1000);
+        assert_eq!(s.max_ns, 10_000);
+        assert_eq!(s.avg_ns, 4000.0);
+        assert_eq!(s.p50_ns, 2000);
+        assert_eq!(s.p99_ns, 10_000);
+        assert!(summarize(&[]).is_none());
+    }
+
+    #[test]
+    fn buckets_are_log2_in_microseconds() {
+        let ns = [
+            0, 999, 1_500, 2_000, 3_999, 16_000, 31_999, 32_000, 1_000_000,
+        ];
+        let b = log2_buckets(&ns);
+        let rows: Vec<(u64, u64, usize)> = b.iter().map(|b| (b.lo_us, b.hi_us, b.count)).collect();
+        assert_eq!(
+            rows,
+            vec![
+                (0, 1, 3),
+                (2, 3, 2),
+                (16, 31, 2),
+                (32, 63, 1),
+                (512, 1023, 1)
+            ]
+        );
+        assert_eq!(b.iter().map(|b| b.count).sum::<usize>(), ns.len());
+    }
+
+    #[test]
+    fn huge_sample_lands_in_last_bucket() {
+        let b = log2_buckets(&[u64::MAX]);
+        assert_eq!(b.len(), 1);
+        assert_eq!((b[0].lo_us, b[0].hi_us), (1u64 << 54, (1u64 << 55) - 1));
+    }
+
+    #[test]
+    fn human_block_matches_cover_letter_form() {
+        let s = summarize(&[21_000, 23_000, 67_000]).unwrap();
+        let text = format_human(
+            "mmap_msync",
+            1,
+            &s,
+            100.0,
+            &log2_buckets(&[21_000, 23_000, 67_000]),
+        );
+        assert_eq!(
+            text,
+            "mmap_msync, 1 thread(s), 3 ops, 100 ops/s:\n\
+             min=21 avg=37 p50=23 p99=67 max=67 (us)\n\
+             16 - 31 us: 2\n\
+             64 - 127 us: 1\n"
+        );
+    }
+
+    #[test]
+    fn metric_line_fields() {
+        let s = summarize(&[1_000, 2_000]).unwrap();
+        assert_eq!(
+            format_metric("deep_flush", 4, &s, 1234.56),
+            "VUP-METRIC op=deep_flush threads=4 n=2 min_us=1.0 avg_us=1.5 p50_us=1.0 p99_us=2.0 max_us=2.0 ops_per_s=1234.6"
+        );
+    }
+
+    #[test]
+    fn ops_per_sec_math() {
+        assert_eq!(ops_per_sec(1000, 1_000_000_000), 1000.0);
+        assert_eq!(ops_per_sec(5, 0), 0.0);
+    }
+}
