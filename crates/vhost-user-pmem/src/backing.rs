@@ -24,7 +24,7 @@ pub enum BackingError {
     MissingReadOnly(PathBuf),
     #[error("cannot open {path}: {source}")]
     Open { path: PathBuf, source: io::Error },
-    #[error("{path} is in use by another process ({mode} lock held); is another vhost-user-pmem serving it?")]
+    #[error("{path} is in use ({mode} lock held): another vhost-user-pmem serves it, or a QEMU still maps it from an earlier daemon (the lock travels with the descriptor passed in SHMEM_MAP)")]
     Locked { path: PathBuf, mode: &'static str },
     #[error("{path} is {file_size}, larger than --size {size}; refusing to shrink it (that would lose data). Use --size {file_size} or omit --size")]
     WouldShrink {
@@ -146,13 +146,18 @@ impl BackingFile {
             Some(size) if file_size < size => {
                 // set_len leaves the new range as a hole: a fresh image costs no disk space
                 // until the guest writes to it.
-                file.set_len(size)
-                    .and_then(|_| file.sync_all())
-                    .map_err(|source| BackingError::Extend {
-                        path: path.clone(),
+                if let Err(source) = file.set_len(size).and_then(|_| file.sync_all()) {
+                    // An image we created but could not make durable must not be picked up by
+                    // the next start as if it were fine.
+                    if !exists {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                    return Err(BackingError::Extend {
+                        path,
                         size: ByteSize(size),
                         source,
-                    })?;
+                    });
+                }
                 if file_size == 0 {
                     info!(
                         "created {} as a sparse file of {}",
