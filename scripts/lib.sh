@@ -1,0 +1,287 @@
+# shellcheck shell=bash disable=SC2034  # the resolvers set variables for the sourcing script
+# Shared helpers for the vhost-user-pmem scripts. Source it; do not run it.
+#
+#   VUP_CACHE   download cache (outside the clone, shared by every clone on the machine):
+#               ${VUP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-pmem}
+#   VUP_ROOT    the repository root
+#   VUP_BUILD   build outputs of this clone (initramfs, images, logs): $VUP_ROOT/.cache
+#
+# Overrides honoured by the resolvers below:
+#   QEMU=/path/to/qemu-system-x86_64   use this QEMU (must be 11.0 or later)
+#   KERNEL=/path/to/bzImage            use this kernel
+#   KERNEL_MODULES=/path/lib/modules/V use these modules (with KERNEL but without
+#                                      KERNEL_MODULES, the drivers are assumed built in)
+#   VUP_DEBIAN_MIRROR=URI              Debian archive URI (default: taken from the machine's
+#                                      own apt sources at run time)
+
+if [[ -n "${VUP_LIB_SOURCED:-}" ]]; then return 0; fi
+VUP_LIB_SOURCED=1
+
+VUP_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VUP_CACHE="${VUP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-pmem}"
+VUP_BUILD="${VUP_BUILD:-$VUP_ROOT/.cache}"
+VUP_PROG="${VUP_PROG:-$(basename "$0" .sh)}"
+export VUP_CACHE
+
+# Versions the project was measured with.
+VUP_QEMU_PKG="${VUP_QEMU_PKG:-qemu-system-x86}"
+VUP_QEMU_SUITE="${VUP_QEMU_SUITE:-trixie-backports}"
+VUP_QEMU_MIN_MAJOR=11
+VUP_KERNEL_PKG="${VUP_KERNEL_PKG:-linux-image-6.12.95+deb12-amd64}"
+VUP_KERNEL_SUITE="${VUP_KERNEL_SUITE:-bookworm-backports}"
+DEBIAN_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+
+info() { printf '%s: %s\n' "$VUP_PROG" "$*" >&2; }
+warn() { printf '%s: warning: %s\n' "$VUP_PROG" "$*" >&2; }
+die()  { printf '%s: error: %s\n' "$VUP_PROG" "$*" >&2; exit 1; }
+
+need_cmd() {
+    local c
+    for c in "$@"; do
+        command -v "$c" >/dev/null 2>&1 || die "required command '$c' not found in PATH"
+    done
+}
+
+# now_ms: milliseconds since the epoch (for timings)
+now_ms() { date +%s%3N; }
+
+# with_lock NAME CMD...: run CMD under an exclusive lock in the cache, so that two
+# scripts fetching the same thing at once do not trip over each other.
+with_lock() {
+    local name="$1"; shift
+    mkdir -p "$VUP_CACHE/locks"
+    (
+        exec 9>"$VUP_CACHE/locks/$name.lock"
+        if ! flock -n 9; then
+            info "waiting for another process holding the '$name' lock"
+            flock 9
+        fi
+        "$@"
+    )
+}
+
+# ---------------------------------------------------------------------------
+# Private apt roots. Nothing here reads or writes the machine's apt state.
+# ---------------------------------------------------------------------------
+
+# debian_mirror: the Debian archive URI of this machine's own apt sources.
+debian_mirror() {
+    if [[ -n "${VUP_DEBIAN_MIRROR:-}" ]]; then printf '%s\n' "$VUP_DEBIAN_MIRROR"; return; fi
+    local f uri=""
+    f=/etc/apt/sources.list.d/debian.sources
+    if [[ -r $f ]]; then
+        # first URIs: value that is not the security archive
+        uri="$(awk 'tolower($1)=="uris:" { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' "$f")"
+    fi
+    if [[ -z $uri && -r /etc/apt/sources.list ]]; then
+        uri="$(awk '$1=="deb" { for (i = 2; i <= NF; i++) { if ($i ~ /^\[/) { while ($i !~ /\]$/) i++; continue } if ($i !~ /security/) { print $i; exit } } }' /etc/apt/sources.list)"
+    fi
+    [[ -n $uri ]] || die "cannot find a Debian archive URI in /etc/apt/sources.list.d/debian.sources or /etc/apt/sources.list; set VUP_DEBIAN_MIRROR"
+    printf '%s\n' "${uri%/}"
+}
+
+# apt_root_init NAME SUITE...: create (or refresh) the private apt root NAME.
+apt_root_init() {
+    local name="$1"; shift
+    local d="$VUP_CACHE/apt/$name" mirror s
+    [[ -r $DEBIAN_KEYRING ]] || die "$DEBIAN_KEYRING is missing (package debian-archive-keyring)"
+    mirror="$(debian_mirror)"
+    mkdir -p "$d/etc/sources.list.d" "$d/etc/preferences.d" "$d/lists/partial" \
+             "$d/cache/archives/partial"
+    : > "$d/sources.list.new"
+    for s in "$@"; do
+        printf 'deb [signed-by=%s] %s %s main\n' "$DEBIAN_KEYRING" "$mirror" "$s" >> "$d/sources.list.new"
+    done
+    mv -f "$d/sources.list.new" "$d/etc/sources.list"
+    [[ -e $d/status ]] || : > "$d/status"
+}
+
+# apt_priv NAME apt-get|apt-cache ARGS...: run an apt tool against the private root NAME.
+apt_priv() {
+    local name="$1" tool="$2"; shift 2
+    local d="$VUP_CACHE/apt/$name"
+    [[ -f $d/etc/sources.list ]] || die "private apt root '$name' is not initialised"
+    "$tool" \
+        -o Dir::Etc::SourceList="$d/etc/sources.list" \
+        -o Dir::Etc::SourceParts="$d/etc/sources.list.d" \
+        -o Dir::Etc::Preferences="$d/etc/preferences" \
+        -o Dir::Etc::PreferencesParts="$d/etc/preferences.d" \
+        -o Dir::State::Lists="$d/lists" \
+        -o Dir::State::status="$d/status" \
+        -o Dir::State::extended_states="$d/extended_states" \
+        -o Dir::Cache="$d/cache" \
+        -o APT::Sandbox::User=root \
+        -o APT::Install-Recommends=false \
+        -o APT::Install-Suggests=false \
+        -o Acquire::Languages=none \
+        -o Debug::NoLocking=true \
+        "$@"
+}
+
+# apt_priv_update NAME: refresh the package lists of root NAME.
+apt_priv_update() {
+    info "apt-get update (private root '$1': $(awk '{print $4}' "$VUP_CACHE/apt/$1/etc/sources.list" | paste -sd' '))"
+    apt_priv "$1" apt-get -q update >"$VUP_CACHE/apt/$1/update.log" 2>&1 \
+        || { tail -n 20 "$VUP_CACHE/apt/$1/update.log" >&2; die "apt-get update failed for private root '$1'"; }
+}
+
+# apt_priv_fetch NAME ARCHIVEDIR LISTFILE [apt-get install options and packages...]:
+# download a package and its whole dependency closure (the private dpkg status is empty,
+# so nothing counts as installed) into ARCHIVEDIR, and write the .deb paths to LISTFILE.
+apt_priv_fetch() {
+    local name="$1" archives="$2" listfile="$3"; shift 3
+    local sim
+    mkdir -p "$archives/partial"
+    sim="$(apt_priv "$name" apt-get -q -s -y install "$@" 2>&1)" \
+        || { printf '%s\n' "$sim" | tail -n 20 >&2; die "apt-get cannot resolve: $*"; }
+    apt_priv "$name" apt-get -q -y -o Dir::Cache::archives="$archives" install --download-only "$@" \
+        >"$archives/download.log" 2>&1 \
+        || { tail -n 20 "$archives/download.log" >&2; die "apt-get download failed: $*"; }
+    # "Inst pkg (version suite [arch])" -> archives/pkg_version_arch.deb (':' is %3a)
+    printf '%s\n' "$sim" | awk '$1=="Inst" { v=$3; sub(/^\(/, "", v); gsub(/:/, "%3a", v); a=""; if (match($0, /\[[a-z0-9]+\]/)) a=substr($0, RSTART+1, RLENGTH-2); print $2 "_" v "_" a ".deb" }' \
+        | while read -r f; do
+            [[ -f $archives/$f ]] || die "expected $archives/$f after download"
+            printf '%s\n' "$archives/$f"
+        done > "$listfile"
+    [[ -s $listfile ]] || die "apt-get resolved no packages for: $*"
+}
+
+# unpack_debs LISTFILE DESTDIR: dpkg -x every .deb listed.
+unpack_debs() {
+    local f
+    mkdir -p "$2"
+    while read -r f; do
+        dpkg-deb -x "$f" "$2" || die "dpkg -x $f failed"
+    done < "$1"
+}
+
+# ---------------------------------------------------------------------------
+# Resolvers
+# ---------------------------------------------------------------------------
+
+VUP_QEMU_LAUNCHER="$VUP_CACHE/qemu/bin/qemu-system-x86_64"
+
+# qemu_write_launcher ROOT: write the launcher that runs the unpacked QEMU through the
+# unpacked tree's own loader.
+qemu_write_launcher() {
+    local r="$1" tmp
+    mkdir -p "$(dirname "$VUP_QEMU_LAUNCHER")"
+    tmp="$VUP_QEMU_LAUNCHER.tmp.$$"
+    cat > "$tmp" <<LAUNCHER
+#!/bin/sh
+# Generated by scripts/fetch-qemu.sh: runs the QEMU unpacked under $r
+# through that tree's own dynamic loader. Nothing is installed on the machine.
+R='$r'
+export QEMU_MODULE_DIR="\$R/usr/lib/x86_64-linux-gnu/qemu"
+exec "\$R/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" \\
+    --library-path "\$R/usr/lib/x86_64-linux-gnu:\$R/lib/x86_64-linux-gnu:\$R/usr/lib/x86_64-linux-gnu/pulseaudio" \\
+    "\$R/usr/bin/qemu-system-x86_64" -L "\$R/usr/share/qemu" -L "\$R/usr/share/seabios" "\$@"
+LAUNCHER
+    chmod +x "$tmp"
+    mv -f "$tmp" "$VUP_QEMU_LAUNCHER"
+}
+
+# qemu_version_ok QEMU: print the version line; fail unless major >= 11.
+qemu_version_ok() {
+    local out major
+    out="$("$1" --version 2>&1 | head -n 1)" || { printf '%s\n' "$out" >&2; return 1; }
+    major="$(printf '%s\n' "$out" | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p')"
+    if [[ -z $major || $major -lt $VUP_QEMU_MIN_MAJOR ]]; then
+        printf '%s\n' "$out" >&2
+        return 1
+    fi
+    printf '%s\n' "$out"
+}
+
+# resolve_qemu: set QEMU_BIN to a runnable qemu-system-x86_64 (11.0 or later).
+# Honours QEMU=...; otherwise uses (fetching on first use) the cached Debian build.
+resolve_qemu() {
+    if [[ -n "${QEMU:-}" ]]; then
+        local q="$QEMU"
+        [[ $q == */* ]] || q="$(command -v "$q" 2>/dev/null)" || q="$QEMU"
+        [[ -f $q && -x $q ]] || die "QEMU=$QEMU is not an executable file"
+        QEMU="$q"
+        qemu_version_ok "$QEMU" >/dev/null || die "QEMU=$QEMU is not QEMU $VUP_QEMU_MIN_MAJOR.0 or later (vhost-user-test-device-pci with shared memory needs 11.0+)"
+        QEMU_BIN="$QEMU"
+        return
+    fi
+    if [[ ! -f $VUP_CACHE/qemu/.complete || ! -x $VUP_QEMU_LAUNCHER ]]; then
+        "$VUP_ROOT/scripts/fetch-qemu.sh" >&2 || die "fetching QEMU failed"
+    fi
+    QEMU_BIN="$VUP_QEMU_LAUNCHER"
+}
+
+# resolve_kernel: set KERNEL_IMAGE and KERNEL_MODDIR (empty when the drivers are built in).
+resolve_kernel() {
+    if [[ -n "${KERNEL:-}" ]]; then
+        [[ -r $KERNEL ]] || die "KERNEL=$KERNEL is not a readable file"
+        KERNEL_IMAGE="$KERNEL"
+        KERNEL_MODDIR=""
+        if [[ -n ${KERNEL_MODULES:-} ]]; then
+            [[ -d $KERNEL_MODULES ]] || die "KERNEL_MODULES=$KERNEL_MODULES is not a directory (expected .../lib/modules/<version>)"
+            KERNEL_MODDIR="$(cd "$KERNEL_MODULES" && pwd -P)"
+        fi
+        return
+    fi
+    if [[ ! -f $VUP_CACHE/kernel/.complete ]]; then
+        "$VUP_ROOT/scripts/fetch-kernel.sh" >&2 || die "fetching the kernel failed"
+    fi
+    KERNEL_IMAGE="$VUP_CACHE/kernel/vmlinuz"
+    KERNEL_MODDIR="$(readlink -f "$VUP_CACHE/kernel/modules")"
+}
+
+# resolve_guest_tools: set GUEST_TOOLS to the directory holding bin/, lib/ and etc/ for the
+# initramfs (busybox, mke2fs, mkfs.xfs and their libraries).
+resolve_guest_tools() {
+    if [[ ! -f $VUP_CACHE/guest-tools/.complete ]]; then
+        "$VUP_ROOT/scripts/fetch-guest-tools.sh" >&2 || die "fetching the guest tools failed"
+    fi
+    GUEST_TOOLS="$VUP_CACHE/guest-tools/out"
+}
+
+# kvm_usable: true if /dev/kvm can boot the guest kernel (needs QEMU_BIN and KERNEL_IMAGE).
+# Boots the kernel without an initramfs: it panics at once for want of a root file system,
+# and with panic=-1 and -no-reboot QEMU then exits 0. A nested KVM that cannot run Linux
+# stops with "KVM internal error" instead. The answer is cached per host kernel.
+kvm_usable() {
+    [[ -r /dev/kvm && -w /dev/kvm ]] || return 1
+    local key f log pid i st=1
+    key="$(printf '%s\n' "$(uname -r)" "$QEMU_BIN" "$KERNEL_IMAGE" | sha256sum | cut -c1-16)"
+    f="$VUP_CACHE/kvm-probe.$key"
+    if [[ -f $f ]]; then [[ $(cat "$f") == yes ]]; return; fi
+    log="$(mktemp)"
+    "$QEMU_BIN" -accel kvm -cpu host -m 256M -nodefaults -nographic -no-reboot -serial stdio \
+        -kernel "$KERNEL_IMAGE" -append "console=ttyS0 panic=-1 loglevel=1" \
+        </dev/null >"$log" 2>&1 &
+    pid=$!
+    for (( i = 0; i < 300; i++ )); do
+        kill -0 "$pid" 2>/dev/null || break
+        grep -q 'KVM internal error' "$log" && break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -KILL "$pid" 2>/dev/null; { wait "$pid"; } 2>/dev/null || true
+    else
+        { wait "$pid"; } 2>/dev/null && st=0 || st=$?
+    fi
+    if (( st == 0 )) && ! grep -q 'KVM internal error' "$log"; then echo yes > "$f"; else echo no > "$f"; fi
+    rm -f "$log"
+    [[ $(cat "$f") == yes ]]
+}
+
+# parse_size 1G|512M|2GiB|4096K|bytes -> bytes
+parse_size() {
+    local s="$1" n u
+    if [[ $s =~ ^([0-9]+)([KkMmGgTt]?)(i?[Bb])?$ ]]; then
+        n="${BASH_REMATCH[1]}"; u="${BASH_REMATCH[2]}"
+        case "$u" in
+            K|k) n=$((n << 10)) ;;
+            M|m) n=$((n << 20)) ;;
+            G|g) n=$((n << 30)) ;;
+            T|t) n=$((n << 40)) ;;
+        esac
+        printf '%s\n' "$n"
+    else
+        die "invalid size '$s' (use e.g. 512M, 1G, 2GiB, or plain bytes)"
+    fi
+}

@@ -1,0 +1,422 @@
+#!/usr/bin/env bash
+# shellcheck disable=SC2054  # commas inside QEMU option values are intended
+# Boot a QEMU guest with a virtio-pmem device (vhost-user daemon or QEMU's built-in
+# device), run the guest test binary, and check its results. See --help.
+set -euo pipefail
+# shellcheck disable=SC2034  # read by lib.sh
+VUP_PROG=run-vm
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
+
+usage() {
+    cat <<USAGE
+Usage: scripts/run-vm.sh [options]
+
+Boots the guest kernel with the initramfs under QEMU (TCG by default), with /dev/pmem0
+backed by a host file, runs /bin/pmem-guest-tests inside, and checks the result.
+
+Device:
+  --device vhost-user|builtin  vhost-user: the vhost-user-pmem daemon behind QEMU's
+                               vhost-user-test-device-pci (default); builtin: QEMU's own
+                               virtio-pmem-pci on a memory-backend-file (the reference)
+  --image FILE         host backing file (default: LOGDIR/pmem0.img); created sparse when
+                       missing (by the daemon, or by truncate for builtin)
+  --size SIZE          device size, e.g. 512M, 1G (default 1G)
+  --daemon PATH        daemon binary (default $VUP_ROOT/target/release/vhost-user-pmem)
+  --daemon-arg ARG     extra daemon argument (repeatable), e.g. --daemon-arg --read-only
+  --keep-daemon        leave the daemon running after QEMU exits (pid in LOGDIR/daemon.pid);
+                       its exit status is then not checked
+Guest:
+  --args "A B C"       arguments for the guest binary (sent as vup.args=A,B,C; no commas)
+  --end poweroff|reboot|crash  what the guest does after the binary (default poweroff)
+  --reboots N          with --end reboot: reboot N times inside one QEMU, then power off
+                       (default 1); each boot runs the binary (VUP_BOOT=1..N+1 in its env)
+  --kill-after-marker STRING   SIGKILL QEMU as soon as the guest prints STRING
+  --initrd FILE        initramfs to boot (default: build one with build-initramfs.sh)
+  --guest-bin PATH     guest binary for that default initramfs (default: build-guest.sh)
+  --append "ARGS"      extra kernel command line arguments
+  --memory SIZE        guest RAM (default 1G)
+  --smp N              guest CPUs (default 2)
+  --accel tcg|kvm|auto accelerator (default \${VUP_ACCEL:-tcg}; the nested KVM of these
+                       machines cannot boot Linux; auto probes /dev/kvm once, cached)
+  --qemu-arg ARG       extra QEMU argument (repeatable)
+Run:
+  --timeout SEC        kill QEMU after SEC seconds, and fail (default 300)
+  --log-dir DIR        where logs go (default $VUP_BUILD/runs/<time>-<device>)
+  --allow-kernel-warnings   do not fail on WARNING:/BUG:/Oops in the guest console
+  -v, --verbose        stream the guest console while it runs
+  -h, --help           this text
+
+Environment: QEMU=/path/to/qemu-system-x86_64 (11.0+), KERNEL=/path/to/bzImage,
+KERNEL_MODULES=/path/lib/modules/<version>, RUST_LOG (daemon, default info), VUP_CACHE.
+
+Files in LOGDIR: console.log (guest serial console), guest-out.txt (the binary's output,
+copied by the guest to a second serial port, free of kernel messages), tap.txt, metrics.txt
+(VUP-METRIC lines), hostchecks.txt, daemon.log, qemu.log (QEMU's own stderr), qemu.cmd.
+
+Fails (exit 1) on: timeout; QEMU exiting non-zero; a daemon that died or did not exit 0 on
+SIGTERM; no "VUP-END" (unless --end crash or --kill-after-marker); rc != 0; any "not ok";
+a missing plan or a plan that does not match the number of results; a VUP-HOSTCHECK whose
+sha256 does not match the host image; kernel warnings (see above). Prints
+  DEVICE: N passed, M failed
+(M counts "not ok" results plus failed runner checks). Every VUP-HOSTCHECK, from every
+boot, is checked against the image after QEMU exits: print only data that must stay.
+USAGE
+}
+
+device=vhost-user
+image=""
+size=1G
+daemon="$VUP_ROOT/target/release/vhost-user-pmem"
+daemon_args=()
+keep_daemon=0
+gargs=""
+end=poweroff
+reboots=1
+marker=""
+initrd=""
+guest_bin=""
+append=""
+memory=1G
+smp=2
+accel="${VUP_ACCEL:-tcg}"
+qemu_extra=()
+timeout_s=300
+logdir=""
+allow_warn=0
+verbose=0
+
+needarg() { [[ $2 -ge 2 ]] || die "$1 needs a value (see --help)"; }
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --device) needarg "$1" $#; device="$2"; shift ;;
+        --image) needarg "$1" $#; image="$2"; shift ;;
+        --size) needarg "$1" $#; size="$2"; shift ;;
+        --daemon) needarg "$1" $#; daemon="$2"; shift ;;
+        --daemon-arg) needarg "$1" $#; daemon_args+=("$2"); shift ;;
+        --keep-daemon) keep_daemon=1 ;;
+        --args) needarg "$1" $#; gargs="$2"; shift ;;
+        --end) needarg "$1" $#; end="$2"; shift ;;
+        --reboots) needarg "$1" $#; reboots="$2"; shift ;;
+        --kill-after-marker) needarg "$1" $#; marker="$2"; shift ;;
+        --initrd) needarg "$1" $#; initrd="$2"; shift ;;
+        --guest-bin) needarg "$1" $#; guest_bin="$2"; shift ;;
+        --append) needarg "$1" $#; append="$2"; shift ;;
+        --memory) needarg "$1" $#; memory="$2"; shift ;;
+        --smp) needarg "$1" $#; smp="$2"; shift ;;
+        --accel) needarg "$1" $#; accel="$2"; shift ;;
+        --qemu-arg) needarg "$1" $#; qemu_extra+=("$2"); shift ;;
+        --timeout) needarg "$1" $#; timeout_s="$2"; shift ;;
+        --log-dir) needarg "$1" $#; logdir="$2"; shift ;;
+        --allow-kernel-warnings) allow_warn=1 ;;
+        -v|--verbose) verbose=1 ;;
+        -h|--help) usage; exit 0 ;;
+        *) die "unknown option '$1' (see --help)" ;;
+    esac
+    shift
+done
+
+case "$device" in vhost-user|builtin) ;; *) die "--device must be vhost-user or builtin, not '$device'" ;; esac
+case "$end" in poweroff|reboot|crash) ;; *) die "--end must be poweroff, reboot or crash, not '$end'" ;; esac
+case "$accel" in tcg|kvm|auto) ;; *) die "--accel must be tcg, kvm or auto, not '$accel'" ;; esac
+[[ $timeout_s =~ ^[0-9]+$ && $timeout_s -gt 0 ]] || die "--timeout must be a positive number of seconds"
+[[ $reboots =~ ^[0-9]+$ ]] || die "--reboots must be a number"
+[[ $smp =~ ^[0-9]+$ ]] || die "--smp must be a number"
+[[ $gargs != *,* ]] || die "--args cannot contain commas (they become vup.args=a,b,c on the kernel command line)"
+size_b="$(parse_size "$size")"
+mem_b="$(parse_size "$memory")"
+vup_args="$(printf '%s' "$gargs" | xargs printf '%s,' 2>/dev/null | sed 's/,$//')" \
+    || die "--args: cannot split '$gargs'"
+[[ $vup_args != *[[:space:]\"]* ]] || die "--args: arguments cannot contain spaces or quotes"
+
+# ---- inputs ---------------------------------------------------------------------------
+resolve_qemu
+resolve_kernel
+if [[ $accel == auto ]]; then
+    if kvm_usable; then accel=kvm; else accel=tcg; fi
+    info "--accel auto: using $accel"
+fi
+if [[ -z $initrd ]]; then
+    ib=()
+    [[ -n $guest_bin ]] && ib=(--guest-bin "$guest_bin")
+    initrd="$("$VUP_ROOT/scripts/build-initramfs.sh" "${ib[@]+"${ib[@]}"}" --out "$VUP_BUILD/initramfs.cpio.gz")" \
+        || die "building the initramfs failed"
+elif [[ -n $guest_bin ]]; then
+    die "--guest-bin and --initrd exclude each other"
+fi
+[[ -r $initrd ]] || die "initrd '$initrd' not found"
+
+if [[ -z $logdir ]]; then
+    logdir="$VUP_BUILD/runs/$(date +%Y%m%d-%H%M%S)-$$-$device"
+fi
+mkdir -p "$logdir"
+logdir="$(cd "$logdir" && pwd)"
+rm -f "$logdir"/{console.log,guest-out.raw,guest-out.txt,tap.txt,metrics.txt,hostchecks.txt,hostchecks.result,daemon.log,qemu.log,qemu.cmd,daemon.pid,result.txt}
+image="${image:-$logdir/pmem0.img}"
+mkdir -p "$(dirname "$image")"
+image="$(cd "$(dirname "$image")" && pwd)/$(basename "$image")"
+
+# QEMU option values: a comma must be doubled
+qesc() { printf '%s' "${1//,/,,}"; }
+
+# ---- cleanup ------------------------------------------------------------------------------
+qpid=""; dpid=""; tailpid=""; sockdir=""
+cleanup() {
+    [[ -n $tailpid ]] && kill "$tailpid" 2>/dev/null
+    [[ -n $qpid ]] && kill -KILL "$qpid" 2>/dev/null
+    if [[ -n $dpid && $keep_daemon == 0 ]]; then kill -TERM "$dpid" 2>/dev/null; fi
+    [[ -n $sockdir ]] && rm -rf "$sockdir"
+    return 0
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+failures=()     # runner checks that failed (each counts as one failure)
+notok_msgs=()   # "not ok" results (counted by the tests themselves)
+fail() { failures+=("$*"); }
+
+# ---- device ---------------------------------------------------------------------------------
+devargs=()
+mem_opt="$(( mem_b >> 20 ))M"
+if [[ $device == vhost-user ]]; then
+    [[ -x $daemon ]] || die "daemon '$daemon' not found or not executable (build it: cargo build --release -p vhost-user-pmem, or pass --daemon)"
+    sock="$logdir/pmem0.sock"
+    if (( ${#sock} > 100 )); then   # sun_path holds 108 bytes
+        sockdir="$(mktemp -d /tmp/vup-sock.XXXXXX)"
+        sock="$sockdir/pmem0.sock"
+    fi
+    rm -f "$sock"
+    info "starting daemon: $daemon --socket-path $sock --file $image --size $size ${daemon_args[*]-}"
+    RUST_LOG="${RUST_LOG:-info}" "$daemon" --socket-path "$sock" --file "$image" --size "$size" \
+        "${daemon_args[@]+"${daemon_args[@]}"}" </dev/null >"$logdir/daemon.log" 2>&1 &
+    dpid=$!
+    printf '%s\n' "$dpid" > "$logdir/daemon.pid"
+    for (( i = 0; i < 100; i++ )); do
+        [[ -S $sock ]] && break
+        if ! kill -0 "$dpid" 2>/dev/null; then
+            wait "$dpid" && st=0 || st=$?
+            dpid=""
+            tail -n 40 "$logdir/daemon.log" | sed 's/^/  daemon.log: /' >&2
+            die "the daemon exited (status $st) before creating its socket"
+        fi
+        sleep 0.1
+    done
+    [[ -S $sock ]] || die "the daemon did not create $sock within 10 s"
+    devargs=(-chardev "socket,id=pmem0,path=$(qesc "$sock")"
+             -device vhost-user-test-device-pci,chardev=pmem0,virtio-id=27,num_vqs=1,vq_size=256,config_size=16)
+else
+    if [[ ! -e $image ]]; then
+        truncate -s "$size_b" "$image" || die "cannot create $image"
+    else
+        cur=$(stat -c %s "$image")
+        (( cur <= size_b )) || die "$image is larger ($cur bytes) than --size $size"
+        (( cur == size_b )) || truncate -s "$size_b" "$image"
+    fi
+    # the device lives in the memory hotplug area: leave room for it above RAM
+    maxmem=$(( mem_b + size_b + (1 << 30) ))
+    mem_opt="$(( mem_b >> 20 ))M,slots=2,maxmem=$(( maxmem >> 20 ))M"
+    devargs=(-object "memory-backend-file,id=pmemmem,share=on,mem-path=$(qesc "$image"),size=$size_b"
+             -device virtio-pmem-pci,memdev=pmemmem,id=vpmem0)
+fi
+
+# ---- QEMU -------------------------------------------------------------------------------------
+cmdline="console=ttyS0 panic=-1 loglevel=5 vup.end=$end"
+[[ $end == reboot ]] && cmdline+=" vup.reboots=$reboots"
+[[ -n $vup_args ]] && cmdline+=" vup.args=$vup_args"
+[[ -n $append ]] && cmdline+=" $append"
+cpu=max; [[ $accel == kvm ]] && cpu=host
+qargs=(-machine q35,memory-backend=mem0 -accel "$accel" -cpu "$cpu" -smp "$smp" -m "$mem_opt"
+       -object "memory-backend-memfd,id=mem0,size=$mem_b,share=on"
+       "${devargs[@]}"
+       -kernel "$KERNEL_IMAGE" -initrd "$initrd" -append "$cmdline"
+       -nographic -nodefaults -no-user-config
+       -serial stdio -serial "file:$(qesc "$logdir/guest-out.raw")")
+[[ $end == reboot ]] || qargs+=(-no-reboot)
+qargs+=("${qemu_extra[@]+"${qemu_extra[@]}"}")
+for a in "$QEMU_BIN" "${qargs[@]}"; do
+    if [[ $a =~ ^[][A-Za-z0-9_./:=,+@%-]+$ ]]; then printf '%s ' "$a"; else printf "'%s' " "${a//\'/\'\\\'\'}"; fi
+done > "$logdir/qemu.cmd"
+echo >> "$logdir/qemu.cmd"
+
+info "booting ($device, $accel, image $image, size $size); logs in $logdir"
+t0=$(now_ms)
+"$QEMU_BIN" "${qargs[@]}" </dev/null >"$logdir/console.log" 2>"$logdir/qemu.log" &
+qpid=$!
+if [[ $verbose == 1 ]]; then
+    tail -n +1 -f --pid="$qpid" "$logdir/console.log" >&2 &
+    tailpid=$!
+fi
+
+timed_out=0; marker_kill=0; daemon_died=0; kvm_failed=0
+deadline=$(( t0 + timeout_s * 1000 ))
+while kill -0 "$qpid" 2>/dev/null; do
+    if [[ -n $marker ]] && grep -qF -- "$marker" "$logdir/console.log" "$logdir/guest-out.raw" 2>/dev/null; then
+        kill -KILL "$qpid" 2>/dev/null || true
+        marker_kill=1
+        info "marker '$marker' seen: QEMU killed with SIGKILL after $(( $(now_ms) - t0 )) ms"
+        break
+    fi
+    if (( $(now_ms) > deadline )); then
+        kill -KILL "$qpid" 2>/dev/null || true
+        timed_out=1
+        break
+    fi
+    if [[ $accel == kvm ]] && grep -q 'KVM internal error' "$logdir/qemu.log" 2>/dev/null; then
+        kill -KILL "$qpid" 2>/dev/null || true
+        fail "KVM cannot run this guest (KVM internal error, see qemu.log); use --accel tcg"
+        kvm_failed=1
+        break
+    fi
+    if [[ -n $dpid ]] && ! kill -0 "$dpid" 2>/dev/null; then
+        daemon_died=1
+        sleep 1   # give QEMU a moment to report the disconnect
+        kill -KILL "$qpid" 2>/dev/null || true
+        break
+    fi
+    if [[ -n $marker ]]; then sleep 0.05; else sleep 0.2; fi
+done
+{ wait "$qpid"; } 2>/dev/null && qrc=0 || qrc=$?
+qpid=""
+elapsed_ms=$(( $(now_ms) - t0 ))
+[[ -n $tailpid ]] && { kill "$tailpid" 2>/dev/null; wait "$tailpid" 2>/dev/null || true; tailpid=""; }
+
+(( timed_out == 0 )) || fail "timeout: QEMU still running after ${timeout_s} s (killed)"
+if (( timed_out == 0 && marker_kill == 0 && daemon_died == 0 && kvm_failed == 0 && qrc != 0 )); then
+    fail "QEMU exited with status $qrc"
+fi
+if [[ -n $marker && $marker_kill == 0 ]]; then
+    fail "marker '$marker' never appeared"
+fi
+
+# ---- daemon ---------------------------------------------------------------------------------
+if [[ -n $dpid ]]; then
+    if (( daemon_died )); then
+        wait "$dpid" && st=0 || st=$?
+        fail "the daemon died while QEMU was running (status $st)"
+        dpid=""
+    elif (( keep_daemon )); then
+        info "daemon left running (pid $dpid)"
+        dpid=""
+    else
+        kill -TERM "$dpid" 2>/dev/null || true
+        for (( i = 0; i < 150; i++ )); do kill -0 "$dpid" 2>/dev/null || break; sleep 0.1; done
+        if kill -0 "$dpid" 2>/dev/null; then
+            kill -KILL "$dpid" 2>/dev/null || true
+            fail "the daemon did not exit within 15 s of SIGTERM (killed)"
+            wait "$dpid" 2>/dev/null || true
+        else
+            wait "$dpid" && st=0 || st=$?
+            (( st == 0 )) || fail "the daemon exited with status $st after SIGTERM"
+        fi
+        dpid=""
+    fi
+fi
+
+# ---- results ---------------------------------------------------------------------------------
+tr -d '\r' < "$logdir/console.log" > "$logdir/console.txt.tmp" && mv -f "$logdir/console.txt.tmp" "$logdir/console.log"
+src="$logdir/console.log"
+if [[ -f $logdir/guest-out.raw ]]; then
+    tr -d '\r' < "$logdir/guest-out.raw" > "$logdir/guest-out.txt"
+    rm -f "$logdir/guest-out.raw"
+    grep -q '^VUP-BEGIN' "$logdir/guest-out.txt" && src="$logdir/guest-out.txt"
+fi
+
+# Split the output into boots: tap.txt gets every line between VUP-BEGIN and VUP-END.
+awk -v tap="$logdir/tap.txt" -v met="$logdir/metrics.txt" -v hc="$logdir/hostchecks.txt" -v st="$logdir/boots.txt" '
+    BEGIN { printf "" > tap; printf "" > met; printf "" > hc; printf "" > st; inb = 0; b = 0 }
+    /^VUP-BEGIN/ { if (inb) print b, "noend", ok, nok, plan > st; b++; inb = 1; ok = 0; nok = 0; plan = -1; skip = 0
+                   if (b > 1) print "# --- boot " b " ---" > tap; next }
+    /^VUP-END rc=/ { if (inb) { rc = $2; sub(/^rc=/, "", rc); print b, rc, ok, nok, plan > st }; inb = 0; next }
+    !inb { next }
+    /^VUP-METRIC / { print > met; next }
+    /^VUP-HOSTCHECK / { print > hc; next }
+    { print > tap }
+    /^ok( |$)/ { ok++ }
+    /^not ok( |$)/ { if ($0 ~ /# *TODO/) ok++; else nok++ }
+    /^1\.\.[0-9]+/ { p = $0; sub(/^1\.\./, "", p); sub(/[^0-9].*/, "", p); plan = p }
+    END { if (inb) print b, "noend", ok, nok, plan > st }
+' "$src"
+
+passed=0; failed_tests=0; nboots=0
+while read -r b rc ok nok plan; do
+    nboots=$((nboots + 1))
+    passed=$((passed + ok)); failed_tests=$((failed_tests + nok))
+    tag=""; [[ $b -gt 1 || $end == reboot ]] && tag=" (boot $b)"
+    if [[ $rc == noend ]]; then
+        if [[ $end != crash && -z $marker ]]; then fail "no VUP-END$tag: the guest did not finish"; fi
+        continue
+    fi
+    (( rc == 0 )) || fail "the guest binary exited with rc=$rc$tag"
+    if (( plan < 0 )); then
+        fail "no TAP plan (1..N)$tag"
+    elif (( plan != ok + nok )); then
+        fail "TAP plan 1..$plan but $((ok + nok)) results$tag"
+    fi
+    (( nok == 0 )) || notok_msgs+=("$nok test(s) not ok$tag")
+done < "$logdir/boots.txt"
+rm -f "$logdir/boots.txt"
+expect_boots=1; [[ $end == reboot ]] && expect_boots=$((reboots + 1))
+if (( nboots == 0 )); then
+    fail "no VUP-BEGIN: the guest never ran the test binary"
+elif (( nboots < expect_boots )) && [[ -z $marker ]]; then
+    fail "expected $expect_boots boots, saw $nboots"
+fi
+
+# host-side checks of data the guest wrote
+nhc=0; nhc_bad=0
+while read -r _ a b c; do
+    off="${a#offset=}"; len="${b#len=}"; want="${c#sha256=}"
+    if ! [[ $off =~ ^[0-9]+$ && $len =~ ^[0-9]+$ && $want =~ ^[0-9a-f]{64}$ ]]; then
+        fail "malformed VUP-HOSTCHECK line: offset=$off len=$len sha256=$want"; continue
+    fi
+    got="$(dd if="$image" bs=1M iflag=skip_bytes,count_bytes skip="$off" count="$len" 2>/dev/null | sha256sum | cut -d' ' -f1)"
+    nhc=$((nhc + 1))
+    if [[ $got == "$want" ]]; then
+        printf 'HOSTCHECK offset=%s len=%s ok\n' "$off" "$len" >> "$logdir/hostchecks.result"
+    else
+        nhc_bad=$((nhc_bad + 1))
+        (( nhc_bad > 3 )) || fail "VUP-HOSTCHECK offset=$off len=$len: host image has sha256 $got, guest saw $want"
+    fi
+done < "$logdir/hostchecks.txt"
+(( nhc_bad <= 3 )) || fail "... and $((nhc_bad - 3)) more VUP-HOSTCHECK mismatches (of $nhc checks)"
+
+# kernel trouble on the console
+if (( allow_warn == 0 )); then
+    kw="$(grep -E 'WARNING: |BUG: |Oops|general protection fault|Call Trace:|Kernel panic' "$logdir/console.log" \
+          | grep -vE 'sysrq triggered crash|Kernel panic - not syncing: sysrq' || true)"
+    if [[ $end == crash ]]; then
+        # the sysrq crash prints a panic with a call trace; ignore what follows the crash
+        kw="$(sed -n '1,/sysrq: Trigger a crash/p' "$logdir/console.log" \
+              | grep -E 'WARNING: |BUG: |Oops|general protection fault|Call Trace:' || true)"
+    fi
+    [[ -z $kw ]] || fail "kernel warnings in the guest console: $(printf '%s\n' "$kw" | head -n 3 | paste -sd'|')"
+fi
+
+# ---- report ----------------------------------------------------------------------------------
+nf=$(( failed_tests + ${#failures[@]} ))
+failures+=("${notok_msgs[@]+"${notok_msgs[@]}"}")
+{
+    printf 'device=%s accel=%s end=%s elapsed_ms=%s qemu_rc=%s boots=%s hostchecks=%s\n' \
+        "$device" "$accel" "$end" "$elapsed_ms" "$qrc" "$nboots" "$nhc"
+    for f in "${failures[@]+"${failures[@]}"}"; do printf 'FAIL: %s\n' "$f"; done
+} > "$logdir/result.txt"
+
+if (( ${#failures[@]} > 0 )); then
+    for f in "${failures[@]}"; do printf 'run-vm: FAIL: %s\n' "$f" >&2; done
+    printf -- '--- console.log (last 40 lines) ---\n' >&2
+    tail -n 40 "$logdir/console.log" >&2 || true
+    if [[ -s $logdir/qemu.log ]]; then
+        printf -- '--- qemu.log (last 20 lines) ---\n' >&2
+        tail -n 20 "$logdir/qemu.log" >&2
+    fi
+    if [[ $device == vhost-user && -f $logdir/daemon.log ]]; then
+        printf -- '--- daemon.log (last 40 lines) ---\n' >&2
+        tail -n 40 "$logdir/daemon.log" >&2
+    fi
+    printf -- '--- not ok lines ---\n' >&2
+    grep -E '^not ok' "$logdir/tap.txt" >&2 || true
+fi
+info "QEMU ran $(( elapsed_ms / 1000 )).$(( elapsed_ms % 1000 / 100 )) s; logs in $logdir"
+# one word with a colon before "N passed, N failed": the form CI log readers recognise
+printf '%s: %d passed, %d failed\n' "$device" "$passed" "$nf"
+(( ${#failures[@]} == 0 ))
