@@ -24,6 +24,8 @@ Device:
   --size SIZE          device size, e.g. 512M, 1G (default 1G)
   --daemon PATH        daemon binary (default $VUP_ROOT/target/release/vhost-user-pmem)
   --daemon-arg ARG     extra daemon argument (repeatable), e.g. --daemon-arg --read-only
+  --socket PATH        attach QEMU to a daemon that is already running on PATH instead of
+                       starting one (the caller owns that daemon and checks its log)
   --keep-daemon        leave the daemon running after QEMU exits (pid in LOGDIR/daemon.pid);
                        its exit status is then not checked
 Guest:
@@ -70,6 +72,7 @@ size=1G
 daemon="$VUP_ROOT/target/release/vhost-user-pmem"
 daemon_args=()
 keep_daemon=0
+ext_sock=""
 gargs=""
 end=poweroff
 reboots=1
@@ -95,6 +98,7 @@ while [[ $# -gt 0 ]]; do
         --daemon) needarg "$1" $#; daemon="$2"; shift ;;
         --daemon-arg) needarg "$1" $#; daemon_args+=("$2"); shift ;;
         --keep-daemon) keep_daemon=1 ;;
+        --socket) needarg "$1" $#; ext_sock="$2"; shift ;;
         --args) needarg "$1" $#; gargs="$2"; shift ;;
         --end) needarg "$1" $#; end="$2"; shift ;;
         --reboots) needarg "$1" $#; reboots="$2"; shift ;;
@@ -178,7 +182,12 @@ fail() { failures+=("$*"); }
 # ---- device ---------------------------------------------------------------------------------
 devargs=()
 mem_opt="$(( mem_b >> 20 ))M"
-if [[ $device == vhost-user ]]; then
+if [[ $device == vhost-user && -n $ext_sock ]]; then
+    [[ -S $ext_sock ]] || die "--socket $ext_sock is not a socket; start the daemon first"
+    info "attaching to the running daemon on $ext_sock"
+    devargs=(-chardev "socket,id=pmem0,path=$(qesc "$ext_sock")"
+             -device vhost-user-test-device-pci,chardev=pmem0,virtio-id=27,num_vqs=1,vq_size=256,config_size=16)
+elif [[ $device == vhost-user ]]; then
     [[ -x $daemon ]] || die "daemon '$daemon' not found or not executable (build it: cargo build --release -p vhost-user-pmem, or pass --daemon)"
     sock="$logdir/pmem0.sock"
     if (( ${#sock} > 100 )); then   # sun_path holds 108 bytes

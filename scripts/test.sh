@@ -60,6 +60,8 @@ if [[ $vm == 1 ]]; then
             --device "$dev" --image "$img" --size 1G --initrd "$out/initrd.cpio.gz" \
             --log-dir "$out/$dev-boot2" --args "--expect-gen 1 persist"
     done
+    step "20 boots in a row on one image behind one daemon" "$VUP_ROOT/scripts/boot-loop.sh" \
+        --boots 20 --out "$out/boot-loop"
 fi
 
 if ((failed)); then
