@@ -30,7 +30,7 @@ done
 
 rm -rf "$out"; mkdir -p "$out"
 out="$(cd "$out" && pwd)"
-cargo build --release --locked -p vhost-user-pmem >&2
+cargo build --release -p vhost-user-pmem >&2
 "$VUP_ROOT/scripts/fetch-qemu.sh" >/dev/null
 "$VUP_ROOT/scripts/fetch-kernel.sh" >/dev/null
 "$VUP_ROOT/scripts/fetch-guest-tools.sh" >/dev/null

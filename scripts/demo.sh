@@ -32,7 +32,7 @@ done
 out="$VUP_BUILD/demo"
 rm -rf "$out"; mkdir -p "$out"
 info "building the daemon and the guest, fetching QEMU and the kernel (cached after the first run)"
-cargo build --release --locked -p vhost-user-pmem >&2
+cargo build --release -p vhost-user-pmem >&2
 "$VUP_ROOT/scripts/fetch-qemu.sh" >/dev/null
 "$VUP_ROOT/scripts/fetch-kernel.sh" >/dev/null
 "$VUP_ROOT/scripts/fetch-guest-tools.sh" >/dev/null

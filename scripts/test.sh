@@ -39,14 +39,14 @@ step() {
 
 if [[ $lint == 1 ]]; then
     step "cargo fmt --check" cargo fmt --all -- --check
-    step "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
+    step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 fi
-step "cargo test (unit + integration)" cargo test --workspace --locked
+step "cargo test (unit + integration)" cargo test --workspace
 
 if [[ $vm == 1 ]]; then
     out="$VUP_BUILD/test"
     rm -rf "$out"; mkdir -p "$out"
-    step "build daemon (release)" cargo build --release --locked -p vhost-user-pmem
+    step "build daemon (release)" cargo build --release -p vhost-user-pmem
     step "fetch QEMU, kernel, guest tools" bash -c \
         "'$VUP_ROOT/scripts/fetch-qemu.sh' && '$VUP_ROOT/scripts/fetch-kernel.sh' && '$VUP_ROOT/scripts/fetch-guest-tools.sh'"
     step "build guest initramfs" bash -c \
