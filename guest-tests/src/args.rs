@@ -19,6 +19,20 @@ Suites:
              write generation N+1
   latency    flush latency: pwrite+fdatasync, pwrite+fsync, mmap store+msync,
              fdatasync of the block device, deep_flush
+  faults     catalogue A: hole_then_write, hole_waiters, dio_mmap_buffers,
+             stale_block_exposure, enospc_retry (the last two fill the filesystem)
+  mapsync    catalogue B8: map_sync_fallback (prints VUP-FLUSHCOUNT for the host)
+  truncate   catalogue C: sigbus_rules, truncate_fault_race, dio_collision
+  pmd        catalogue D: pmd_fault, pmd_fallback, pmd_ops (run it with --fs ext4 and
+             with --fs xfs)
+  catalogue  faults mapsync truncate pmd, in that order
+  selftest   proves the case runner in the guest: a hung case, a case stuck in D state
+             (a write to a frozen filesystem, thawed after), a fatal signal and a
+             kernel WARNING line must each fail the case they happen in
+
+Each case of faults/mapsync/truncate/pmd runs in a forked child with a deadline: a hang
+is reported as `not ok N - name # hung after Xs` and the suite goes on. Every case fails
+if the kernel log gains a WARNING:/BUG:/Oops/hung-task/general protection line.
 
 Options:
   --dev PATH         pmem block device [default: /dev/pmem0]
@@ -28,6 +42,9 @@ Options:
   --expect-gen N     generation persist.dat must hold (persist; e2e uses 0: no file)
   --iters N          measured iterations per thread (latency) [default: 200]
   --threads LIST     concurrencies, separated by ',' ':' or spaces [default: 1]
+  --stress SECS      run each time-bounded case (hole_waiters rounds, the races) for
+                     SECS seconds instead of its short TCG default
+  --only NAME        run only this catalogue case (repeatable); setup cases still run
   --crash-at-end     after the suites, print the plan and crash the kernel (sysrq c)
                      with the filesystem still mounted, instead of sync + umount
                      (the crash half of the persistence test)
@@ -39,16 +56,28 @@ pub enum Suite {
     E2e,
     Persist,
     Latency,
+    Faults,
+    MapSync,
+    Truncate,
+    Pmd,
+    Selftest,
 }
 
 impl Suite {
-    fn parse(s: &str) -> Option<Suite> {
-        match s {
-            "e2e" => Some(Suite::E2e),
-            "persist" => Some(Suite::Persist),
-            "latency" => Some(Suite::Latency),
-            _ => None,
-        }
+    /// One suite name, or an alias naming several.
+    fn parse(s: &str) -> Option<Vec<Suite>> {
+        Some(match s {
+            "e2e" => vec![Suite::E2e],
+            "persist" => vec![Suite::Persist],
+            "latency" => vec![Suite::Latency],
+            "faults" => vec![Suite::Faults],
+            "mapsync" => vec![Suite::MapSync],
+            "truncate" => vec![Suite::Truncate],
+            "pmd" => vec![Suite::Pmd],
+            "selftest" => vec![Suite::Selftest],
+            "catalogue" => vec![Suite::Faults, Suite::MapSync, Suite::Truncate, Suite::Pmd],
+            _ => return None,
+        })
     }
 
     pub fn name(self) -> &'static str {
@@ -56,6 +85,11 @@ impl Suite {
             Suite::E2e => "e2e",
             Suite::Persist => "persist",
             Suite::Latency => "latency",
+            Suite::Faults => "faults",
+            Suite::MapSync => "mapsync",
+            Suite::Truncate => "truncate",
+            Suite::Pmd => "pmd",
+            Suite::Selftest => "selftest",
         }
     }
 }
@@ -86,6 +120,10 @@ pub struct Args {
     pub threads: Vec<usize>,
     pub suites: Vec<Suite>,
     pub crash_at_end: bool,
+    /// --stress: how long each time-bounded case runs, instead of its default.
+    pub stress_secs: Option<u64>,
+    /// --only: run only these catalogue cases (empty: all).
+    pub only: Vec<String>,
 }
 
 impl Default for Args {
@@ -100,6 +138,8 @@ impl Default for Args {
             threads: vec![1],
             suites: Vec::new(),
             crash_at_end: false,
+            stress_secs: None,
+            only: Vec::new(),
         }
     }
 }
@@ -122,7 +162,7 @@ pub enum ArgError {
     },
     #[error("unknown option {0}")]
     UnknownOption(String),
-    #[error("unknown suite {0:?} (expected e2e, persist or latency)")]
+    #[error("unknown suite {0:?} (expected e2e, persist, latency, faults, mapsync, truncate, pmd, catalogue or selftest)")]
     UnknownSuite(String),
     #[error("no suite given")]
     NoSuite,
@@ -130,6 +170,9 @@ pub enum ArgError {
 
 /// Upper bound on threads: more only measures the guest scheduler under TCG.
 const MAX_THREADS: usize = 1024;
+
+/// A day: anything longer is a typo, and the runner's own timeout would fire first.
+const MAX_STRESS_SECS: u64 = 86_400;
 
 fn parse_number<T: std::str::FromStr>(option: &str, value: &str) -> Result<T, ArgError> {
     value.parse().map_err(|_| ArgError::BadValue {
@@ -208,6 +251,19 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Command, ArgErro
                     });
                 }
             }
+            "--stress" => {
+                let v = value(&mut it)?;
+                let secs: u64 = parse_number(&opt, &v)?;
+                if secs == 0 || secs > MAX_STRESS_SECS {
+                    return Err(ArgError::BadValue {
+                        option: opt,
+                        value: v,
+                        why: "must be between 1 and 86400",
+                    });
+                }
+                args.stress_secs = Some(secs);
+            }
+            "--only" => args.only.push(value(&mut it)?),
             "--threads" => {
                 parse_threads(&value(&mut it)?, &mut threads)?;
                 while let Some(next) = it.next_if(|a| looks_like_thread_list(a)) {
@@ -216,7 +272,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Command, ArgErro
             }
             o if o.starts_with('-') => return Err(ArgError::UnknownOption(arg)),
             _ => match Suite::parse(&arg) {
-                Some(s) => args.suites.push(s),
+                Some(s) => args.suites.extend(s),
                 None => return Err(ArgError::UnknownSuite(arg)),
             },
         }
@@ -253,6 +309,38 @@ mod tests {
         assert_eq!(a.threads, vec![1]);
         assert_eq!(a.suites, vec![Suite::E2e]);
         assert!(!a.crash_at_end);
+        assert_eq!(a.stress_secs, None);
+        assert!(a.only.is_empty());
+    }
+
+    #[test]
+    fn catalogue_suites_and_options() {
+        let a = run("--stress 60 --only hole_waiters --only=pmd_ops catalogue e2e").unwrap();
+        assert_eq!(
+            a.suites,
+            vec![
+                Suite::Faults,
+                Suite::MapSync,
+                Suite::Truncate,
+                Suite::Pmd,
+                Suite::E2e
+            ]
+        );
+        assert_eq!(a.stress_secs, Some(60));
+        assert_eq!(a.only, vec!["hole_waiters", "pmd_ops"]);
+        assert_eq!(run("--fs xfs pmd").unwrap().suites, vec![Suite::Pmd]);
+        assert!(matches!(
+            run("--stress 0 faults"),
+            Err(ArgError::BadValue { .. })
+        ));
+        assert!(matches!(
+            run("--stress 100000 faults"),
+            Err(ArgError::BadValue { .. })
+        ));
+        assert_eq!(
+            run("faults --only"),
+            Err(ArgError::MissingValue("--only".into()))
+        );
     }
 
     #[test]

@@ -6,6 +6,8 @@ mod cases;
 mod crash;
 mod error;
 mod fiemap;
+mod isolate;
+mod kmsg;
 mod latency;
 mod meminfo;
 mod mounts;
@@ -17,6 +19,7 @@ mod stats;
 mod sys;
 mod tap;
 mod tools;
+mod trace;
 
 use args::Command;
 

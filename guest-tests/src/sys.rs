@@ -9,8 +9,15 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, AtomicU8};
 
-pub use libc::{MAP_PRIVATE, MAP_SHARED, MAP_SHARED_VALIDATE, MAP_SYNC, PROT_READ, PROT_WRITE};
+pub use libc::{
+    MAP_PRIVATE, MAP_SHARED, MAP_SHARED_VALIDATE, MAP_SYNC, PROT_NONE, PROT_READ, PROT_WRITE,
+};
+
+pub const PAGE: usize = 4096;
+/// The size of a PMD (huge page) mapping on x86-64.
+pub const PMD: usize = 2 << 20;
 
 /// `STATX_ATTR_DAX` from linux/stat.h.
 pub const STATX_ATTR_DAX: u64 = 0x0020_0000;
@@ -81,6 +88,217 @@ impl Mapping {
         // SAFETY: as in as_slice, and &mut self guarantees no other slice is live.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
+
+    /// Like `new`, but the mapping starts `skew` bytes past a multiple of `align` (a power
+    /// of two): PMD faults need a 2 MiB-aligned address, and the kernel only aligns some
+    /// mappings by itself.
+    pub fn new_aligned(
+        file: &File,
+        len: usize,
+        prot: i32,
+        flags: i32,
+        offset: u64,
+        align: usize,
+        skew: usize,
+    ) -> io::Result<Mapping> {
+        let offset = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        let fd = file.as_raw_fd();
+        Self::place(len, align, skew, |addr| {
+            // SAFETY: addr..addr+len lies inside a PROT_NONE reservation that `place`
+            // made and owns, so MAP_FIXED replaces nothing but that reservation.
+            unsafe { libc::mmap(addr, len, prot, flags | libc::MAP_FIXED, fd, offset) }
+        })
+    }
+
+    /// Anonymous MAP_SHARED memory: survives fork() as the same pages, so processes of
+    /// one case can share counters and flags through it (zero-filled).
+    pub fn shared_anonymous(len: usize) -> io::Result<Mapping> {
+        // SAFETY: no MAP_FIXED, so the kernel picks an unused range; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                PROT_READ | PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr =
+            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(Mapping { ptr, len })
+    }
+
+    /// Reserve len + align + skew bytes of address space, let `map` put the real mapping
+    /// at the aligned address inside it, and give back the rest of the reservation.
+    fn place(
+        len: usize,
+        align: usize,
+        skew: usize,
+        map: impl FnOnce(*mut libc::c_void) -> *mut libc::c_void,
+    ) -> io::Result<Mapping> {
+        if !align.is_power_of_two() || len == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let total = len + align + skew;
+        // SAFETY: no MAP_FIXED; an inaccessible private reservation that nothing else
+        // uses. Checked below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let start = base as usize;
+        let aligned = (start + align - 1) & !(align - 1);
+        let addr = aligned + skew;
+        let got = map(addr as *mut libc::c_void);
+        let err = (got == libc::MAP_FAILED).then(io::Error::last_os_error);
+        // Give back what is left of the reservation: the head, the tail, and on failure
+        // the middle too.
+        let unmap = |from: usize, to: usize| {
+            if to > from {
+                // SAFETY: from..to is part of our own reservation, holding no Rust object.
+                unsafe { libc::munmap(from as *mut libc::c_void, to - from) };
+            }
+        };
+        unmap(start, addr);
+        unmap(addr + len, start + total);
+        if let Some(e) = err {
+            unmap(addr, addr + len);
+            return Err(e);
+        }
+        if got as usize != addr {
+            unmap(addr, addr + len);
+            return Err(io::Error::other("MAP_FIXED mapping landed elsewhere"));
+        }
+        let ptr = NonNull::new(addr as *mut u8).ok_or_else(|| io::Error::other("NULL mapping"))?;
+        Ok(Mapping { ptr, len })
+    }
+
+    /// Move the mapping to a fresh `align`-aligned address with mremap(MREMAP_FIXED),
+    /// keeping its pages (and their page-table entries where the kernel can).
+    pub fn mremap_aligned(self, align: usize) -> io::Result<Mapping> {
+        let (old, len) = (self.ptr.as_ptr(), self.len);
+        let moved = Self::place(len, align, 0, |addr| {
+            // SAFETY: the source is our own live mapping; the target lies inside a
+            // reservation `place` owns. On success the old range is gone, and `self` is
+            // forgotten below so it is not unmapped twice.
+            unsafe {
+                libc::mremap(
+                    old.cast(),
+                    len,
+                    len,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    addr,
+                )
+            }
+        });
+        match moved {
+            Ok(m) => {
+                std::mem::forget(self);
+                Ok(m)
+            }
+            // The old mapping is untouched; dropping self unmaps it.
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn addr(&self) -> usize {
+        self.ptr.as_ptr() as usize
+    }
+
+    /// The mapping as 64-bit atomics. Racing cases use only this view: other threads,
+    /// other processes and the kernel change these bytes at any time, which atomics
+    /// permit and plain slices do not. An access may still raise SIGBUS (past EOF).
+    pub fn words(&self) -> &[AtomicU64] {
+        // SAFETY: mmap returns page-aligned memory, so the start is 8-byte aligned;
+        // AtomicU64 has the size and layout of u64; the range stays mapped while self
+        // lives, and atomics allow shared mutation.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<AtomicU64>(), self.len / 8) }
+    }
+
+    /// The mapping as byte atomics (see `words`).
+    pub fn atomic_bytes(&self) -> &[AtomicU8] {
+        // SAFETY: as in `words`; AtomicU8 has the layout of u8.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<AtomicU8>(), self.len) }
+    }
+
+    pub fn protect(&mut self, prot: i32) -> io::Result<()> {
+        // SAFETY: the range is our own mapping; &mut self means no slice of it is live
+        // that a PROT_NONE could invalidate.
+        check(unsafe { libc::mprotect(self.ptr.as_ptr().cast(), self.len, prot) })
+    }
+
+    /// madvise `advice` on [offset, offset+len) of the mapping (page-aligned).
+    pub fn advise(&self, offset: usize, len: usize, advice: i32) -> io::Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: the range is inside our mapping. MADV_DONTNEED on a shared file
+        // mapping only drops page-table entries; the data stays in the file, so any
+        // later access reads the same bytes again.
+        check(unsafe { libc::madvise(self.ptr.as_ptr().add(offset).cast(), len, advice) })
+    }
+
+    /// pwrite(2) from [offset, offset+len) of the mapping: the kernel reads the mapping
+    /// (faulting it in, or pinning it for O_DIRECT), Rust code never touches it.
+    pub fn pwrite_from(
+        &self,
+        file: &File,
+        offset: usize,
+        len: usize,
+        pos: u64,
+    ) -> io::Result<usize> {
+        let ptr = self.range_ptr(offset, len)?;
+        let pos =
+            libc::off_t::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        // SAFETY: ptr..ptr+len is inside the mapping; the kernel validates the user
+        // range and returns EFAULT rather than faulting us.
+        let n = unsafe { libc::pwrite(file.as_raw_fd(), ptr.cast(), len, pos) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+
+    /// pread(2) into [offset, offset+len) of the mapping. Takes &self because racing
+    /// cases share one mapping between threads; those never form slices of it (see
+    /// `words`), and the kernel's store is like a store from another process.
+    pub fn pread_into(
+        &self,
+        file: &File,
+        offset: usize,
+        len: usize,
+        pos: u64,
+    ) -> io::Result<usize> {
+        let ptr = self.range_ptr(offset, len)?;
+        let pos =
+            libc::off_t::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        // SAFETY: as in pwrite_from; a read-only mapping gives EFAULT.
+        let n = unsafe { libc::pread(file.as_raw_fd(), ptr.cast(), len, pos) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+
+    fn range_ptr(&self, offset: usize, len: usize) -> io::Result<*mut u8> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: offset <= len of the mapping, so the result stays inside it.
+        Ok(unsafe { self.ptr.as_ptr().add(offset) })
+    }
 }
 
 impl Drop for Mapping {
@@ -106,6 +324,37 @@ pub fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
     let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
     // SAFETY: plain syscall on an owned fd; no memory is passed.
     check(unsafe { libc::fallocate(file.as_raw_fd(), 0, off, len) })
+}
+
+pub const FALLOC_PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+pub const FALLOC_ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE;
+
+/// fallocate with an explicit mode (punch hole, zero range, keep size).
+pub fn fallocate_mode(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: plain syscall on an owned fd; no memory is passed.
+    check(unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) })
+}
+
+/// Open read-write with O_DIRECT (a block device, or a DAX file where it means DAX I/O).
+pub fn open_direct(path: &Path, write: bool) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+}
+
+/// The number of threads of this process (from /proc/self/status), to refuse fork()
+/// while other threads might hold locks the child would inherit.
+pub fn thread_count() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// The statx attribute bits and which of them the filesystem supports.

@@ -1,18 +1,28 @@
 //! Suites, the case runner, and the state cases share (what is mounted, whether the DAX
 //! preconditions held, which persistence generation is on disk).
 
+mod alloc;
+mod common;
 mod dax;
 mod device;
+mod dio;
+mod faults;
 mod latency;
 mod map_sync;
 mod persist;
+mod pmd;
+mod selftest;
+mod truncate;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use crate::args::{Args, Suite};
+use crate::args::{Args, FsType, Suite};
 use crate::crash;
 use crate::error::Result;
+use crate::isolate::{self, Child, End, Record};
+use crate::kmsg::{self, Kmsg};
 use crate::mounts;
 use crate::sys;
 use crate::tap::{Outcome, Tap};
@@ -38,6 +48,25 @@ pub struct Ctx<'a> {
     mkfs_done: bool,
     /// Generation persist.dat holds after a write in this invocation.
     persisted_gen: Option<u64>,
+    /// /dev/kmsg, read before and after every case.
+    kmsg: Option<Kmsg>,
+}
+
+/// What an isolated case needs from the context, copied into the forked child.
+#[derive(Clone, Debug)]
+pub struct Env {
+    pub mnt: PathBuf,
+    pub dev: PathBuf,
+    pub fs: FsType,
+    /// --stress: run time-bounded cases this long instead of their defaults.
+    pub stress: Option<Duration>,
+}
+
+impl Env {
+    /// How long a time-bounded case runs: --stress, or its TCG-sized default.
+    pub fn duration(&self, default: Duration) -> Duration {
+        self.stress.unwrap_or(default)
+    }
 }
 
 impl<'a> Ctx<'a> {
@@ -51,6 +80,81 @@ impl<'a> Ctx<'a> {
             dax_ok: false,
             mkfs_done: false,
             persisted_gen: None,
+            kmsg: Kmsg::open().ok(),
+        }
+    }
+
+    pub fn env(&self) -> Env {
+        Env {
+            mnt: self.args.mnt.clone(),
+            dev: self.args.dev.clone(),
+            fs: self.args.fs,
+            stress: self.args.stress_secs.map(Duration::from_secs),
+        }
+    }
+
+    /// Whether --only lets catalogue case `name` run.
+    pub fn selected(&self, name: &str) -> bool {
+        self.args.only.is_empty() || self.args.only.iter().any(|o| o == name)
+    }
+
+    /// Kernel log lines since the last drain that report trouble.
+    fn kernel_trouble(&mut self) -> Vec<String> {
+        match self.kmsg.as_mut() {
+            Some(k) => k
+                .drain()
+                .into_iter()
+                .filter(|l| kmsg::is_trouble(l))
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Run a catalogue case in a forked child with a deadline (see isolate.rs): a hang
+    /// or a fatal signal fails this case only, and the suite goes on. Not run at all
+    /// when --only excludes it.
+    pub fn case_isolated<F>(&mut self, name: &str, needs: &[&str], limit: Duration, f: F) -> bool
+    where
+        F: FnOnce(&Child, &Env) -> Result<Verdict>,
+    {
+        if !self.selected(name) {
+            return true;
+        }
+        self.case(name, needs, |ctx| Ok(ctx.isolated(limit, f)))
+    }
+
+    /// The body of an isolated case: fork, relay the child's records, judge its end.
+    pub fn isolated<F>(&mut self, limit: Duration, f: F) -> Verdict
+    where
+        F: FnOnce(&Child, &Env) -> Result<Verdict>,
+    {
+        let env = self.env();
+        let mut relay = |rec: Record| match rec {
+            Record::Diag(t) => self.diag(&t),
+            Record::Raw(t) => self.raw(&t),
+            Record::Verdict(_) | Record::Hung(_) => {}
+        };
+        let run = isolate::run_case(limit, &mut relay, |child| match f(child, &env) {
+            Ok(Verdict::Pass) => Outcome::Pass,
+            Ok(Verdict::Skip(w)) => Outcome::Skip(w),
+            Ok(Verdict::Fail(w)) => Outcome::Fail(w),
+            Err(e) => Outcome::Fail(e.to_string()),
+        });
+        let run = match run {
+            Ok(r) => r,
+            Err(e) => {
+                return Verdict::Fail(format!(
+                    "cannot run isolated: {}",
+                    crate::error::describe(&e)
+                ))
+            }
+        };
+        match (run.verdict, run.end) {
+            (_, end @ End::Hung { .. }) => Verdict::Fail(end.describe()),
+            (Some(Outcome::Pass), _) => Verdict::Pass,
+            (Some(Outcome::Skip(w)), _) => Verdict::Skip(w),
+            (Some(Outcome::Fail(w)), _) => Verdict::Fail(w),
+            (None, end) => Verdict::Fail(format!("child {} before its verdict", end.describe())),
         }
     }
 
@@ -86,6 +190,21 @@ impl<'a> Ctx<'a> {
             let outcome = Outcome::Fail(format!("skipped: precondition {dep} failed"));
             return self.record(name, outcome);
         }
+        let outcome = self.outcome_of(name, f);
+        self.record(name, outcome)
+    }
+
+    /// Run a case body and judge it, without printing its result: panics are caught, and
+    /// kernel log trouble that appears meanwhile fails it.
+    pub fn outcome_of<F>(&mut self, name: &str, f: F) -> Outcome
+    where
+        F: FnOnce(&mut Ctx<'a>) -> Result<Verdict>,
+    {
+        // Trouble logged between cases belongs to no case; show it, the runner fails the
+        // run on it anyway.
+        for line in self.kernel_trouble() {
+            self.diag(&format!("kernel log before {name}: {line}"));
+        }
         crash::arm(self.tap.next_number(), name);
         let started = sys::monotonic_raw_ns();
         let result = catch_unwind(AssertUnwindSafe(|| f(self)));
@@ -93,6 +212,10 @@ impl<'a> Ctx<'a> {
         let elapsed_ms = (sys::monotonic_raw_ns() - started) / 1_000_000;
         if elapsed_ms >= 1000 {
             self.diag(&format!("{name} took {:.1} s", elapsed_ms as f64 / 1000.0));
+        }
+        let trouble = self.kernel_trouble();
+        for line in &trouble {
+            self.diag(&format!("kernel: {line}"));
         }
         let outcome = match result {
             Ok(Ok(Verdict::Pass)) => Outcome::Pass,
@@ -108,7 +231,11 @@ impl<'a> Ctx<'a> {
                 Outcome::Fail(format!("panicked: {msg}"))
             }
         };
-        self.record(name, outcome)
+        match (outcome, trouble.first()) {
+            (o, None) => o,
+            (Outcome::Fail(why), Some(line)) => Outcome::Fail(format!("{why}; kernel log: {line}")),
+            (_, Some(line)) => Outcome::Fail(format!("kernel log: {line}")),
+        }
     }
 
     fn record(&mut self, name: &str, outcome: Outcome) -> bool {
@@ -150,6 +277,12 @@ impl<'a> Ctx<'a> {
     /// sync, unmount what we mounted (umount writes back and flushes the device), print
     /// the plan. Returns the process exit status.
     pub fn finish(mut self) -> i32 {
+        let stuck = isolate::reap_left_behind();
+        if !stuck.is_empty() {
+            self.diag(&format!(
+                "processes still stuck in the kernel (not reaped): {stuck:?}; sync and umount may hang"
+            ));
+        }
         sys::sync();
         if self.mounted_by_us {
             match sys::umount(&self.args.mnt) {
@@ -179,11 +312,122 @@ const NEEDS_DAX: &[&str] = &["mount_dax", "precond_dax"];
 
 pub fn run_suite(ctx: &mut Ctx, suite: Suite) {
     ctx.diag(&format!("suite {}", suite.name()));
+    let started = sys::monotonic_raw_ns();
     match suite {
         Suite::E2e => e2e(ctx),
         Suite::Persist => persist_suite(ctx),
         Suite::Latency => latency::suite(ctx),
+        Suite::Faults => faults_suite(ctx),
+        Suite::MapSync => mapsync_suite(ctx),
+        Suite::Truncate => truncate_suite(ctx),
+        Suite::Pmd => pmd_suite(ctx),
+        Suite::Selftest => selftest::suite(ctx),
     }
+    let secs = (sys::monotonic_raw_ns() - started) as f64 / 1e9;
+    // A diagnostic, not a VUP-METRIC line: those are latency rows for scripts/demo.sh.
+    ctx.diag(&format!(
+        "suite {} took {secs:.1} s (fs {})",
+        suite.name(),
+        ctx.args.fs.name()
+    ));
+}
+
+/// The hung-task detector's default (120 s) is longer than any case here may take; a
+/// shorter one names a task stuck in D state while the case that caused it still runs.
+const HUNG_TASK_SECS: u64 = 30;
+
+/// Device, filesystem, mount and DAX check shared by the catalogue suites.
+fn catalogue_setup(ctx: &mut Ctx) {
+    if !ctx.dax_checked {
+        ctx.case("pmem0_present", &[], device::pmem0_present);
+    }
+    let path = "/proc/sys/kernel/hung_task_timeout_secs";
+    if let Some(cur) = crate::nd::read_trimmed(path).and_then(|v| v.parse::<u64>().ok()) {
+        if cur == 0 || cur > HUNG_TASK_SECS {
+            match std::fs::write(path, HUNG_TASK_SECS.to_string()) {
+                Ok(()) => ctx.diag(&format!(
+                    "hung_task_timeout_secs: {cur} -> {HUNG_TASK_SECS}"
+                )),
+                Err(e) => ctx.diag(&format!(
+                    "cannot set {path}: {}",
+                    crate::error::describe(&e)
+                )),
+            }
+        }
+    }
+    ensure_mounted(ctx);
+    ensure_dax_checked(ctx);
+}
+
+/// Catalogue A. The two cases that fill the filesystem come last.
+fn faults_suite(ctx: &mut Ctx) {
+    catalogue_setup(ctx);
+    ctx.case_isolated(
+        "hole_then_write",
+        NEEDS_DAX,
+        faults::HOLE_THEN_WRITE_LIMIT,
+        faults::hole_then_write,
+    );
+    let limit = faults::hole_waiters_limit(&ctx.env());
+    ctx.case_isolated("hole_waiters", NEEDS_DAX, limit, faults::hole_waiters);
+    ctx.case_isolated(
+        "dio_mmap_buffers",
+        NEEDS_DAX,
+        dio::DIO_MMAP_LIMIT,
+        dio::dio_mmap_buffers,
+    );
+    let limit = alloc::stale_limit(&ctx.env());
+    ctx.case_isolated(
+        "stale_block_exposure",
+        NEEDS_DAX,
+        limit,
+        alloc::stale_block_exposure,
+    );
+    ctx.case_isolated(
+        "enospc_retry",
+        NEEDS_DAX,
+        alloc::ENOSPC_LIMIT,
+        alloc::enospc_retry,
+    );
+}
+
+/// Catalogue B8 (B7 is part of e2e).
+fn mapsync_suite(ctx: &mut Ctx) {
+    catalogue_setup(ctx);
+    ctx.case_isolated(
+        "map_sync_fallback",
+        NEEDS_DAX,
+        map_sync::FALLBACK_LIMIT,
+        map_sync::fallback,
+    );
+}
+
+/// Catalogue C.
+fn truncate_suite(ctx: &mut Ctx) {
+    catalogue_setup(ctx);
+    ctx.case_isolated(
+        "sigbus_rules",
+        NEEDS_DAX,
+        truncate::SIGBUS_LIMIT,
+        truncate::sigbus_rules,
+    );
+    let limit = truncate::race_limit(&ctx.env());
+    ctx.case_isolated(
+        "truncate_fault_race",
+        NEEDS_DAX,
+        limit,
+        truncate::truncate_fault_race,
+    );
+    let limit = dio::collision_limit(&ctx.env());
+    ctx.case_isolated("dio_collision", NEEDS_DAX, limit, dio::dio_collision);
+}
+
+/// Catalogue D, on whichever filesystem --fs names.
+fn pmd_suite(ctx: &mut Ctx) {
+    catalogue_setup(ctx);
+    ctx.case_isolated("pmd_fault", NEEDS_DAX, pmd::LIMIT, pmd::pmd_fault);
+    ctx.case_isolated("pmd_fallback", NEEDS_DAX, pmd::LIMIT, pmd::pmd_fallback);
+    ctx.case_isolated("pmd_ops", NEEDS_DAX, pmd::LIMIT, pmd::pmd_ops);
 }
 
 fn e2e(ctx: &mut Ctx) {
