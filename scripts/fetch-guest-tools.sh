@@ -124,14 +124,18 @@ fetch() {
 
     # check: every tool runs with only the collected libraries
     local v vers=()
-    v="$("$out/bin/busybox" 2>&1 | head -n 1)" || true
+    # Capture whole outputs and cut them afterwards: with pipefail, `| head -n 1` can fail a
+    # healthy tool that dies of SIGPIPE after head has closed the pipe.
+    v="$("$out/bin/busybox" 2>&1)" || true; v="${v%%$'\n'*}"
     [[ $v == BusyBox* ]] || die "busybox does not run: $v"
     vers+=("${v%% (*}")
-    v="$("$out/lib/ld-linux-x86-64.so.2" --library-path "$out/lib" "$out/bin/mke2fs" -V 2>&1 | head -n 1)" \
+    v="$("$out/lib/ld-linux-x86-64.so.2" --library-path "$out/lib" "$out/bin/mke2fs" -V 2>&1)" \
         || die "mke2fs does not run with the collected libraries: $v"
+    v="${v%%$'\n'*}"
     vers+=("$v")
-    v="$("$out/lib/ld-linux-x86-64.so.2" --library-path "$out/lib" "$out/bin/mkfs.xfs" -V 2>&1 | head -n 1)" \
+    v="$("$out/lib/ld-linux-x86-64.so.2" --library-path "$out/lib" "$out/bin/mkfs.xfs" -V 2>&1)" \
         || die "mkfs.xfs does not run with the collected libraries: $v"
+    v="${v%%$'\n'*}"
     vers+=("$v")
     for b in "${TOOL_BINS[@]}"; do
         "$out/lib/ld-linux-x86-64.so.2" --library-path "$out/lib" --verify "$out/bin/$b" >/dev/null 2>&1 \

@@ -184,7 +184,9 @@ LAUNCHER
 # qemu_version_ok QEMU: print the version line; fail unless major >= 11.
 qemu_version_ok() {
     local out major
-    out="$("$1" --version 2>&1 | head -n 1)" || { printf '%s\n' "$out" >&2; return 1; }
+    # No `| head`: under pipefail a SIGPIPE'd writer would look like a broken QEMU.
+    out="$("$1" --version 2>&1)" || { printf '%s\n' "$out" >&2; return 1; }
+    out="${out%%$'\n'*}"
     major="$(printf '%s\n' "$out" | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p')"
     if [[ -z $major || $major -lt $VUP_QEMU_MIN_MAJOR ]]; then
         printf '%s\n' "$out" >&2

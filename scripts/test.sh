@@ -22,6 +22,21 @@ for a in "$@"; do
 done
 
 passed=0 failed=0 failures=()
+
+# reboots_remap IMG LOGDIR: three boots inside one QEMU process (two `reboot -f`), each of which
+# must find the previous boot's generation; the daemon must have mapped the region once per boot
+# (QEMU drops the mapping on every device reset).
+reboots_remap() {
+    "$VUP_ROOT/scripts/run-vm.sh" --size 1G --initrd "$out/initrd.cpio.gz" --device vhost-user \
+        --image "$1" --log-dir "$2" --end reboot --reboots 2 --args "--expect-gen boot+1 persist" \
+        || return 1
+    local maps
+    maps=$(grep -c 'into shared-memory region' "$2/daemon.log" || true)
+    if [[ $maps != 3 ]]; then
+        info "expected 3 SHMEM_MAPs (one per boot), the daemon log shows $maps"
+        return 1
+    fi
+}
 # step NAME CMD...: runs one test step, records its result, and carries on so that one
 # failure does not hide the others.
 step() {
@@ -51,15 +66,33 @@ if [[ $vm == 1 ]]; then
         "'$VUP_ROOT/scripts/fetch-qemu.sh' && '$VUP_ROOT/scripts/fetch-kernel.sh' && '$VUP_ROOT/scripts/fetch-guest-tools.sh'"
     step "build guest initramfs" bash -c \
         "bin=\$('$VUP_ROOT/scripts/build-guest.sh') && '$VUP_ROOT/scripts/build-initramfs.sh' --guest-bin \"\$bin\" --out '$out/initrd.cpio.gz'"
+    rv=("$VUP_ROOT/scripts/run-vm.sh" --size 1G --initrd "$out/initrd.cpio.gz")
     for dev in vhost-user builtin; do
         img="$out/$dev.img"
-        step "VM [$dev] boot 1: DAX suite on a fresh image" "$VUP_ROOT/scripts/run-vm.sh" \
-            --device "$dev" --image "$img" --size 1G --initrd "$out/initrd.cpio.gz" \
-            --log-dir "$out/$dev-boot1" --args "--mkfs e2e"
-        step "VM [$dev] boot 2: data of boot 1 survived" "$VUP_ROOT/scripts/run-vm.sh" \
-            --device "$dev" --image "$img" --size 1G --initrd "$out/initrd.cpio.gz" \
-            --log-dir "$out/$dev-boot2" --args "--expect-gen 1 persist"
+        step "VM [$dev] boot 1: DAX suite on a fresh image" "${rv[@]}" --device "$dev" \
+            --image "$img" --log-dir "$out/$dev-boot1" --args "--mkfs e2e"
+        step "VM [$dev] boot 2: data of boot 1 survived" "${rv[@]}" --device "$dev" \
+            --image "$img" --log-dir "$out/$dev-boot2" --args "--expect-gen 1 persist"
     done
+    img="$out/vhost-user.img"
+    step "VM [vhost-user] 2 guest reboots in one QEMU: region mapped again, data kept" \
+        reboots_remap "$img" "$out/reboot"
+    step "VM [vhost-user] kernel crash (sysrq c) after fsync: data survives" "${rv[@]}" \
+        --device vhost-user --image "$img" --log-dir "$out/crash" --end crash \
+        --args "--expect-gen 5 --crash-at-end persist"
+    step "VM [vhost-user] boot after the crash: journal replayed, data there" "${rv[@]}" \
+        --device vhost-user --image "$img" --log-dir "$out/after-crash" --args "--expect-gen 6 persist"
+    step "VM [vhost-user] QEMU killed with SIGKILL right after an fsync returned" "${rv[@]}" \
+        --device vhost-user --image "$img" --log-dir "$out/sigkill" \
+        --kill-after-marker "- fsync_persists" --args "--expect-gen 7 persist"
+    step "VM [vhost-user] boot after the SIGKILL: data there" "${rv[@]}" \
+        --device vhost-user --image "$img" --log-dir "$out/after-sigkill" --args "--expect-gen 8 persist"
+    step "VM [vhost-user] catalogue A-D on ext4" "${rv[@]}" --device vhost-user \
+        --image "$out/catalogue-ext4.img" --log-dir "$out/catalogue-ext4" --timeout 600 \
+        --args "--mkfs selftest catalogue"
+    step "VM [vhost-user] catalogue D (PMD) on xfs" "${rv[@]}" --device vhost-user \
+        --image "$out/catalogue-xfs.img" --log-dir "$out/catalogue-xfs" \
+        --args "--mkfs --fs xfs pmd"
     step "20 boots in a row on one image behind one daemon" "$VUP_ROOT/scripts/boot-loop.sh" \
         --boots 20 --out "$out/boot-loop"
 fi

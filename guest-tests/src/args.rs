@@ -39,7 +39,9 @@ Options:
   --mnt PATH         mount point [default: /mnt/pmem]
   --fs ext4|xfs      filesystem to make and mount [default: ext4]
   --mkfs             make a fresh filesystem before the run's first mount
-  --expect-gen N     generation persist.dat must hold (persist; e2e uses 0: no file)
+  --expect-gen N     generation persist.dat must hold (persist; e2e uses 0: no file);
+                     boot+N means N plus this boot's number inside one QEMU process
+                     ($VUP_BOOT from init, 1 for the first boot), for reboot runs
   --iters N          measured iterations per thread (latency) [default: 200]
   --threads LIST     concurrencies, separated by ',' ':' or spaces [default: 1]
   --stress SECS      run each time-bounded case (hole_waiters rounds, the races) for
@@ -182,6 +184,23 @@ fn parse_number<T: std::str::FromStr>(option: &str, value: &str) -> Result<T, Ar
     })
 }
 
+/// `boot+N`: every boot of a reboot run (same kernel command line) expects one generation more
+/// than the boot before it.
+fn boot_relative(option: &str, value: &str, n: u64, boot: Option<&str>) -> Result<u64, ArgError> {
+    let boot: u64 = boot
+        .and_then(|b| b.trim().parse().ok())
+        .ok_or_else(|| ArgError::BadValue {
+            option: option.into(),
+            value: value.into(),
+            why: "boot+N needs VUP_BOOT, which the guest's init sets",
+        })?;
+    n.checked_add(boot).ok_or_else(|| ArgError::BadValue {
+        option: option.into(),
+        value: value.into(),
+        why: "too large",
+    })
+}
+
 fn parse_threads(value: &str, into: &mut Vec<usize>) -> Result<(), ArgError> {
     for part in value.split([',', ':']).filter(|p| !p.is_empty()) {
         let n: usize = parse_number("--threads", part)?;
@@ -239,7 +258,18 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Command, ArgErro
             }
             "--mkfs" => args.mkfs = true,
             "--crash-at-end" => args.crash_at_end = true,
-            "--expect-gen" => args.expect_gen = Some(parse_number(&opt, &value(&mut it)?)?),
+            "--expect-gen" => {
+                let v = value(&mut it)?;
+                args.expect_gen = Some(match v.strip_prefix("boot+") {
+                    Some(n) => boot_relative(
+                        &opt,
+                        &v,
+                        parse_number(&opt, n)?,
+                        std::env::var("VUP_BOOT").ok().as_deref(),
+                    )?,
+                    None => parse_number(&opt, &v)?,
+                });
+            }
             "--iters" => {
                 let v = value(&mut it)?;
                 args.iters = parse_number(&opt, &v)?;
@@ -420,5 +450,19 @@ mod tests {
             run("--expect-gen -1 persist"),
             Err(ArgError::BadValue { .. })
         ));
+    }
+
+    #[test]
+    fn expect_gen_relative_to_the_boot() {
+        assert_eq!(
+            boot_relative("--expect-gen", "boot+1", 1, Some("1")).unwrap(),
+            2
+        );
+        assert_eq!(
+            boot_relative("--expect-gen", "boot+1", 1, Some("3")).unwrap(),
+            4
+        );
+        assert!(boot_relative("--expect-gen", "boot+1", 1, None).is_err());
+        assert!(boot_relative("--expect-gen", "boot+1", 1, Some("x")).is_err());
     }
 }
