@@ -1,7 +1,7 @@
 //! The frontend: connects to a vhost-user-pmem backend and drives it the way QEMU's
 //! `vhost-user-test-device-pci` (virtio-id 27) does, with a Linux-like driver on top.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
@@ -22,10 +22,12 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::backend_channel::{BackendChannel, ShmemMapping};
 use crate::error::{Error, Result};
 use crate::memory::GuestRam;
+use crate::raw::RawConnection;
 use crate::vring::{
     DescSpec, SplitVring, Used, AVAIL_RING_ADDR, DESC_TABLE_ADDR, SCRATCH_BASE,
     SLOT_REQUEST_OFFSET, SLOT_STATUS_OFFSET, USED_RING_ADDR,
 };
+use crate::watchdog::Watchdog;
 
 /// `VIRTIO_PMEM_F_SHMEM_REGION`: the pmem range is shared-memory region 0.
 pub const VIRTIO_PMEM_F_SHMEM_REGION: u64 = 1 << 0;
@@ -114,6 +116,9 @@ pub struct Frontend {
     /// SET_VRING_BASE for the next start (GET_VRING_BASE's answer after a stop).
     next_base: u16,
     running: bool,
+    /// Bounds the requests above; see `watchdog`. Requests sent through
+    /// [`Self::connection`] are not bounded by it.
+    watchdog: Watchdog,
 }
 
 impl Frontend {
@@ -137,9 +142,17 @@ impl Frontend {
         stream
             .set_read_timeout(Some(opts.timeout))
             .map_err(Error::io("set socket timeout"))?;
+        let watchdog = Watchdog::new(
+            stream
+                .try_clone()
+                .map_err(Error::io("dup socket for the watchdog"))?,
+        )?;
+        let armed = watchdog.arm(opts.timeout);
         let mut conn = VhostUserConnection::from_stream(stream, 1);
 
-        let offered_features = conn.get_features().map_err(Error::vhost("GET_FEATURES"))?;
+        let offered_features = conn
+            .get_features()
+            .map_err(|e| watchdog.error("GET_FEATURES", opts.timeout, e))?;
         if offered_features & PROTOCOL_FEATURES == 0 {
             return Err(Error::Protocol(format!(
                 "features {offered_features:#x} lack PROTOCOL_FEATURES"
@@ -147,10 +160,10 @@ impl Frontend {
         }
         let offered_protocol_features = conn
             .get_protocol_features()
-            .map_err(Error::vhost("GET_PROTOCOL_FEATURES"))?;
+            .map_err(|e| watchdog.error("GET_PROTOCOL_FEATURES", opts.timeout, e))?;
         let acked_protocol_features = offered_protocol_features & opts.protocol_features;
         conn.set_protocol_features(acked_protocol_features)
-            .map_err(Error::vhost("SET_PROTOCOL_FEATURES"))?;
+            .map_err(|e| watchdog.error("SET_PROTOCOL_FEATURES", opts.timeout, e))?;
         let reply_ack = acked_protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK);
         if reply_ack {
             // Like QEMU, ask for an ack of every request that has no reply of its own:
@@ -161,10 +174,12 @@ impl Frontend {
         let (channel, backend_end) = BackendChannel::start(reply_ack)?;
         if acked_protocol_features.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
             conn.set_backend_request_fd(&backend_end)
-                .map_err(Error::vhost("SET_BACKEND_REQ_FD"))?;
+                .map_err(|e| watchdog.error("SET_BACKEND_REQ_FD", opts.timeout, e))?;
         }
         drop(backend_end);
-        conn.set_owner().map_err(Error::vhost("SET_OWNER"))?;
+        conn.set_owner()
+            .map_err(|e| watchdog.error("SET_OWNER", opts.timeout, e))?;
+        drop(armed);
 
         let ram = GuestRam::new(opts.guest_memory_size)?;
         let vring = SplitVring::new(ram.mem(), opts.queue_size, opts.ring_base, false)?;
@@ -181,6 +196,7 @@ impl Frontend {
             acked_features: None,
             next_base,
             running: false,
+            watchdog,
         })
     }
 
@@ -211,19 +227,22 @@ impl Frontend {
 
     /// GET_CONFIG of the whole 16-byte config space.
     pub fn get_config(&mut self) -> Result<Vec<u8>> {
+        let _armed = self.watchdog.arm(self.opts.timeout);
         let buf = vec![0u8; CONFIG_SIZE as usize];
         let (_, payload) = self
             .conn
             .get_config(0, CONFIG_SIZE, VhostUserConfigFlags::WRITABLE, &buf)
-            .map_err(Error::vhost("GET_CONFIG"))?;
+            .map_err(|e| self.watchdog.error("GET_CONFIG", self.opts.timeout, e))?;
         Ok(payload)
     }
 
     /// GET_SHMEM_CONFIG.
     pub fn get_shmem_config(&mut self) -> Result<VhostUserShMemConfig> {
-        self.conn
-            .get_shmem_config()
-            .map_err(Error::vhost("GET_SHMEM_CONFIG"))
+        let _armed = self.watchdog.arm(self.opts.timeout);
+        self.conn.get_shmem_config().map_err(|e| {
+            self.watchdog
+                .error("GET_SHMEM_CONFIG", self.opts.timeout, e)
+        })
     }
 
     /// The features a Linux virtio-pmem driver would ack, given the options.
@@ -259,25 +278,26 @@ impl Frontend {
 
     /// [`Self::start`] without waiting for the SHMEM_MAP.
     pub fn start_no_wait(&mut self) -> Result<()> {
+        let _armed = self.watchdog.arm(self.opts.timeout);
         let features = self.driver_features();
         self.conn
             .set_features(features)
-            .map_err(Error::vhost("SET_FEATURES"))?;
+            .map_err(|e| self.watchdog.error("SET_FEATURES", self.opts.timeout, e))?;
         self.acked_features = Some(features);
         self.vring.set_event_idx(features & RING_EVENT_IDX != 0);
 
         let regions = self.ram.region_infos()?;
         self.conn
             .set_mem_table(&regions)
-            .map_err(Error::vhost("SET_MEM_TABLE"))?;
+            .map_err(|e| self.watchdog.error("SET_MEM_TABLE", self.opts.timeout, e))?;
 
         let size = self.vring.size();
         self.conn
             .set_vring_num(QUEUE_INDEX, size)
-            .map_err(Error::vhost("SET_VRING_NUM"))?;
+            .map_err(|e| self.watchdog.error("SET_VRING_NUM", self.opts.timeout, e))?;
         self.conn
             .set_vring_base(QUEUE_INDEX, self.next_base)
-            .map_err(Error::vhost("SET_VRING_BASE"))?;
+            .map_err(|e| self.watchdog.error("SET_VRING_BASE", self.opts.timeout, e))?;
         // With vhost-user, ring addresses are frontend virtual addresses; the backend
         // translates them through the memory table.
         let host = |gpa: u64| self.ram.host_address(gpa);
@@ -292,16 +312,17 @@ impl Frontend {
         };
         self.conn
             .set_vring_addr(QUEUE_INDEX, &config)
-            .map_err(Error::vhost("SET_VRING_ADDR"))?;
+            .map_err(|e| self.watchdog.error("SET_VRING_ADDR", self.opts.timeout, e))?;
         self.conn
             .set_vring_kick(QUEUE_INDEX, self.vring.kick_fd())
-            .map_err(Error::vhost("SET_VRING_KICK"))?;
+            .map_err(|e| self.watchdog.error("SET_VRING_KICK", self.opts.timeout, e))?;
         self.conn
             .set_vring_call(QUEUE_INDEX, self.vring.call_fd())
-            .map_err(Error::vhost("SET_VRING_CALL"))?;
-        self.conn
-            .set_vring_enable(QUEUE_INDEX, true)
-            .map_err(Error::vhost("SET_VRING_ENABLE"))?;
+            .map_err(|e| self.watchdog.error("SET_VRING_CALL", self.opts.timeout, e))?;
+        self.conn.set_vring_enable(QUEUE_INDEX, true).map_err(|e| {
+            self.watchdog
+                .error("SET_VRING_ENABLE", self.opts.timeout, e)
+        })?;
         self.running = true;
         Ok(())
     }
@@ -309,13 +330,17 @@ impl Frontend {
     /// Stops the device like QEMU: SET_VRING_ENABLE 0, then GET_VRING_BASE, whose answer
     /// the next [`Self::start`] sends back with SET_VRING_BASE. Returns that base.
     pub fn stop(&mut self) -> Result<u16> {
+        let _armed = self.watchdog.arm(self.opts.timeout);
         self.conn
             .set_vring_enable(QUEUE_INDEX, false)
-            .map_err(Error::vhost("SET_VRING_ENABLE"))?;
+            .map_err(|e| {
+                self.watchdog
+                    .error("SET_VRING_ENABLE", self.opts.timeout, e)
+            })?;
         let base = self
             .conn
             .get_vring_base(QUEUE_INDEX)
-            .map_err(Error::vhost("GET_VRING_BASE"))?;
+            .map_err(|e| self.watchdog.error("GET_VRING_BASE", self.opts.timeout, e))?;
         let base = u16::try_from(base)
             .map_err(|_| Error::Protocol(format!("GET_VRING_BASE answered {base}")))?;
         self.next_base = base;
@@ -419,6 +444,12 @@ impl Frontend {
         SplitVring::slot_addr(head) + SLOT_STATUS_OFFSET
     }
 
+    /// Kicks the queue without publishing anything, as a guest does after it has changed the
+    /// rings behind the harness's back (see [`Self::write_guest`]).
+    pub fn kick(&self) -> Result<()> {
+        self.vring.kick()
+    }
+
     /// Waits for the next used element (frees its descriptors).
     pub fn wait_used(&mut self, timeout: Duration) -> Result<Used> {
         self.vring.wait_used(self.ram.mem(), timeout)
@@ -469,6 +500,22 @@ impl Frontend {
         &mut self.conn
     }
 
+    /// A [`RawConnection`] on this frontend's socket (a duplicate of the fd), for requests the
+    /// vhost crate will not encode. Whatever it sends, its replies must be read from it too.
+    pub fn raw_connection(&self) -> Result<RawConnection> {
+        // SAFETY: the fd belongs to `self.conn`, which outlives this call; it is only
+        // duplicated here, never closed.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.conn.as_raw_fd()) }
+            .try_clone_to_owned()
+            .map_err(Error::io("dup frontend socket"))?;
+        Ok(RawConnection::from_stream(UnixStream::from(fd)))
+    }
+
+    /// Guest RAM (for example to send its regions again with SET_MEM_TABLE).
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
     /// Raw fd of the main socket.
     pub fn socket_fd(&self) -> i32 {
         self.conn.as_raw_fd()
@@ -486,9 +533,15 @@ pub fn probe(path: impl AsRef<Path>, timeout: Duration) -> Result<u64> {
     stream
         .set_read_timeout(Some(timeout))
         .map_err(Error::io("set socket timeout"))?;
+    let watchdog = Watchdog::new(
+        stream
+            .try_clone()
+            .map_err(Error::io("dup socket for the watchdog"))?,
+    )?;
+    let _armed = watchdog.arm(timeout);
     VhostUserConnection::from_stream(stream, 1)
         .get_features()
-        .map_err(Error::vhost("GET_FEATURES"))
+        .map_err(|e| watchdog.error("GET_FEATURES", timeout, e))
 }
 
 /// Connects to `path`, retrying while the backend is not listening yet.

@@ -15,7 +15,9 @@ mod backend_channel;
 mod error;
 mod frontend;
 mod memory;
+mod raw;
 mod vring;
+mod watchdog;
 
 pub use backend_channel::ShmemMapping;
 pub use error::{Error, Result};
@@ -24,9 +26,12 @@ pub use frontend::{
     RING_EVENT_IDX, RING_INDIRECT_DESC, STATUS_SENTINEL, VERSION_1, VIRTIO_PMEM_F_SHMEM_REGION,
 };
 pub use memory::GuestRam;
+pub use raw::{
+    RawConnection, RawHeader, RawReply, FLAG_NEED_REPLY, FLAG_REPLY, FLAG_VERSION_1, HEADER_LEN,
+};
 /// The vhost crate, for requests the harness does not wrap (see `Frontend::connection`).
 pub use vhost;
 /// Re-exported so users need not depend on `vhost` for flag and message types.
 pub use vhost::vhost_user::message::{VhostUserMMap, VhostUserMMapFlags, VhostUserShMemConfig};
 pub use vhost::vhost_user::VhostUserProtocolFeatures;
-pub use vring::{DescSpec, Used, MAX_QUEUE_SIZE};
+pub use vring::{DescSpec, Used, AVAIL_RING_ADDR, DESC_TABLE_ADDR, MAX_QUEUE_SIZE, USED_RING_ADDR};

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::flush::FlushMode;
 use crate::size::ByteSize;
 
 /// Serve a host file to a QEMU guest as a virtio-pmem device over vhost-user.
@@ -17,7 +18,12 @@ use crate::size::ByteSize;
 ///   -chardev socket,id=pmem0,path=SOCKET
 ///   -device vhost-user-test-device-pci,chardev=pmem0,virtio-id=27,num_vqs=1,vq_size=256,config_size=16
 ///
-/// Logging is controlled by RUST_LOG (default: info).
+/// Logging is controlled by RUST_LOG (default: info); at debug level every fdatasync is logged
+/// with its start time and the pop times of the requests it answered.
+///
+/// Metrics: counters and latency histograms (fdatasync, and request from pop to answer) are
+/// printed at exit and summarised in the log line of each disconnect. SIGUSR1 writes them as
+/// JSON to --metrics-path if given, otherwise as one line of JSON on stderr.
 #[derive(Parser, Debug, Clone, PartialEq, Eq)]
 #[command(version, about, long_about, verbatim_doc_comment)]
 pub struct Args {
@@ -39,4 +45,20 @@ pub struct Args {
     /// Open the file read-only and map it into the guest without write permission.
     #[arg(long)]
     pub read_only: bool,
+
+    /// How flush requests become fdatasyncs. Every mode answers a request only after an
+    /// fdatasync that started after the request was taken off the queue has completed.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = FlushMode::Group)]
+    pub flush_mode: FlushMode,
+
+    /// Write the metrics as JSON to this file: at start, every --metrics-interval seconds, on
+    /// SIGUSR1, and at exit. Each write goes to FILE.tmp and is renamed over FILE, so readers
+    /// never see a partial file.
+    #[arg(long, value_name = "FILE")]
+    pub metrics_path: Option<PathBuf>,
+
+    /// Seconds between periodic writes of --metrics-path [default: 10]. 0 writes only at
+    /// start, on SIGUSR1 and at exit. Apart from these writes an idle daemon never wakes up.
+    #[arg(long, value_name = "SECS")]
+    pub metrics_interval: Option<u64>,
 }

@@ -2,11 +2,12 @@
 //! request queue's event handler.
 
 use std::io;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{
     VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserVirtioFeatures,
 };
@@ -15,7 +16,9 @@ use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueOwnedT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{
+    Address, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -26,31 +29,38 @@ use crate::device::{
     CONFIG_SPACE_LEN, MAX_QUEUE_SIZE, NUM_QUEUES, REQUEST_QUEUE, RESP_ERR,
     VIRTIO_PMEM_F_SHMEM_REGION,
 };
-use crate::flush::{FlushEngine, FlushJob};
+use crate::flush::{FlushEngine, FlushJob, FlushMode};
 use crate::queue::{complete, notify, GuestMemory, Vring};
 use crate::ratelimit::RateLimit;
 use crate::request::{self, Request};
 use crate::shmem::ShmemMapper;
 use crate::stats::Stats;
 
-/// State that outlives a connection: the file, its flush worker, and the mapper thread.
+/// State that outlives a connection: the file and its flush worker.
 pub struct Device {
     pub backing: Arc<BackingFile>,
     pub stats: Arc<Stats>,
     engine: FlushEngine,
-    mapper: ShmemMapper,
 }
 
 impl Device {
-    pub fn new(backing: BackingFile) -> io::Result<Self> {
+    pub fn new(backing: BackingFile, mode: FlushMode) -> io::Result<Self> {
         let backing = Arc::new(backing);
         let stats = Arc::new(Stats::default());
         Ok(Device {
-            engine: FlushEngine::new(backing.clone(), stats.clone())?,
-            mapper: ShmemMapper::new(backing.clone(), stats.clone())?,
+            engine: FlushEngine::new(mode, backing.clone(), stats.clone())?,
             backing,
             stats,
         })
+    }
+
+    pub fn flush_mode(&self) -> FlushMode {
+        self.engine.mode()
+    }
+
+    /// Flush requests taken off the queue and not answered yet.
+    pub fn flushes_in_flight(&self) -> usize {
+        self.engine.in_flight()
     }
 }
 
@@ -63,20 +73,35 @@ pub struct PmemBackend {
     event_idx: AtomicBool,
     channel: Mutex<Option<Backend>>,
     exit: Mutex<Option<EventNotifier>>,
+    /// The exit-event consumers handed to vhost-user-backend. Its 0.24 epoll handler registers
+    /// them with `into_raw_fd()` and never closes them, which would leak one eventfd per
+    /// connection; they are closed when this connection's state is dropped.
+    exit_consumers: Mutex<Vec<RawFd>>,
+    /// Set when the avail ring is corrupt; cleared by the next device start.
+    queue_broken: AtomicBool,
+    mapper: ShmemMapper,
     bad_input_log: RateLimit,
 }
 
 impl PmemBackend {
-    pub fn new(device: Arc<Device>, conn_id: u64, mem: GuestMemoryAtomic<GuestMemory>) -> Self {
-        PmemBackend {
+    pub fn new(
+        device: Arc<Device>,
+        conn_id: u64,
+        mem: GuestMemoryAtomic<GuestMemory>,
+    ) -> io::Result<Self> {
+        let mapper = ShmemMapper::new(device.backing.clone(), device.stats.clone())?;
+        Ok(PmemBackend {
             device,
             conn_id,
             mem,
             event_idx: AtomicBool::new(false),
             channel: Mutex::new(None),
             exit: Mutex::new(None),
+            exit_consumers: Mutex::new(Vec::new()),
+            queue_broken: AtomicBool::new(false),
+            mapper,
             bad_input_log: RateLimit::new(Duration::from_secs(5), 10),
-        }
+        })
     }
 
     /// Stops the vring worker threads after the connection has ended.
@@ -88,25 +113,37 @@ impl PmemBackend {
         }
     }
 
-    fn process_queue(&self, vring: &Vring) {
+    /// Serves every available chain. Returns false once the ring itself is corrupt: then nothing
+    /// on it can be trusted, and the queue stays stopped until the driver restarts the device
+    /// (virtio's DEVICE_NEEDS_RESET); retrying would only spin on the same bad index.
+    fn process_queue(&self, vring: &Vring) -> bool {
+        if self.queue_broken.load(Ordering::Relaxed) {
+            return false;
+        }
         let mem = self.mem.memory();
         let chains: Vec<_> = {
             let mut state = vring.get_mut();
             match state.get_queue_mut().iter(mem.clone()) {
                 Ok(iter) => iter.collect(),
                 Err(e) => {
-                    if let Some(n) = self.bad_input_log.check() {
-                        warn!("guest queue is unusable: {e} ({n} similar messages suppressed)");
-                    }
-                    return;
+                    self.queue_broken.store(true, Ordering::Relaxed);
+                    error!(
+                        "guest queue is corrupt ({e}); it stays stopped until the driver \
+                         restarts the device"
+                    );
+                    return false;
                 }
             }
         };
+        // Every chain above is off the ring now; the fdatasync that answers a flush must start
+        // after this instant.
+        let popped = Instant::now();
         let mut completed_here = false;
+        let mut flushes = Vec::new();
         for chain in chains {
             let head = chain.head_index();
             match request::parse(&*mem, chain) {
-                Request::Flush { status } => self.device.engine.submit(FlushJob {
+                Request::Flush { status } => flushes.push(FlushJob {
                     vring: vring.clone(),
                     vring_id: self.conn_id,
                     mem: mem.clone(),
@@ -134,14 +171,60 @@ impl PmemBackend {
                 }
             }
         }
+        if !flushes.is_empty() {
+            self.device.engine.submit_all(flushes, popped);
+        }
         if completed_here {
             notify(vring);
         }
+        true
     }
+}
+
+/// Every file-backed region must lie inside its file; the kernel maps a longer range without
+/// complaint and only faults (SIGBUS) when the missing part is touched.
+fn check_memory_files(mem: &GuestMemory) -> io::Result<()> {
+    for region in mem.iter() {
+        let Some(fo) = region.file_offset() else {
+            continue;
+        };
+        let meta = fo.file().metadata()?;
+        if !meta.is_file() {
+            continue;
+        }
+        let end = fo.start().checked_add(region.len());
+        if end.is_none_or(|end| end > meta.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "region at guest address {:#x} maps {} bytes from offset {} of a {}-byte file",
+                    region.start_addr().raw_value(),
+                    region.len(),
+                    fo.start(),
+                    meta.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Drop for PmemBackend {
+    fn drop(&mut self) {
+        // This runs only once every holder of the backend is gone, the vring epoll handlers
+        // included, so nothing waits on these descriptors any more.
+        for fd in lock(&self.exit_consumers).drain(..) {
+            // SAFETY: `fd` is an eventfd we created in `exit_event`; vhost-user-backend took it
+            // with `into_raw_fd()` and never closes it, so this is its only close, and the
+            // epoll instance that watched it has been dropped with its handler.
+            unsafe { libc::close(fd) };
+        }
+        debug!("connection {}: backend state released", self.conn_id);
+    }
 }
 
 impl VhostUserBackend for PmemBackend {
@@ -166,11 +249,12 @@ impl VhostUserBackend for PmemBackend {
 
     fn acked_features(&self, features: u64) {
         info!("device starting: features {features:#x} acked");
+        self.queue_broken.store(false, Ordering::Relaxed);
         if features & (1 << VIRTIO_PMEM_F_SHMEM_REGION) == 0 {
             warn!("the driver did not ack SHMEM_REGION; it needs Linux 6.8 or later to find the memory");
         }
         match lock(&self.channel).as_ref() {
-            Some(channel) => self.device.mapper.request(channel.clone()),
+            Some(channel) => self.mapper.request(channel.clone()),
             None => warn!(
                 "the frontend has not set up the backend channel, so the file cannot be mapped; \
                  the guest will see no memory"
@@ -204,7 +288,17 @@ impl VhostUserBackend for PmemBackend {
         config[start..end].to_vec()
     }
 
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
+        if let Err(e) = check_memory_files(&mem.memory()) {
+            // vhost-user-backend installs the table before calling us. A region that reaches
+            // past the end of its file would raise SIGBUS at the first touch (the library itself
+            // reads the rings on SET_VRING_ADDR), so take the table away again and refuse it.
+            mem.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .replace(GuestMemory::new());
+            error!("refusing the frontend's memory table: {e}");
+            return Err(e);
+        }
         debug!("guest memory table updated");
         Ok(())
     }
@@ -215,8 +309,10 @@ impl VhostUserBackend for PmemBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
+        let (consumer, notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
         *lock(&self.exit) = Some(notifier.try_clone().ok()?);
+        lock(&self.exit_consumers).push(consumer.as_raw_fd());
         Some((consumer, notifier))
     }
 
@@ -258,7 +354,9 @@ impl VhostUserBackend for PmemBackend {
                 if let Err(e) = vring.disable_notification() {
                     warn!("cannot disable notifications: {e}");
                 }
-                self.process_queue(vring);
+                if !self.process_queue(vring) {
+                    break;
+                }
                 match vring.enable_notification() {
                     Ok(true) => continue,
                     Ok(false) => break,

@@ -210,20 +210,37 @@ impl BackingFile {
     /// Makes every write the guest has made so far durable. Fails, without trying, once any
     /// fdatasync has failed (see [`FlushFailure`]).
     pub fn sync(&self) -> Result<(), FlushFailure> {
+        self.sync_with(|| self.file.sync_data())
+    }
+
+    /// [`Self::sync`] with the fdatasync itself supplied, so that tests can stage failures.
+    fn sync_with(&self, fdatasync: impl FnOnce() -> io::Result<()>) -> Result<(), FlushFailure> {
         if let Some(f) = self.failure.get() {
             return Err(f.clone());
         }
-        self.file.sync_data().map_err(|e| {
-            let failure = FlushFailure(format!("fdatasync of {} failed: {e}", self.path.display()));
-            if self.failure.set(failure.clone()).is_ok() {
-                error!(
-                    "{}; every later flush will fail until the daemon is restarted, because the \
-                     kernel may have dropped the dirty pages",
-                    failure.0
-                );
+        match fdatasync() {
+            Ok(()) => match self.failure.get() {
+                // Another fdatasync that ran at the same time (flush mode `parallel`) failed.
+                // Linux reports a writeback error to only one of the callers that share a
+                // descriptor, and the pages it lost may be ones this call was meant to cover,
+                // so its success proves nothing.
+                Some(f) => Err(f.clone()),
+                None => Ok(()),
+            },
+            Err(e) => {
+                let failure =
+                    FlushFailure(format!("fdatasync of {} failed: {e}", self.path.display()));
+                if self.failure.set(failure.clone()).is_ok() {
+                    error!(
+                        "{}; every later flush will fail until the daemon is restarted, because \
+                         the kernel may have dropped the dirty pages",
+                        failure.0
+                    );
+                }
+                // Concurrent failures all report the first one, which is the one logged.
+                Err(self.failure.get().cloned().unwrap_or(failure))
             }
-            failure
-        })
+        }
     }
 }
 
@@ -262,6 +279,7 @@ mod tests {
             file: dir.join("disk.img"),
             size,
             read_only,
+            ..Config::default()
         }
     }
 
@@ -336,6 +354,34 @@ mod tests {
             BackingFile::open(&c),
             Err(BackingError::NotRegular(_, "character device"))
         ));
+    }
+
+    #[test]
+    fn failure_latches_and_covers_concurrent_successes() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = BackingFile::open(&config(dir.path(), Some(2 << 20), false)).unwrap();
+        b.sync().unwrap();
+        // An fdatasync that succeeds while another one, running at the same time, fails: the
+        // inner call stands for the concurrent one.
+        let outer = b.sync_with(|| {
+            let inner = b.sync_with(|| Err(io::Error::from_raw_os_error(libc::EIO)));
+            assert!(inner.unwrap_err().0.contains("Input/output error"));
+            Ok(())
+        });
+        assert!(
+            outer.is_err(),
+            "a success overlapping a failure must not be reported"
+        );
+        let mut called = false;
+        let later = b.sync_with(|| {
+            called = true;
+            Ok(())
+        });
+        assert!(
+            later.is_err() && !called,
+            "later syncs are refused without trying"
+        );
+        assert!(b.failure().is_some());
     }
 
     #[test]

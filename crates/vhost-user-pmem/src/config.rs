@@ -2,13 +2,21 @@
 //! here, so that the rest of the daemon can trust its `Config`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::args::Args;
+use crate::flush::FlushMode;
 use crate::size::ByteSize;
 
 /// The smallest device the guest can use: one 2 MiB huge page. The Linux driver also needs
 /// room for its struct pages, which smaller regions do not leave.
 pub const MIN_SIZE: u64 = 2 << 20;
+
+/// Period of the metrics file's rewrite when --metrics-interval is not given.
+pub const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(10);
+/// Longest --metrics-interval: a day. Longer periods are almost surely a mistake (milliseconds
+/// given as seconds), and a bound keeps the timer arithmetic trivially in range.
+pub const MAX_METRICS_INTERVAL_SECS: u64 = 86_400;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -32,15 +40,31 @@ pub enum ConfigError {
     EmptySocketPath,
     #[error("--file is empty")]
     EmptyFile,
+    #[error("--metrics-path is empty")]
+    EmptyMetricsPath,
+    #[error("--metrics-interval needs --metrics-path (SIGUSR1 prints the metrics on stderr without one)")]
+    IntervalWithoutPath,
+    #[error("--metrics-interval {0} is more than a day ({MAX_METRICS_INTERVAL_SECS} s)")]
+    IntervalTooLong(u64),
 }
 
+/// Where and how often the metrics JSON is written.
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsFile {
+    pub path: PathBuf,
+    /// `None`: only at start, on SIGUSR1 and at exit.
+    pub interval: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Config {
     pub socket_path: PathBuf,
     pub file: PathBuf,
     /// The size asked for on the command line, already checked; `None` means "the file's size".
     pub size: Option<u64>,
     pub read_only: bool,
+    pub flush_mode: FlushMode,
+    pub metrics: Option<MetricsFile>,
 }
 
 impl TryFrom<Args> for Config {
@@ -56,11 +80,31 @@ impl TryFrom<Args> for Config {
         if let Some(size) = args.size {
             check_requested_size(size.0)?;
         }
+        let metrics = match (args.metrics_path, args.metrics_interval) {
+            (None, None) => None,
+            (None, Some(_)) => return Err(ConfigError::IntervalWithoutPath),
+            (Some(path), _) if path.as_os_str().is_empty() => {
+                return Err(ConfigError::EmptyMetricsPath)
+            }
+            (Some(_), Some(secs)) if secs > MAX_METRICS_INTERVAL_SECS => {
+                return Err(ConfigError::IntervalTooLong(secs))
+            }
+            (Some(path), secs) => Some(MetricsFile {
+                path,
+                interval: match secs {
+                    None => Some(DEFAULT_METRICS_INTERVAL),
+                    Some(0) => None,
+                    Some(s) => Some(Duration::from_secs(s)),
+                },
+            }),
+        };
         Ok(Config {
             socket_path: args.socket_path,
             file: args.file,
             size: args.size.map(|s| s.0),
             read_only: args.read_only,
+            flush_mode: args.flush_mode,
+            metrics,
         })
     }
 }
@@ -108,7 +152,57 @@ mod tests {
             file: "/tmp/f.img".into(),
             size: size.map(|s| s.parse().unwrap()),
             read_only: false,
+            flush_mode: FlushMode::Group,
+            metrics_path: None,
+            metrics_interval: None,
         }
+    }
+
+    #[test]
+    fn metrics_file_rules() {
+        let mut a = args(None);
+        assert_eq!(Config::try_from(a.clone()).unwrap().metrics, None);
+        a.metrics_interval = Some(5);
+        assert_eq!(
+            Config::try_from(a.clone()).unwrap_err(),
+            ConfigError::IntervalWithoutPath
+        );
+        a.metrics_path = Some("".into());
+        assert_eq!(
+            Config::try_from(a.clone()).unwrap_err(),
+            ConfigError::EmptyMetricsPath
+        );
+        a.metrics_path = Some("/tmp/m.json".into());
+        let m = Config::try_from(a.clone()).unwrap().metrics.unwrap();
+        assert_eq!(m.interval, Some(Duration::from_secs(5)));
+        a.metrics_interval = None;
+        let m = Config::try_from(a.clone()).unwrap().metrics.unwrap();
+        assert_eq!(m.interval, Some(DEFAULT_METRICS_INTERVAL));
+        a.metrics_interval = Some(0);
+        assert_eq!(
+            Config::try_from(a.clone())
+                .unwrap()
+                .metrics
+                .unwrap()
+                .interval,
+            None
+        );
+        a.metrics_interval = Some(MAX_METRICS_INTERVAL_SECS + 1);
+        assert!(matches!(
+            Config::try_from(a).unwrap_err(),
+            ConfigError::IntervalTooLong(_)
+        ));
+    }
+
+    #[test]
+    fn flush_mode_is_passed_on() {
+        let mut a = args(None);
+        assert_eq!(
+            Config::try_from(a.clone()).unwrap().flush_mode,
+            FlushMode::Group
+        );
+        a.flush_mode = FlushMode::Parallel;
+        assert_eq!(Config::try_from(a).unwrap().flush_mode, FlushMode::Parallel);
     }
 
     #[test]

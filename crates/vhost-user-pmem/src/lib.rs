@@ -8,6 +8,7 @@ pub mod backing;
 pub mod config;
 pub mod device;
 pub mod flush;
+pub mod metrics;
 pub mod queue;
 pub mod ratelimit;
 pub mod request;
@@ -46,7 +47,14 @@ pub fn serve(device: Arc<Device>, mut listener: Listener) -> ! {
     loop {
         conn_id += 1;
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = Arc::new(PmemBackend::new(device.clone(), conn_id, mem.clone()));
+        let backend = match PmemBackend::new(device.clone(), conn_id, mem.clone()) {
+            Ok(b) => Arc::new(b),
+            Err(e) => {
+                error!("cannot start the connection's threads: {e}; retrying in 1 s");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
         let mut daemon = match VhostUserDaemon::new("vhost-user-pmem".into(), backend.clone(), mem)
         {
             Ok(d) => d,
@@ -88,7 +96,7 @@ pub fn prepare(config: &config::Config) -> Result<(Arc<Device>, Listener), Error
     let backing = backing::BackingFile::open(config)?;
     let listener = socket::listen(&config.socket_path)?;
     info!(
-        "serving {} ({}, {}) on {}",
+        "serving {} ({}, {}, flush mode {}) on {}",
         config.file.display(),
         size::ByteSize(backing.size()),
         if backing.read_only() {
@@ -96,8 +104,9 @@ pub fn prepare(config: &config::Config) -> Result<(Arc<Device>, Listener), Error
         } else {
             "read-write"
         },
+        config.flush_mode,
         config.socket_path.display()
     );
-    let device = Device::new(backing).map_err(Error::Threads)?;
+    let device = Device::new(backing, config.flush_mode).map_err(Error::Threads)?;
     Ok((Arc::new(device), listener))
 }

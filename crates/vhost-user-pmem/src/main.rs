@@ -3,30 +3,33 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Instant;
 
 use clap::Parser;
-use log::{error, info};
+use log::{debug, error, info, warn};
 
 use vhost_user_pmem::args::Args;
 use vhost_user_pmem::backend::Device;
-use vhost_user_pmem::config::Config;
+use vhost_user_pmem::config::{Config, MetricsFile};
+use vhost_user_pmem::metrics::{self, Metrics};
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("vhost-user-pmem: error: {e}");
     ExitCode::FAILURE
 }
 
-/// Blocks SIGINT and SIGTERM in this thread, and so in every thread spawned after it; the
-/// signal thread then receives them with sigwait and can shut down in an orderly way instead of
-/// being interrupted in the middle of an fdatasync.
-fn block_exit_signals() -> std::io::Result<libc::sigset_t> {
+/// Blocks SIGINT, SIGTERM and SIGUSR1 in this thread, and so in every thread spawned after it;
+/// the signal thread then receives them with sigwait. Exit signals can then never interrupt an
+/// fdatasync halfway, and SIGUSR1 (whose default action is to kill) only ever means "report".
+fn block_signals() -> std::io::Result<libc::sigset_t> {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it before any other use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid, exclusively borrowed sigset_t for all four calls.
+    // SAFETY: `set` is a valid, exclusively borrowed sigset_t for all five calls.
     let ret = unsafe {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
     };
     if ret != 0 {
@@ -35,15 +38,79 @@ fn block_exit_signals() -> std::io::Result<libc::sigset_t> {
     Ok(set)
 }
 
-fn wait_for_exit_signal(set: libc::sigset_t, device: Arc<Device>, socket: PathBuf) {
-    let mut sig: libc::c_int = 0;
+/// Waits for one of the signals in `set`, or until `deadline`; `None` means the deadline came.
+fn next_signal(set: &libc::sigset_t, deadline: Option<Instant>) -> Option<libc::c_int> {
     loop {
-        // SAFETY: `set` is initialised and `sig` is a valid place for the result.
-        let ret = unsafe { libc::sigwait(&set, &mut sig) };
-        if ret == 0 {
-            break;
+        let Some(deadline) = deadline else {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is initialised and `sig` is a valid place for the result.
+            if unsafe { libc::sigwait(set, &mut sig) } == 0 {
+                return Some(sig);
+            }
+            continue;
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
         }
+        let ts = libc::timespec {
+            // At most a day (see config.rs), so this fits.
+            tv_sec: left.as_secs() as libc::time_t,
+            tv_nsec: left.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: `set` and `ts` are initialised; a null siginfo pointer is allowed.
+        let sig = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
+        if sig > 0 {
+            return Some(sig);
+        }
+        // EAGAIN is the timeout, which the next round sees from the clock; EINTR (a signal
+        // outside the set) just waits again.
     }
+}
+
+/// Writes the metrics file, logging rather than failing: a full disk must not stop flushes.
+fn write_metrics(device: &Device, file: &MetricsFile) {
+    match metrics::write_file(&file.path, &Metrics::of(device)) {
+        Ok(()) => debug!("metrics written to {}", file.path.display()),
+        Err(e) => warn!("{e}"),
+    }
+}
+
+/// The signal thread: reports metrics on SIGUSR1 and on the --metrics-interval timer, and shuts
+/// down on SIGINT or SIGTERM. Between those it sleeps in the kernel.
+fn signal_loop(
+    set: libc::sigset_t,
+    device: Arc<Device>,
+    socket: PathBuf,
+    metrics_file: Option<MetricsFile>,
+) {
+    let period = metrics_file.as_ref().and_then(|m| m.interval);
+    let mut next = period.map(|p| Instant::now() + p);
+    let sig = loop {
+        match next_signal(&set, next) {
+            None => {
+                if let (Some(file), Some(p)) = (&metrics_file, period) {
+                    write_metrics(&device, file);
+                    // Keep the period steady; after a long stall (a suspended machine) start
+                    // afresh rather than write several times in a row.
+                    let mut n = next.unwrap_or_else(Instant::now) + p;
+                    if n <= Instant::now() {
+                        n = Instant::now() + p;
+                    }
+                    next = Some(n);
+                }
+            }
+            Some(libc::SIGUSR1) => match &metrics_file {
+                Some(file) => {
+                    write_metrics(&device, file);
+                    info!("SIGUSR1: metrics written to {}", file.path.display());
+                }
+                // One line of JSON on stderr, outside the logger so that RUST_LOG cannot hide it.
+                None => eprintln!("{}", Metrics::of(&device).to_json()),
+            },
+            Some(sig) => break sig,
+        }
+    };
     let name = if sig == libc::SIGINT {
         "SIGINT"
     } else {
@@ -56,7 +123,10 @@ fn wait_for_exit_signal(set: libc::sigset_t, device: Arc<Device>, socket: PathBu
     if let Err(e) = std::fs::remove_file(&socket) {
         error!("cannot remove {}: {e}", socket.display());
     }
-    info!("final stats: {}", device.stats);
+    if let Some(file) = &metrics_file {
+        write_metrics(&device, file);
+    }
+    info!("final stats: {}", device.stats.report());
     match synced {
         Ok(()) => {
             info!("{} is synced; exiting", device.backing.path().display());
@@ -77,19 +147,38 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let set = match block_exit_signals() {
+    let set = match block_signals() {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot block signals: {e}")),
     };
+    if let Some(file) = &config.metrics {
+        // Before the file and the socket are touched, like every other refusal.
+        if let Err(e) = metrics::check_writable(&file.path) {
+            return fail(e);
+        }
+    }
     let (device, listener) = match vhost_user_pmem::prepare(&config) {
         Ok(v) => v,
         Err(e) => return fail(e),
     };
+    if let Some(file) = &config.metrics {
+        // Written once before serving, so that a reader finds the file as soon as the socket
+        // is there.
+        write_metrics(&device, file);
+        if let Some(p) = file.interval {
+            info!(
+                "metrics go to {} every {} s",
+                file.path.display(),
+                p.as_secs()
+            );
+        }
+    }
     let d = device.clone();
     let socket = config.socket_path.clone();
+    let metrics_file = config.metrics.clone();
     if let Err(e) = std::thread::Builder::new()
         .name("pmem-signals".into())
-        .spawn(move || wait_for_exit_signal(set, d, socket))
+        .spawn(move || signal_loop(set, d, socket, metrics_file))
     {
         return fail(format!("cannot start the signal thread: {e}"));
     }

@@ -29,15 +29,36 @@ struct MapJob {
 }
 
 #[derive(Default)]
+struct State {
+    job: Option<MapJob>,
+    closed: bool,
+}
+
+#[derive(Default)]
 struct Pending {
-    job: Mutex<Option<MapJob>>,
+    state: Mutex<State>,
     wake: Condvar,
 }
 
-/// Sends SHMEM_MAP from its own thread. Requests that pile up while one is being sent collapse
-/// into one, so a frontend cannot make the daemon queue work without bound.
+/// Sends SHMEM_MAP from its own thread, one mapper per connection: a frontend that never
+/// answers on its backend channel then blocks only its own mapper, never the next connection's.
+/// Requests that pile up while one is being sent collapse into one, so a frontend cannot make
+/// the daemon queue work without bound.
 pub struct ShmemMapper {
     pending: Arc<Pending>,
+}
+
+impl Drop for ShmemMapper {
+    fn drop(&mut self) {
+        // The thread ends once it is idle; one stuck in a send ends when the frontend closes
+        // the channel, which it does when it goes away.
+        self.pending
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .closed = true;
+        self.pending.wake.notify_one();
+    }
 }
 
 impl ShmemMapper {
@@ -53,8 +74,8 @@ impl ShmemMapper {
     /// Asks for the file to be mapped through `channel`, the backend channel of the connection
     /// whose device is starting.
     pub fn request(&self, channel: Backend) {
-        let mut job = self.pending.job.lock().unwrap_or_else(|e| e.into_inner());
-        *job = Some(MapJob {
+        let mut state = self.pending.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.job = Some(MapJob {
             channel,
             requested: Instant::now(),
         });
@@ -83,10 +104,13 @@ fn run(pending: &Pending, backing: &BackingFile, stats: &Stats) {
     let msg = map_message(backing);
     loop {
         let job = {
-            let mut guard = pending.job.lock().unwrap_or_else(|e| e.into_inner());
+            let mut guard = pending.state.lock().unwrap_or_else(|e| e.into_inner());
             loop {
-                if let Some(job) = guard.take() {
+                if let Some(job) = guard.job.take() {
                     break job;
+                }
+                if guard.closed {
+                    return;
                 }
                 guard = pending.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
             }

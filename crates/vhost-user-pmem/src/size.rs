@@ -32,7 +32,7 @@ impl FromStr for ByteSize {
             return Err(ParseSizeError::Invalid(s.to_string()));
         }
         let shift = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 0,
+            "" | "b" | "byte" | "bytes" => 0,
             "k" | "kb" | "kib" => 10,
             "m" | "mb" | "mib" => 20,
             "g" | "gb" | "gib" => 30,

@@ -27,7 +27,15 @@ fn refused(env: &Env, extra: &[&str]) -> String {
 fn help_and_version_exit_zero() {
     let o = run(&["--help".into()]);
     assert_eq!(o.code(), Some(0), "stderr: {}", o.stderr);
-    for flag in ["--socket-path", "--file", "--size", "--read-only"] {
+    for flag in [
+        "--socket-path",
+        "--file",
+        "--size",
+        "--read-only",
+        "--flush-mode",
+        "--metrics-path",
+        "--metrics-interval",
+    ] {
         assert!(o.stdout.contains(flag), "--help does not mention {flag}");
     }
     let o = run(&["--version".into()]);
@@ -47,6 +55,49 @@ fn missing_arguments_are_a_usage_error() {
     let o = run(&["--file".into(), env.file.display().to_string()]);
     assert_eq!(o.code(), Some(2), "stderr: {}", o.stderr);
     assert_eq!(FileState::of(&env.file), FileState::Missing);
+}
+
+#[test]
+fn unknown_flush_mode_is_a_usage_error() {
+    let env = Env::new();
+    env.create_file(2 * MIB);
+    let o = run(&env.args(&["--flush-mode", "fast"]));
+    assert_eq!(o.code(), Some(2), "stderr: {}", o.stderr);
+    assert!(
+        o.stderr.contains("group") && o.stderr.contains("parallel"),
+        "the error should list the modes: {}",
+        o.stderr
+    );
+    assert!(!env.socket.exists());
+}
+
+#[test]
+fn metrics_arguments_are_checked_before_anything_is_touched() {
+    let env = Env::new();
+    env.create_file(2 * MIB);
+    let line = refused(&env, &["--metrics-interval", "5"]);
+    assert!(line.contains("--metrics-path"), "{line}");
+    // clap itself refuses an empty value.
+    assert_eq!(run(&env.args(&["--metrics-path", ""])).code(), Some(2));
+    let missing_dir = env.path("no-such-dir").join("m.json");
+    let line = refused(
+        &env,
+        &["--metrics-path", &missing_dir.display().to_string()],
+    );
+    assert!(line.contains("m.json"), "{line}");
+    let line = refused(
+        &env,
+        &[
+            "--metrics-path",
+            &env.path("m.json").display().to_string(),
+            "--metrics-interval",
+            "100000",
+        ],
+    );
+    assert!(line.contains("a day"), "{line}");
+    let dir = env.path("a-dir");
+    std::fs::create_dir(&dir).unwrap();
+    refused(&env, &["--metrics-path", &dir.display().to_string()]);
 }
 
 #[test]

@@ -4,7 +4,8 @@
 //! What is checked: a failed fdatasync answers the flush with -1 and is logged at error
 //! level; every later flush is refused without another fdatasync, even once the filesystem
 //! works again (the kernel may have dropped the dirty pages, so a later success proves
-//! nothing); the daemon keeps serving meanwhile; and only a restart clears the state.
+//! nothing); the daemon keeps serving meanwhile; and only a restart clears the state. All of
+//! it in every flush mode.
 
 mod common;
 
@@ -113,14 +114,28 @@ fn faultfs_makes_fdatasync_fail_on_command() {
 }
 
 #[test]
-fn flush_failure_is_sticky_until_restart() {
+fn flush_failure_is_sticky_until_restart_group() {
+    flush_failure_is_sticky_until_restart("group");
+}
+
+#[test]
+fn flush_failure_is_sticky_until_restart_serial() {
+    flush_failure_is_sticky_until_restart("serial");
+}
+
+#[test]
+fn flush_failure_is_sticky_until_restart_parallel() {
+    flush_failure_is_sticky_until_restart("parallel");
+}
+
+fn flush_failure_is_sticky_until_restart(mode: &str) {
     // Drop order (reverse of declaration): frontends, daemons, scratch, then the mount.
     let fs = mount();
     let scratch = Scratch::new(&fs);
     let source_image = fs.source().join("pmem.img");
     let first = pattern(4096, 1);
 
-    let mut d = scratch.start(&["--size", "4M"], "daemon1.log");
+    let mut d = scratch.start(&["--size", "4M", "--flush-mode", mode], "daemon1.log");
     let mut fe = d.connect();
     let map = fe.start().unwrap();
 
@@ -197,7 +212,7 @@ fn flush_failure_is_sticky_until_restart() {
     drop(d);
 
     // A restarted daemon starts from a clean slate on the same file.
-    let d = scratch.start(&[], "daemon2.log");
+    let d = scratch.start(&["--flush-mode", mode], "daemon2.log");
     let mut fe = d.connect();
     let map = fe.start().unwrap();
     let mut got = vec![0u8; first.len()];
@@ -211,16 +226,31 @@ fn flush_failure_is_sticky_until_restart() {
 }
 
 #[test]
-fn every_flush_in_flight_gets_the_error() {
+fn every_flush_in_flight_gets_the_error_group() {
+    every_flush_in_flight_gets_the_error("group");
+}
+
+#[test]
+fn every_flush_in_flight_gets_the_error_serial() {
+    every_flush_in_flight_gets_the_error("serial");
+}
+
+#[test]
+fn every_flush_in_flight_gets_the_error_parallel() {
+    every_flush_in_flight_gets_the_error("parallel");
+}
+
+fn every_flush_in_flight_gets_the_error(mode: &str) {
     const N: usize = 16;
     let fs = mount();
     let scratch = Scratch::new(&fs);
-    let d = scratch.start(&["--size", "2M"], "daemon.log");
+    let d = scratch.start(&["--size", "2M", "--flush-mode", mode], "daemon.log");
     let mut fe: Frontend = d.connect();
     let map = fe.start().unwrap();
     assert_eq!(fe.flush().unwrap(), 0);
 
     fs.set_mode(Mode::FailFsync).unwrap();
+    let passed_before = fs.fsyncs().passed;
     map.write(0, &pattern(MIB as usize, 5)).unwrap();
     // All at once, like a guest with many fsyncs in flight: the ones that share the failed
     // fdatasync and the ones refused after it must all read -1.
@@ -238,12 +268,28 @@ fn every_flush_in_flight_gets_the_error() {
     for h in heads {
         assert_eq!(fe.request_status(h).unwrap(), -1, "request {h}");
     }
+    let injected = fs.fsyncs().injected;
+    if mode == "parallel" {
+        // The requests' fdatasyncs run at once, so several may reach the filesystem before the
+        // first failure is latched; each of them fails, and none gets past it.
+        assert!(
+            (1..=N).contains(&injected),
+            "{injected} injected failures for {N} requests"
+        );
+    } else {
+        assert_eq!(injected, 1, "one fdatasync failed, the rest were refused");
+    }
     assert_eq!(
-        fs.fsyncs().injected,
-        1,
-        "one fdatasync failed, the rest were refused"
+        fs.fsyncs().passed,
+        passed_before,
+        "no fdatasync passed once the fault was on"
     );
     assert!(d.log().contains("until the daemon is restarted"));
+    assert_eq!(
+        d.log().matches("until the daemon is restarted").count(),
+        1,
+        "the latch is logged once, however many fdatasyncs failed"
+    );
 }
 
 #[test]

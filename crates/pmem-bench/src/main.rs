@@ -1,0 +1,912 @@
+//! pmem-bench: the host benchmark of vhost-user-pmem's flush modes, with no VM.
+//!
+//! It starts the real daemon binary once per flush mode and round, drives it with the
+//! `pmem-frontend` harness the way a guest does (dirty pages through the shared-memory mapping,
+//! then a FLUSH request; `depth` requests kept outstanding), and measures each request from
+//! submission to completion. The baseline is a raw fdatasync of the same file after dirtying
+//! the same number of pages through the benchmark's own shared mapping. Modes and baseline are
+//! interleaved in rounds so that machine noise spreads over all of them alike.
+
+mod daemon;
+mod report;
+mod svg;
+mod sys;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use pmem_frontend::{Frontend, Options, ShmemMapping};
+use serde::Serialize;
+
+use crate::daemon::Daemon;
+use crate::report::{format_buckets, log2_buckets, Bucket, Summary};
+
+const PAGE: usize = 4096;
+/// Odd, so that stepping by it visits every page of a power-of-two working set before
+/// repeating: each flush dirties pages scattered over the set, as a filesystem's would be.
+const PAGE_STRIDE: usize = 97;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Frontend {
+        what: String,
+        source: pmem_frontend::Error,
+    },
+    #[error("{0}")]
+    Daemon(String),
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl BenchError {
+    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+        let what = what.into();
+        move |source| BenchError::Io { what, source }
+    }
+
+    fn fe(what: impl Into<String>) -> impl FnOnce(pmem_frontend::Error) -> BenchError {
+        let what = what.into();
+        move |source| BenchError::Frontend { what, source }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    Group,
+    Serial,
+    Parallel,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::Group => "group",
+            Mode::Serial => "serial",
+            Mode::Parallel => "parallel",
+        }
+    }
+
+    fn color(self) -> &'static str {
+        match self {
+            Mode::Group => "#1f77b4",
+            Mode::Serial => "#ff7f0e",
+            Mode::Parallel => "#2ca02c",
+        }
+    }
+}
+
+/// Host benchmark of vhost-user-pmem's flush modes (group, serial, parallel) against a raw
+/// fdatasync of the same file, with no VM.
+///
+/// Writes OUT/results.json, OUT/summary.md (the tables, also printed) and OUT/latency.svg.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// The daemon binary [default: vhost-user-pmem next to this binary].
+    #[arg(long, value_name = "PATH")]
+    daemon: Option<PathBuf>,
+    /// Directory for the results.
+    #[arg(long, value_name = "DIR", default_value = ".cache/bench")]
+    out: PathBuf,
+    /// Directory for the backing file and the socket; its file system is the one measured
+    /// [default: OUT/work].
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Size of the (sparse) backing file in MiB, a power of two.
+    #[arg(long, value_name = "MIB", default_value_t = 4096)]
+    size_mib: u64,
+    /// Pages of the working set the dirtied pages are spread over, in MiB (a power of two;
+    /// written once before the run, so flushes overwrite allocated blocks).
+    #[arg(long, value_name = "MIB", default_value_t = 32)]
+    working_set_mib: u64,
+    /// Pages dirtied through the mapping before each flush.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pages: usize,
+    /// Queue depths: this many flush requests are kept outstanding.
+    #[arg(long, value_name = "D,..", value_delimiter = ',', default_values_t = [1usize, 4, 16, 64])]
+    depths: Vec<usize>,
+    /// Flush modes to run.
+    #[arg(long, value_name = "MODE,..", value_delimiter = ',', default_values_t = [Mode::Group, Mode::Serial, Mode::Parallel])]
+    modes: Vec<Mode>,
+    /// Rounds; each round runs the baseline and every mode at every depth [default: 5, or 2
+    /// with --quick].
+    #[arg(long, value_name = "N")]
+    rounds: Option<usize>,
+    /// Measured flushes per round, mode and depth [default: 1000, or 150 with --quick].
+    #[arg(long, value_name = "N")]
+    flushes: Option<usize>,
+    /// Seconds each mode's daemon idles while its wakeups are counted [default: 10, or 2
+    /// with --quick].
+    #[arg(long, value_name = "SECS")]
+    idle_secs: Option<u64>,
+    /// A run of a few seconds, to check that everything works.
+    #[arg(long)]
+    quick: bool,
+}
+
+struct Plan {
+    daemon: PathBuf,
+    out: PathBuf,
+    dir: PathBuf,
+    file: PathBuf,
+    size: u64,
+    working_pages: usize,
+    pages: usize,
+    depths: Vec<usize>,
+    modes: Vec<Mode>,
+    rounds: usize,
+    flushes: usize,
+    idle_secs: u64,
+    quick: bool,
+}
+
+impl Plan {
+    fn from_args(a: Args) -> Result<Plan, BenchError> {
+        let usage = |m: String| Err(BenchError::Usage(m));
+        if !a.size_mib.is_power_of_two() || a.size_mib < 2 {
+            return usage(format!(
+                "--size-mib {} must be a power of two of at least 2",
+                a.size_mib
+            ));
+        }
+        if !a.working_set_mib.is_power_of_two() || a.working_set_mib > a.size_mib {
+            return usage(format!(
+                "--working-set-mib {} must be a power of two no larger than --size-mib",
+                a.working_set_mib
+            ));
+        }
+        let working_pages = (a.working_set_mib << 20) as usize / PAGE;
+        if a.pages == 0 || a.pages > working_pages {
+            return usage(format!(
+                "--pages {} must be between 1 and the working set's {working_pages} pages",
+                a.pages
+            ));
+        }
+        // Two descriptors per request on a 256-entry queue.
+        if a.depths.is_empty() || a.depths.iter().any(|&d| d == 0 || d > 128) {
+            return usage("--depths must be between 1 and 128".into());
+        }
+        if a.modes.is_empty() {
+            return usage("--modes is empty".into());
+        }
+        let daemon = match a.daemon {
+            Some(d) => d,
+            None => std::env::current_exe()
+                .map_err(BenchError::io("find this binary"))?
+                .with_file_name("vhost-user-pmem"),
+        };
+        if !daemon.is_file() {
+            return usage(format!(
+                "no daemon binary at {} (build it with cargo build --release, or give --daemon)",
+                daemon.display()
+            ));
+        }
+        let dir = a.dir.unwrap_or_else(|| a.out.join("work"));
+        let mut modes = a.modes;
+        modes.dedup();
+        Ok(Plan {
+            daemon,
+            file: dir.join("pmem-bench.img"),
+            dir,
+            out: a.out,
+            size: a.size_mib << 20,
+            working_pages,
+            pages: a.pages,
+            depths: a.depths,
+            modes,
+            rounds: a.rounds.unwrap_or(if a.quick { 2 } else { 5 }).max(1),
+            flushes: a.flushes.unwrap_or(if a.quick { 150 } else { 1000 }).max(1),
+            idle_secs: a.idle_secs.unwrap_or(if a.quick { 2 } else { 10 }),
+            quick: a.quick,
+        })
+    }
+
+    /// Completions discarded before measuring at `depth`: the pipeline fills and the
+    /// daemon's threads get going.
+    fn warmup(&self, depth: usize) -> usize {
+        (2 * depth).max(10)
+    }
+}
+
+/// Picks the pages each flush dirties: `pages` pages scattered over the working set, new
+/// ones for every flush, the same sequence for the daemon and the baseline.
+struct Dirtier {
+    next: usize,
+    pages: usize,
+    working_pages: usize,
+    stamp: u64,
+}
+
+impl Dirtier {
+    fn new(plan: &Plan) -> Self {
+        Dirtier {
+            next: 0,
+            pages: plan.pages,
+            working_pages: plan.working_pages,
+            stamp: 0,
+        }
+    }
+
+    /// Calls `write(offset, data)` for each page of the next flush.
+    fn dirty(&mut self, mut write: impl FnMut(usize, &[u8])) {
+        self.stamp += 1;
+        let data = self.stamp.to_le_bytes();
+        for _ in 0..self.pages {
+            let page = (self.next * PAGE_STRIDE) % self.working_pages;
+            self.next += 1;
+            write(page * PAGE, &data);
+        }
+    }
+}
+
+/// Latencies (ns) and the time the measured completions took.
+#[derive(Default)]
+struct Samples {
+    ns: Vec<u64>,
+    wall: Duration,
+    /// fdatasyncs the daemon made for the measured and warm-up requests, and those requests.
+    fdatasyncs: u64,
+    requests: u64,
+}
+
+impl Samples {
+    fn add(&mut self, other: Samples) {
+        self.ns.extend(other.ns);
+        self.wall += other.wall;
+        self.fdatasyncs += other.fdatasyncs;
+        self.requests += other.requests;
+    }
+}
+
+/// Keeps `depth` flushes outstanding until `warmup + count` have completed.
+fn run_depth(
+    fe: &mut Frontend,
+    map: &ShmemMapping,
+    dirt: &mut Dirtier,
+    depth: usize,
+    warmup: usize,
+    count: usize,
+) -> Result<Samples, BenchError> {
+    let total = warmup + count;
+    let mut submitted_at: Vec<Option<Instant>> = vec![None; usize::from(u16::MAX) + 1];
+    let (mut submitted, mut completed, mut in_flight) = (0, 0, 0);
+    let mut samples = Samples {
+        ns: Vec::with_capacity(count),
+        ..Samples::default()
+    };
+    let mut measuring_since = None;
+    let mut write_err = None;
+    while completed < total {
+        while in_flight < depth && submitted < total {
+            dirt.dirty(|off, data| {
+                if let Err(e) = map.write(off, data) {
+                    write_err.get_or_insert(e);
+                }
+            });
+            if let Some(e) = write_err.take() {
+                return Err(BenchError::fe("store to the shared-memory mapping")(e));
+            }
+            let now = Instant::now();
+            let head = fe
+                .submit_request(pmem_frontend::REQ_TYPE_FLUSH)
+                .map_err(BenchError::fe("submit a flush"))?;
+            submitted_at[usize::from(head)] = Some(now);
+            submitted += 1;
+            in_flight += 1;
+        }
+        let used = fe
+            .wait_used(Duration::from_secs(30))
+            .map_err(BenchError::fe("wait for a flush"))?;
+        let done = Instant::now();
+        let head = used.id as u16;
+        let status = fe
+            .request_status(head)
+            .map_err(BenchError::fe("read a status"))?;
+        if status != 0 || used.len != 4 {
+            return Err(BenchError::Daemon(format!(
+                "flush {head} answered {status} (used len {})",
+                used.len
+            )));
+        }
+        let start = submitted_at[usize::from(head)].take().ok_or_else(|| {
+            BenchError::Daemon(format!("head {head} completed but was not submitted"))
+        })?;
+        in_flight -= 1;
+        completed += 1;
+        match measuring_since {
+            Some(_) => samples.ns.push((done - start).as_nanos() as u64),
+            None if completed == warmup => measuring_since = Some(done),
+            None => {}
+        }
+    }
+    samples.wall = measuring_since.map_or(Duration::ZERO, |t| t.elapsed());
+    samples.requests = total as u64;
+    Ok(samples)
+}
+
+/// The baseline: dirty the same pages through our own mapping, then fdatasync.
+fn run_baseline(plan: &Plan, dirt: &mut Dirtier, count: usize) -> Result<Samples, BenchError> {
+    let map = sys::RawMapping::open(&plan.file, plan.working_pages * PAGE)
+        .map_err(BenchError::io(format!("map {}", plan.file.display())))?;
+    let warmup = plan.warmup(1);
+    let mut samples = Samples::default();
+    let mut measuring_since = None;
+    for i in 0..warmup + count {
+        if i == warmup {
+            measuring_since = Some(Instant::now());
+        }
+        dirt.dirty(|off, data| map.write(off, data));
+        let t = Instant::now();
+        map.fdatasync()
+            .map_err(BenchError::io("fdatasync for the baseline"))?;
+        if i >= warmup {
+            samples.ns.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    samples.wall = measuring_since.map_or(Duration::ZERO, |t| t.elapsed());
+    Ok(samples)
+}
+
+#[derive(Default, Clone, Copy, Serialize)]
+struct Memory {
+    /// Largest VmRSS seen during the runs, KiB.
+    vm_rss_kib: u64,
+    /// Largest VmHWM (peak RSS) at the end of a run, KiB.
+    vm_hwm_kib: u64,
+}
+
+/// One daemon run of `mode`: every depth, with the daemon's fdatasync counts per depth.
+fn run_mode(
+    plan: &Plan,
+    mode: Mode,
+    round: usize,
+    results: &mut BTreeMap<(Mode, usize), Samples>,
+    memory: &mut BTreeMap<Mode, Memory>,
+) -> Result<(), BenchError> {
+    let socket = plan.dir.join("bench.sock");
+    let metrics = plan.dir.join(format!("metrics-{}.json", mode.as_str()));
+    let log = plan.out.join(format!("daemon-{}.log", mode.as_str()));
+    let d = Daemon::start(
+        &plan.daemon,
+        mode.as_str(),
+        &plan.file,
+        &socket,
+        Some(&metrics),
+        &log,
+    )?;
+    let opts = Options {
+        timeout: Duration::from_secs(30),
+        ..Options::default()
+    };
+    let mut fe = Frontend::connect_with(&socket, opts).map_err(BenchError::fe("connect"))?;
+    let map = fe.start().map_err(BenchError::fe("start the device"))?;
+    let mut dirt = Dirtier::new(plan);
+    let mut requests = 0u64;
+    let mut syncs = 0u64;
+    // Depth order alternates between rounds too, so that no depth always runs on a fresh
+    // daemon.
+    let mut depths = plan.depths.clone();
+    if round % 2 == 1 {
+        depths.reverse();
+    }
+    for depth in depths {
+        let mut s = run_depth(
+            &mut fe,
+            &map,
+            &mut dirt,
+            depth,
+            plan.warmup(depth),
+            plan.flushes,
+        )?;
+        requests += s.requests;
+        let m = d.metrics(requests)?;
+        let total_syncs = m["counters"]["fdatasyncs"].as_u64().unwrap_or(0);
+        s.fdatasyncs = total_syncs - syncs;
+        syncs = total_syncs;
+        if let Some((rss, _)) = sys::memory_kib(d.pid()) {
+            let e = memory.entry(mode).or_default();
+            e.vm_rss_kib = e.vm_rss_kib.max(rss);
+        }
+        results.entry((mode, depth)).or_default().add(s);
+    }
+    if let Some((_, hwm)) = sys::memory_kib(d.pid()) {
+        let e = memory.entry(mode).or_default();
+        e.vm_hwm_kib = e.vm_hwm_kib.max(hwm);
+    }
+    // Like QEMU, let go of the mapping (and with it the daemon's flock) before the next daemon
+    // opens the file.
+    drop(map);
+    drop(fe);
+    let status = d.stop()?;
+    if !status.success() {
+        return Err(BenchError::Daemon(format!(
+            "the {} daemon exited with {status}; see {}",
+            mode.as_str(),
+            log.display()
+        )));
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct Idle {
+    seconds: u64,
+    threads: usize,
+    context_switches: u64,
+    vm_rss_kib: u64,
+}
+
+/// Counts the context switches of an idle daemon (device started, one flush done) over
+/// `secs` seconds.
+fn run_idle(plan: &Plan, mode: Mode) -> Result<Idle, BenchError> {
+    let socket = plan.dir.join("bench.sock");
+    let log = plan.out.join(format!("daemon-{}.log", mode.as_str()));
+    let d = Daemon::start(&plan.daemon, mode.as_str(), &plan.file, &socket, None, &log)?;
+    let mut fe = Frontend::connect(&socket).map_err(BenchError::fe("connect"))?;
+    let map = fe.start().map_err(BenchError::fe("start the device"))?;
+    let status = fe.flush().map_err(BenchError::fe("flush"))?;
+    if status != 0 {
+        return Err(BenchError::Daemon(format!("idle flush answered {status}")));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (before, threads) = sys::context_switches(d.pid()).map_err(BenchError::io("read /proc"))?;
+    std::thread::sleep(Duration::from_secs(plan.idle_secs));
+    let (after, _) = sys::context_switches(d.pid()).map_err(BenchError::io("read /proc"))?;
+    let rss = sys::memory_kib(d.pid()).map_or(0, |m| m.0);
+    drop(map);
+    drop(fe);
+    d.stop()?;
+    Ok(Idle {
+        seconds: plan.idle_secs,
+        threads,
+        context_switches: after.saturating_sub(before),
+        vm_rss_kib: rss,
+    })
+}
+
+/// Creates the backing file: sparse at full size, with the working set written and synced so
+/// that the measured flushes overwrite allocated blocks.
+fn prepare_file(plan: &Plan) -> Result<(), BenchError> {
+    use std::io::Write;
+    std::fs::create_dir_all(&plan.dir)
+        .map_err(BenchError::io(format!("create {}", plan.dir.display())))?;
+    let _ = std::fs::remove_file(&plan.file);
+    let mut f = std::fs::File::create(&plan.file)
+        .map_err(BenchError::io(format!("create {}", plan.file.display())))?;
+    let chunk = vec![0xa5u8; 1 << 20];
+    for _ in 0..(plan.working_pages * PAGE) >> 20 {
+        f.write_all(&chunk)
+            .map_err(BenchError::io("write the working set"))?;
+    }
+    f.set_len(plan.size)
+        .map_err(BenchError::io("size the backing file"))?;
+    f.sync_all()
+        .map_err(BenchError::io("sync the backing file"))?;
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct Row {
+    mode: String,
+    depth: usize,
+    latency_us: Summary,
+    flushes_per_s: f64,
+    p50_vs_raw_p50: f64,
+    /// fdatasyncs per request, from the daemon's own counters (warm-up included).
+    fdatasyncs_per_request: Option<f64>,
+    log2_buckets_us: Vec<Bucket>,
+}
+
+#[derive(Serialize)]
+struct Target {
+    target: String,
+    measured: String,
+    met: bool,
+}
+
+#[derive(Serialize)]
+struct Results {
+    command: String,
+    machine: sys::Machine,
+    loadavg_start: f64,
+    loadavg_end: f64,
+    file: String,
+    file_size: u64,
+    pages_per_flush: usize,
+    working_set_bytes: usize,
+    rounds: usize,
+    flushes_per_round: usize,
+    quick: bool,
+    duration_s: f64,
+    baseline: Row,
+    results: Vec<Row>,
+    daemon_memory: BTreeMap<Mode, Memory>,
+    idle: BTreeMap<Mode, Idle>,
+    targets: Vec<Target>,
+}
+
+fn row(label: &str, depth: usize, s: &mut Samples, raw_p50: f64) -> Row {
+    s.ns.sort_unstable();
+    let latency_us = Summary::of(&s.ns);
+    let secs = s.wall.as_secs_f64();
+    Row {
+        mode: label.to_string(),
+        depth,
+        latency_us,
+        flushes_per_s: if secs > 0.0 {
+            (s.ns.len() as f64 / secs).round()
+        } else {
+            0.0
+        },
+        p50_vs_raw_p50: if raw_p50 > 0.0 {
+            (latency_us.p50 / raw_p50 * 100.0).round() / 100.0
+        } else {
+            0.0
+        },
+        fdatasyncs_per_request: (s.requests > 0)
+            .then(|| (s.fdatasyncs as f64 / s.requests as f64 * 1000.0).round() / 1000.0),
+        log2_buckets_us: log2_buckets(&s.ns),
+    }
+}
+
+fn targets(res: &Results) -> Vec<Target> {
+    let find = |mode: &str, depth: usize| {
+        res.results
+            .iter()
+            .find(|r| r.mode == mode && r.depth == depth)
+    };
+    let mut t = Vec::new();
+    if let Some(g) = find("group", 1) {
+        let ratio = g.p50_vs_raw_p50;
+        t.push(Target {
+            target: "depth 1: group p50 <= 1.10 x raw fdatasync p50".into(),
+            measured: format!(
+                "{:.1} us vs {:.1} us = {ratio:.2} x",
+                g.latency_us.p50, res.baseline.latency_us.p50
+            ),
+            met: ratio <= 1.10,
+        });
+    }
+    if let Some(g) = find("group", 16) {
+        for (other, factor) in [("serial", 4.0), ("parallel", 2.0)] {
+            if let Some(o) = find(other, 16) {
+                let ratio = g.flushes_per_s / o.flushes_per_s.max(1.0);
+                t.push(Target {
+                    target: format!("depth 16: group flushes/s >= {factor} x {other}"),
+                    measured: format!(
+                        "{:.0} vs {:.0} /s = {ratio:.2} x",
+                        g.flushes_per_s, o.flushes_per_s
+                    ),
+                    met: ratio >= factor,
+                });
+                t.push(Target {
+                    target: format!("depth 16: group p99 <= {other} p99"),
+                    measured: format!("{:.1} us vs {:.1} us", g.latency_us.p99, o.latency_us.p99),
+                    met: g.latency_us.p99 <= o.latency_us.p99,
+                });
+            }
+        }
+    }
+    let hwm = res
+        .daemon_memory
+        .values()
+        .map(|m| m.vm_hwm_kib)
+        .max()
+        .unwrap_or(0);
+    if hwm > 0 {
+        t.push(Target {
+            target: format!(
+                "daemon RSS <= 16 MiB with a {} MiB file",
+                res.file_size >> 20
+            ),
+            measured: format!("peak VmHWM {:.1} MiB", hwm as f64 / 1024.0),
+            met: hwm <= 16 * 1024,
+        });
+    }
+    for (mode, idle) in &res.idle {
+        t.push(Target {
+            target: format!("idle {}: no wakeups", mode.as_str()),
+            measured: format!(
+                "{} context switches in {} s over {} threads",
+                idle.context_switches, idle.seconds, idle.threads
+            ),
+            met: idle.context_switches == 0,
+        });
+    }
+    t
+}
+
+fn markdown(res: &Results) -> String {
+    let mut s = String::new();
+    let m = &res.machine;
+    let _ = writeln!(s, "Command: `{}`\n", res.command);
+    let _ = writeln!(
+        s,
+        "Machine: {} CPUs ({}), kernel {}, file on {} ({} mounted at {}); load average {:.2} at start, {:.2} at end; {:.0} s.\n",
+        m.nproc, m.cpu_model, m.kernel, m.fs_type, m.fs_source, m.mount_point, res.loadavg_start, res.loadavg_end, res.duration_s
+    );
+    let _ = writeln!(
+        s,
+        "Each flush dirties {} pages (4 KiB, scattered over a {} MiB working set of a {} MiB sparse file) through the shared-memory mapping, then submits a FLUSH; latency is submission to completion. {} rounds x {} measured flushes per mode and depth, after a warm-up.\n",
+        res.pages_per_flush,
+        res.working_set_bytes >> 20,
+        res.file_size >> 20,
+        res.rounds,
+        res.flushes_per_round
+    );
+    let _ = writeln!(
+        s,
+        "| mode | depth | n | min us | avg us | p50 us | p99 us | max us | p50 / raw p50 | flushes/s | fdatasyncs/request |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in std::iter::once(&res.baseline).chain(res.results.iter()) {
+        let l = &r.latency_us;
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} | {} |",
+            r.mode,
+            r.depth,
+            l.count,
+            l.min,
+            l.avg,
+            l.p50,
+            l.p99,
+            l.max,
+            r.p50_vs_raw_p50,
+            r.flushes_per_s,
+            r.fdatasyncs_per_request
+                .map_or("-".to_string(), |f| format!("{f:.3}"))
+        );
+    }
+    let _ = writeln!(s, "\nDaemon memory and idle wakeups:\n");
+    let _ = writeln!(
+        s,
+        "| mode | peak VmRSS KiB | VmHWM KiB | idle context switches | idle s | threads |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
+    for (mode, mem) in &res.daemon_memory {
+        let idle = res.idle.get(mode);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} |",
+            mode.as_str(),
+            mem.vm_rss_kib,
+            mem.vm_hwm_kib,
+            idle.map_or("-".into(), |i| i.context_switches.to_string()),
+            idle.map_or("-".into(), |i| i.seconds.to_string()),
+            idle.map_or("-".into(), |i| i.threads.to_string()),
+        );
+    }
+    let _ = writeln!(s, "\nTargets:\n");
+    let _ = writeln!(s, "| target | measured | met |");
+    let _ = writeln!(s, "|---|---|---|");
+    for t in &res.targets {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} |",
+            t.target,
+            t.measured,
+            if t.met { "yes" } else { "**no**" }
+        );
+    }
+    let _ = writeln!(s, "\nLatency distributions (log2 buckets):\n");
+    for r in std::iter::once(&res.baseline).chain(res.results.iter()) {
+        let _ = writeln!(s, "```\n{} depth {}:", r.mode, r.depth);
+        s.push_str(&format_buckets(&r.log2_buckets_us, "  "));
+        s.push_str("```\n");
+    }
+    s
+}
+
+fn run(args: Args) -> Result<(), BenchError> {
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let plan = Plan::from_args(args)?;
+    std::fs::create_dir_all(&plan.out)
+        .map_err(BenchError::io(format!("create {}", plan.out.display())))?;
+    for mode in &plan.modes {
+        let _ = std::fs::remove_file(plan.out.join(format!("daemon-{}.log", mode.as_str())));
+    }
+    let loadavg_start = sys::loadavg();
+    if loadavg_start > 1.5 {
+        eprintln!("pmem-bench: warning: load average is {loadavg_start:.2}; results will be noisy");
+    }
+    let t0 = Instant::now();
+    prepare_file(&plan)?;
+    let machine = sys::machine(&plan.dir);
+
+    #[derive(Clone, Copy)]
+    enum Unit {
+        Baseline,
+        Mode(Mode),
+    }
+    let mut units: Vec<Unit> = std::iter::once(Unit::Baseline)
+        .chain(plan.modes.iter().map(|&m| Unit::Mode(m)))
+        .collect();
+    let mut baseline = Samples::default();
+    let mut results: BTreeMap<(Mode, usize), Samples> = BTreeMap::new();
+    let mut memory = BTreeMap::new();
+    for round in 0..plan.rounds {
+        eprintln!("pmem-bench: round {}/{}", round + 1, plan.rounds);
+        for &unit in &units {
+            match unit {
+                Unit::Baseline => {
+                    let mut dirt = Dirtier::new(&plan);
+                    baseline.add(run_baseline(&plan, &mut dirt, plan.flushes)?);
+                }
+                Unit::Mode(m) => run_mode(&plan, m, round, &mut results, &mut memory)?,
+            }
+        }
+        // A different order each round, so that no unit always follows the same one.
+        units.rotate_left(1);
+    }
+    let mut idle = BTreeMap::new();
+    if plan.idle_secs > 0 {
+        for &mode in &plan.modes {
+            eprintln!(
+                "pmem-bench: idle {} for {} s",
+                mode.as_str(),
+                plan.idle_secs
+            );
+            idle.insert(mode, run_idle(&plan, mode)?);
+        }
+    }
+
+    let baseline_row = row("raw fdatasync", 1, &mut baseline, 0.0);
+    let raw_p50 = baseline_row.latency_us.p50;
+    let baseline_row = Row {
+        p50_vs_raw_p50: 1.0,
+        fdatasyncs_per_request: Some(1.0),
+        ..baseline_row
+    };
+    let mut rows = Vec::new();
+    for (&(mode, depth), s) in results.iter_mut() {
+        rows.push(row(mode.as_str(), depth, s, raw_p50));
+    }
+    // By depth, then mode: the order the tables compare in.
+    rows.sort_by_key(|r| (r.depth, r.mode.clone()));
+    let mut res = Results {
+        command,
+        machine,
+        loadavg_start,
+        loadavg_end: sys::loadavg(),
+        file: plan.file.display().to_string(),
+        file_size: plan.size,
+        pages_per_flush: plan.pages,
+        working_set_bytes: plan.working_pages * PAGE,
+        rounds: plan.rounds,
+        flushes_per_round: plan.flushes,
+        quick: plan.quick,
+        duration_s: t0.elapsed().as_secs_f64().round(),
+        baseline: baseline_row,
+        results: rows,
+        daemon_memory: memory,
+        idle,
+        targets: Vec::new(),
+    };
+    res.targets = targets(&res);
+
+    let json = serde_json::to_string_pretty(&res).expect("results serialize");
+    let write = |name: &str, text: &str| {
+        let p = plan.out.join(name);
+        std::fs::write(&p, text).map_err(BenchError::io(format!("write {}", p.display())))
+    };
+    write("results.json", &json)?;
+    let md = markdown(&res);
+    write("summary.md", &md)?;
+
+    // The plot: one panel per depth, the baseline in each for reference.
+    let panels: Vec<svg::Panel> = plan
+        .depths
+        .iter()
+        .map(|&depth| svg::Panel {
+            title: format!("queue depth {depth}"),
+            series: std::iter::once(svg::Series {
+                name: "raw fdatasync (depth 1)",
+                color: "#555555",
+                dashed: true,
+                sorted_ns: &baseline.ns,
+            })
+            .chain(plan.modes.iter().filter_map(|&m| {
+                results.get(&(m, depth)).map(|s| svg::Series {
+                    name: m.as_str(),
+                    color: m.color(),
+                    dashed: false,
+                    sorted_ns: &s.ns,
+                })
+            }))
+            .collect(),
+        })
+        .collect();
+    let subtitle = format!(
+        "{} pages dirtied per flush; file on {}; {} CPUs ({}), kernel {}",
+        plan.pages,
+        res.machine.fs_type,
+        res.machine.nproc,
+        res.machine.cpu_model,
+        res.machine.kernel
+    );
+    let svg = svg::render(
+        "vhost-user-pmem flush latency by mode (host, no VM)",
+        &subtitle,
+        &panels,
+        2,
+    );
+    write("latency.svg", &svg)?;
+
+    let _ = std::fs::remove_file(&plan.file);
+    println!("{md}");
+    eprintln!(
+        "pmem-bench: wrote {}/results.json, summary.md and latency.svg",
+        plan.out.display()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pmem-bench: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirtier_scatters_and_covers_the_working_set() {
+        let plan_pages = 16;
+        let mut d = Dirtier {
+            next: 0,
+            pages: plan_pages,
+            working_pages: 256,
+            stamp: 0,
+        };
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..16 {
+            let mut offs = Vec::new();
+            d.dirty(|off, data| {
+                assert_eq!(data.len(), 8);
+                offs.push(off);
+            });
+            assert_eq!(offs.len(), plan_pages);
+            assert!(offs.iter().all(|o| o % PAGE == 0 && *o < 256 * PAGE));
+            seen.extend(offs);
+        }
+        assert_eq!(
+            seen.len(),
+            256,
+            "16 flushes of 16 pages visit all 256 pages once"
+        );
+    }
+
+    #[test]
+    fn args_parse_with_defaults() {
+        let a = Args::try_parse_from(["pmem-bench", "--quick", "--depths", "1,16"]).unwrap();
+        assert_eq!(a.depths, [1, 16]);
+        assert_eq!(a.modes, [Mode::Group, Mode::Serial, Mode::Parallel]);
+        assert_eq!(a.pages, 16);
+        assert!(Args::try_parse_from(["pmem-bench", "--modes", "fast"]).is_err());
+    }
+}

@@ -1,0 +1,267 @@
+//! A hand-written SVG of the latency distributions: one panel per queue depth, one percentile
+//! curve per flush mode (HdrHistogram style: the x axis stretches the tail, 90%, 99%, 99.9%
+//! ..., the y axis is latency on a log scale), and the raw-fdatasync baseline in every panel.
+
+use std::fmt::Write as _;
+
+/// One curve: a name, a colour, a dash pattern, and sorted latencies in nanoseconds.
+pub struct Series<'a> {
+    pub name: &'a str,
+    pub color: &'a str,
+    pub dashed: bool,
+    pub sorted_ns: &'a [u64],
+}
+
+pub struct Panel<'a> {
+    pub title: String,
+    pub series: Vec<Series<'a>>,
+}
+
+const PANEL_W: f64 = 440.0;
+const PANEL_H: f64 = 300.0;
+const MARGIN_L: f64 = 62.0;
+const MARGIN_R: f64 = 24.0;
+const MARGIN_T: f64 = 28.0;
+const MARGIN_B: f64 = 42.0;
+const TOP: f64 = 56.0;
+const LEGEND_H: f64 = 30.0;
+/// Points per curve: enough for smooth lines, few enough for a small file.
+const POINTS: usize = 240;
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// x position of quantile `q` on the "nines" axis: log10(1 / (1 - q)).
+fn nines(q: f64) -> f64 {
+    (1.0 / (1.0 - q).max(1e-9)).log10()
+}
+
+/// Renders `panels` in a grid of `columns`, under `title`.
+pub fn render(title: &str, subtitle: &str, panels: &[Panel], columns: usize) -> String {
+    let columns = columns.max(1);
+    let rows = panels.len().div_ceil(columns);
+    let width = PANEL_W * columns as f64;
+    let height = TOP + LEGEND_H + PANEL_H * rows as f64 + 8.0;
+
+    // Shared axes across panels so that they compare at a glance.
+    let all = panels
+        .iter()
+        .flat_map(|p| p.series.iter())
+        .filter(|s| !s.sorted_ns.is_empty());
+    let (mut lo, mut hi) = (f64::MAX, 0f64);
+    let mut max_n = 2usize;
+    for s in all {
+        lo = lo.min(s.sorted_ns[0].max(1) as f64 / 1000.0);
+        hi = hi.max(s.sorted_ns[s.sorted_ns.len() - 1] as f64 / 1000.0);
+        max_n = max_n.max(s.sorted_ns.len());
+    }
+    if hi <= 0.0 {
+        lo = 1.0;
+        hi = 10.0;
+    }
+    let y_lo_exp = lo.max(0.1).log10().floor() as i32;
+    let y_hi_exp = (hi.log10().ceil() as i32).max(y_lo_exp + 1);
+    let (y_lo, y_hi) = (10f64.powi(y_lo_exp), 10f64.powi(y_hi_exp));
+    // The tail shown goes as far as the largest sample set resolves: 1 - 1/n.
+    let x_max = nines(1.0 - 1.0 / max_n as f64).ceil().max(1.0);
+
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(
+        svg,
+        r##"<rect width="100%" height="100%" fill="white"/><text x="{}" y="20" font-size="15" text-anchor="middle" font-weight="bold">{}</text><text x="{}" y="38" text-anchor="middle" fill="#444">{}</text>"##,
+        width / 2.0,
+        esc(title),
+        width / 2.0,
+        esc(subtitle)
+    );
+
+    // Legend, from the first panel's series.
+    if let Some(first) = panels.first() {
+        let mut x = 20.0;
+        let y = TOP + 12.0;
+        for s in &first.series {
+            let _ = writeln!(
+                svg,
+                r#"<line x1="{x}" y1="{y}" x2="{}" y2="{y}" stroke="{}" stroke-width="2.5"{}/><text x="{}" y="{}">{}</text>"#,
+                x + 24.0,
+                s.color,
+                if s.dashed {
+                    r#" stroke-dasharray="5,3""#
+                } else {
+                    ""
+                },
+                x + 30.0,
+                y + 4.0,
+                esc(s.name)
+            );
+            x += 40.0 + 7.0 * s.name.len() as f64;
+        }
+    }
+
+    for (i, panel) in panels.iter().enumerate() {
+        let ox = PANEL_W * (i % columns) as f64;
+        let oy = TOP + LEGEND_H + PANEL_H * (i / columns) as f64;
+        let (px, py) = (ox + MARGIN_L, oy + MARGIN_T);
+        let pw = PANEL_W - MARGIN_L - MARGIN_R;
+        let ph = PANEL_H - MARGIN_T - MARGIN_B;
+        let sx = |x: f64| px + pw * (x / x_max).clamp(0.0, 1.0);
+        let sy = |us: f64| {
+            let f = (us.max(y_lo).log10() - y_lo.log10()) / (y_hi.log10() - y_lo.log10());
+            py + ph * (1.0 - f.clamp(0.0, 1.0))
+        };
+        let _ = writeln!(
+            svg,
+            r##"<g><text x="{}" y="{}" font-size="13" text-anchor="middle" font-weight="bold">{}</text><rect x="{px}" y="{py}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>"##,
+            px + pw / 2.0,
+            oy + 18.0,
+            esc(&panel.title)
+        );
+        // y grid: decades, with 2x and 5x minor lines.
+        for e in y_lo_exp..=y_hi_exp {
+            let decade = 10f64.powi(e);
+            let y = sy(decade);
+            let label = match e {
+                e if e >= 3 => format!("{} ms", 10u64.pow((e - 3) as u32)),
+                e if e >= 0 => format!("{} us", 10u64.pow(e as u32)),
+                e => format!("{decade:.*} us", (-e) as usize),
+            };
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{px}" y1="{y}" x2="{}" y2="{y}" stroke="#ccc"/><text x="{}" y="{}" text-anchor="end">{label}</text>"##,
+                px + pw,
+                px - 5.0,
+                y + 4.0
+            );
+            for m in [2.0, 5.0] {
+                let v = decade * m;
+                if v < y_hi {
+                    let y = sy(v);
+                    let _ = writeln!(
+                        svg,
+                        r##"<line x1="{px}" y1="{y}" x2="{}" y2="{y}" stroke="#eee"/>"##,
+                        px + pw
+                    );
+                }
+            }
+        }
+        // x grid: 0%, 90%, 99%, 99.9%, ...
+        for k in 0..=(x_max as usize) {
+            let x = sx(k as f64);
+            let label = match k {
+                0 => "0%".to_string(),
+                // 90%, 99%, 99.9%: k nines.
+                k => format!(
+                    "{:.*}%",
+                    k.saturating_sub(2),
+                    100.0 - 100.0 / 10f64.powi(k as i32)
+                ),
+            };
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{x}" y1="{py}" x2="{x}" y2="{}" stroke="#ccc"/><text x="{x}" y="{}" text-anchor="middle">{label}</text>"##,
+                py + ph,
+                py + ph + 14.0
+            );
+        }
+        // The median, where most readers look first.
+        let x50 = sx(nines(0.5));
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{x50}" y1="{py}" x2="{x50}" y2="{}" stroke="#eee"/><text x="{x50}" y="{}" text-anchor="middle" fill="#666">50%</text>"##,
+            py + ph,
+            py + ph + 14.0
+        );
+        let _ = writeln!(
+            svg,
+            r##"<text x="{}" y="{}" text-anchor="middle" fill="#444">percentile</text>"##,
+            px + pw / 2.0,
+            py + ph + 30.0
+        );
+        for s in &panel.series {
+            if s.sorted_ns.is_empty() {
+                continue;
+            }
+            let n = s.sorted_ns.len();
+            let mut pts = String::new();
+            let top = nines(1.0 - 1.0 / n as f64);
+            for j in 0..=POINTS {
+                let x = top * j as f64 / POINTS as f64;
+                let q = 1.0 - 10f64.powf(-x);
+                let idx = ((q * n as f64) as usize).min(n - 1);
+                let _ = write!(
+                    pts,
+                    "{:.1},{:.1} ",
+                    sx(x),
+                    sy(s.sorted_ns[idx] as f64 / 1000.0)
+                );
+            }
+            // The maximum, at the end of the curve.
+            let _ = write!(
+                pts,
+                "{:.1},{:.1}",
+                sx(top),
+                sy(s.sorted_ns[n - 1] as f64 / 1000.0)
+            );
+            let _ = writeln!(
+                svg,
+                r#"<polyline fill="none" stroke="{}" stroke-width="2"{} points="{pts}"/>"#,
+                s.color,
+                if s.dashed {
+                    r#" stroke-dasharray="5,3""#
+                } else {
+                    ""
+                }
+            );
+        }
+        svg.push_str("</g>\n");
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_a_panel_per_depth_and_a_curve_per_series() {
+        let a: Vec<u64> = (1..=1000).map(|i| i * 1000).collect();
+        let b: Vec<u64> = (1..=1000).map(|i| 50_000 + i * 10).collect();
+        let panels = vec![
+            Panel {
+                title: "depth 1".into(),
+                series: vec![
+                    Series {
+                        name: "group",
+                        color: "#1f77b4",
+                        dashed: false,
+                        sorted_ns: &a,
+                    },
+                    Series {
+                        name: "raw <fdatasync>",
+                        color: "#555",
+                        dashed: true,
+                        sorted_ns: &b,
+                    },
+                ],
+            },
+            Panel {
+                title: "depth 4".into(),
+                series: vec![],
+            },
+        ];
+        let svg = render("t", "s", &panels, 2);
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert!(svg.contains("raw &lt;fdatasync&gt;"));
+        assert!(svg.contains("99.9%"), "n=1000 resolves 99.9%");
+        assert!(!svg.contains("NaN") && !svg.contains("inf"));
+    }
+}

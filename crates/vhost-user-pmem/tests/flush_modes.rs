@@ -1,0 +1,235 @@
+//! The three flush modes against the real daemon over a real socket: every mode answers every
+//! flush with 0 after an fdatasync, drains in-flight requests when the device stops, and counts
+//! its work as the mode says; group commit shares fdatasyncs under load and never answers a
+//! request with an fdatasync that started before the request was popped (checked from the
+//! daemon's debug log of every fdatasync and from its metrics).
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::{pattern, Daemon, Env, MIB, TIMEOUT};
+use pmem_frontend::Frontend;
+use serde_json::Value;
+
+/// Lines of the daemon's stderr that are metrics JSON (log lines start with `[`).
+fn json_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.starts_with('{'))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Sends SIGUSR1 and returns the JSON the daemon prints on stderr for it.
+fn metrics(d: &Daemon) -> Value {
+    let before = json_lines(&d.log()).len();
+    // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(d.pid(), libc::SIGUSR1) }, 0);
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let lines = json_lines(&d.log());
+        if lines.len() > before {
+            return serde_json::from_str(&lines[before]).expect("metrics line is JSON");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no metrics JSON on stderr after SIGUSR1; log:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn counter(m: &Value, name: &str) -> u64 {
+    m["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("counter {name} missing in {m}"))
+}
+
+/// Keeps `depth` flushes outstanding until `total` have completed, dirtying a page of the
+/// mapping before each submission as a guest would. Returns how many completed.
+fn run_load(fe: &mut Frontend, depth: usize, total: usize) -> usize {
+    let map = fe.shmem().expect("started");
+    let mut submitted = 0;
+    let mut completed = 0;
+    let mut in_flight = HashSet::new();
+    while completed < total {
+        while in_flight.len() < depth && submitted < total {
+            let page = (submitted % 256) * 4096;
+            map.write(page, &pattern(64, submitted as u8)).unwrap();
+            assert!(in_flight.insert(fe.submit_request(0).unwrap()));
+            submitted += 1;
+        }
+        let used = fe.wait_used(TIMEOUT).unwrap();
+        let head = used.id as u16;
+        assert!(in_flight.remove(&head), "head {head} completed twice");
+        assert_eq!(used.len, 4);
+        assert_eq!(fe.request_status(head).unwrap(), 0, "status of head {head}");
+        completed += 1;
+    }
+    completed
+}
+
+fn answers_flushes(mode: &str) {
+    let env = Env::new();
+    let d = env.start(&["--size", "4M", "--flush-mode", mode]);
+    let mut fe = d.connect();
+    let map = fe.start().unwrap();
+
+    // One flush at a time: the data is in the file.
+    let data = pattern(8192, 3);
+    map.write(MIB as usize, &data).unwrap();
+    assert_eq!(fe.flush().unwrap(), 0);
+    let file = std::fs::read(&env.file).unwrap();
+    assert_eq!(&file[MIB as usize..MIB as usize + data.len()], &data[..]);
+
+    // Many at once, refilled as they complete.
+    let done = run_load(&mut fe, 32, 200);
+
+    // A device stop answers everything the device took off the ring before it returns the
+    // ring position; the rest are taken after the restart.
+    const N: usize = 48;
+    let heads: HashSet<u16> = (0..N).map(|_| fe.submit_request(0).unwrap()).collect();
+    let used_before = fe.in_flight();
+    assert_eq!(used_before, N);
+    let base = fe.stop().unwrap();
+    let mut answered = HashSet::new();
+    while let Ok(used) = fe.wait_used(Duration::from_millis(20)) {
+        assert_eq!(fe.request_status(used.id as u16).unwrap(), 0);
+        answered.insert(used.id as u16);
+    }
+    // Ring indices are modulo 2^16: the ring had 1 + 200 requests before these.
+    let taken = base.wrapping_sub((1 + done) as u16) as usize;
+    assert_eq!(
+        answered.len(),
+        taken,
+        "{mode}: every request taken before the stop must be answered before it returns"
+    );
+    fe.start().unwrap();
+    while answered.len() < N {
+        let used = fe.wait_used(TIMEOUT).unwrap();
+        assert_eq!(fe.request_status(used.id as u16).unwrap(), 0);
+        answered.insert(used.id as u16);
+    }
+    assert_eq!(answered, heads);
+
+    let m = metrics(&d);
+    let requests = (1 + done + N) as u64;
+    assert_eq!(m["flush_mode"], mode);
+    assert_eq!(counter(&m, "requests"), requests, "{m}");
+    assert_eq!(counter(&m, "errors"), 0);
+    assert_eq!(counter(&m, "order_violations"), 0);
+    let syncs = counter(&m, "fdatasyncs");
+    assert_eq!(syncs + counter(&m, "coalesced"), requests, "{m}");
+    if mode == "group" {
+        assert!(syncs <= requests);
+    } else {
+        assert_eq!(syncs, requests, "{mode}: one fdatasync per request");
+    }
+    assert_eq!(m["request_latency_us"]["count"], requests);
+    assert_eq!(m["fdatasync_latency_us"]["count"], syncs);
+    let buckets: u64 = m["request_latency_log2_us"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(buckets, requests);
+}
+
+#[test]
+fn group_answers_flushes() {
+    answers_flushes("group");
+}
+
+#[test]
+fn serial_answers_flushes() {
+    answers_flushes("serial");
+}
+
+#[test]
+fn parallel_answers_flushes() {
+    answers_flushes("parallel");
+}
+
+#[test]
+fn group_is_the_default() {
+    let env = Env::new();
+    let d = env.start(&["--size", "2M"]);
+    assert_eq!(metrics(&d)["flush_mode"], "group");
+}
+
+/// One debug line per fdatasync: `fdatasync #N (mode) started at S us, took T us, answered
+/// K request(s) popped at A..B us: ok`.
+#[derive(Debug)]
+struct SyncLine {
+    start: u64,
+    took: u64,
+    count: u64,
+    oldest_pop: u64,
+    newest_pop: u64,
+}
+
+fn sync_lines(log: &str) -> Vec<SyncLine> {
+    log.lines()
+        .filter_map(|l| {
+            let rest = &l[l.find("fdatasync #")?..];
+            let num = |after: &str| -> u64 {
+                let at = rest.find(after).unwrap() + after.len();
+                let digits: String = rest[at..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                digits.parse().unwrap()
+            };
+            Some(SyncLine {
+                start: num("started at "),
+                took: num("took "),
+                count: num("answered "),
+                oldest_pop: num("popped at "),
+                newest_pop: num(".."),
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn group_commit_never_acks_with_an_fdatasync_that_started_before_the_pop() {
+    let env = Env::new();
+    let d = env.start(&["--size", "4M", "--flush-mode", "group"]);
+    let mut fe = d.connect();
+    fe.start().unwrap();
+    // Deep queue, refilled at once: requests keep arriving while fdatasyncs run.
+    let done = run_load(&mut fe, 64, 2000);
+
+    let m = metrics(&d);
+    assert_eq!(counter(&m, "requests"), done as u64);
+    assert_eq!(counter(&m, "order_violations"), 0, "{m}");
+    assert!(
+        counter(&m, "coalesced") > 0,
+        "64 requests in flight should share fdatasyncs: {m}"
+    );
+
+    let lines = sync_lines(&d.log());
+    assert_eq!(lines.len() as u64, counter(&m, "fdatasyncs"));
+    assert_eq!(lines.iter().map(|l| l.count).sum::<u64>(), done as u64);
+    let mut popped_during_previous = 0;
+    for (i, l) in lines.iter().enumerate() {
+        assert!(
+            l.newest_pop <= l.start,
+            "fdatasync {l:?} answered a request popped after it started"
+        );
+        // Requests that arrived while the previous fdatasync ran: it did not answer them,
+        // this one (which started after them) did.
+        if let Some(prev) = i.checked_sub(1).map(|p| &lines[p]) {
+            if l.newest_pop >= prev.start && l.oldest_pop <= prev.start + prev.took {
+                popped_during_previous += 1;
+            }
+        }
+    }
+    assert!(
+        popped_during_previous > 0,
+        "the load never had a request arrive during an fdatasync, so it proved nothing"
+    );
+}
