@@ -91,6 +91,11 @@ for t in "${targets[@]}"; do
         tail -n 30 "$log" >&2
     fi
     rm -f "$log"
+    # vhost_messages keeps its device image and socket in a per-process scratch directory,
+    # which libFuzzer's exit leaves behind.
+    for d in /dev/shm/vhost-messages-fuzz-* "${TMPDIR:-/tmp}"/vhost-messages-fuzz-*; do
+        [[ -d $d ]] && ! kill -0 "${d##*-}" 2>/dev/null && rm -rf "$d"
+    done
 done
 
 for line in "${summary[@]}"; do info "$line"; done
