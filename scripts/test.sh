@@ -4,7 +4,7 @@
 # virtio-pmem device. Fetches everything it needs on first use (see scripts/lib.sh).
 #
 # Usage: scripts/test.sh [--no-vm] [--no-lint]
-#   --no-vm    host tests only (no QEMU, no kernel download)
+#   --no-vm    host tests only (no QEMU, no kernel download); the bounded fuzz run still runs
 #   --no-lint  skip cargo fmt --check and cargo clippy
 set -euo pipefail
 VUP_PROG=test
@@ -57,6 +57,7 @@ if [[ $lint == 1 ]]; then
     step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 fi
 step "cargo test (unit + integration)" cargo test --workspace
+step "fuzz: 20 s per target (request_parse, config, vhost_messages)" "$VUP_ROOT/scripts/fuzz.sh" --time 20
 
 if [[ $vm == 1 ]]; then
     out="$VUP_BUILD/test"
