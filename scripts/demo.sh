@@ -44,7 +44,7 @@ for dev in $devices; do
     t0=$(now_ms)
     if ! "$VUP_ROOT/scripts/run-vm.sh" --device "$dev" --image "$out/$dev.img" --size "$size" \
         --initrd "$out/initrd.cpio.gz" --log-dir "$out/$dev" \
-        --args "--mkfs --iters $iters --threads $threads e2e latency" >"$out/$dev.run.txt" 2>&1; then
+        --args "--mkfs --iters $iters --threads ${threads//,/:} e2e latency" >"$out/$dev.run.txt" 2>&1; then
         cat "$out/$dev.run.txt" >&2
         die "the $dev guest failed; logs in $out/$dev"
     fi
