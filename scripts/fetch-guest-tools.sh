@@ -33,15 +33,7 @@ Environment: VUP_CACHE (now $VUP_CACHE), VUP_DEBIAN_MIRROR.
 USAGE
 }
 
-force=0
-while [[ $# -gt 0 ]]; do
-    case "$1" in
-        --force) force=1 ;;
-        -h|--help) usage; exit 0 ;;
-        *) die "unknown option '$1' (see --help)" ;;
-    esac
-    shift
-done
+parse_fetch_args "$@"
 
 # find_in_tree ROOT NAME: path of an executable NAME under ROOT's usual bin dirs
 find_in_tree() {

@@ -34,15 +34,7 @@ Environment: VUP_CACHE (now $VUP_CACHE), VUP_DEBIAN_MIRROR, VUP_KERNEL_PKG.
 USAGE
 }
 
-force=0
-while [[ $# -gt 0 ]]; do
-    case "$1" in
-        --force) force=1 ;;
-        -h|--help) usage; exit 0 ;;
-        *) die "unknown option '$1' (see --help)" ;;
-    esac
-    shift
-done
+parse_fetch_args "$@"
 
 # kernel_version_ok VERSION: 6.8 or later
 kernel_version_ok() {

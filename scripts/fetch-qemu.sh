@@ -30,15 +30,7 @@ Environment: VUP_CACHE (now $VUP_CACHE), VUP_DEBIAN_MIRROR, VUP_QEMU_SUITE.
 USAGE
 }
 
-force=0
-while [[ $# -gt 0 ]]; do
-    case "$1" in
-        --force) force=1 ;;
-        -h|--help) usage; exit 0 ;;
-        *) die "unknown option '$1' (see --help)" ;;
-    esac
-    shift
-done
+parse_fetch_args "$@"
 
 fetch() {
     local dir="$VUP_CACHE/qemu" t0 ver

@@ -42,6 +42,20 @@ need_cmd() {
     done
 }
 
+# parse_fetch_args ARGS...: the fetch scripts' shared options. Sets force=1 for --force, runs the
+# caller's `usage` for -h/--help, and refuses anything else.
+parse_fetch_args() {
+    force=0
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --force) force=1 ;;
+            -h|--help) usage; exit 0 ;;
+            *) die "unknown option '$1' (see --help)" ;;
+        esac
+        shift
+    done
+}
+
 # now_ms: milliseconds since the epoch (for timings)
 now_ms() { date +%s%3N; }
 
