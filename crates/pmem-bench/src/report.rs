@@ -18,13 +18,9 @@ pub struct Summary {
     pub max: f64,
 }
 
-/// `count` latencies in `from..=to` microseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Bucket {
-    pub from: u64,
-    pub to: u64,
-    pub count: usize,
-}
+/// `count` latencies in `from..=to` microseconds, bucketed exactly as the daemon's metrics.
+pub use vhost_user_pmem::metrics::Bucket;
+use vhost_user_pmem::metrics::{buckets_from_counts, log2_index};
 
 fn us(ns: u64) -> f64 {
     // One decimal: sub-100 ns differences are below what the clock and scheduler resolve.
@@ -72,26 +68,11 @@ impl Summary {
 /// Non-empty log2 buckets of latencies given in nanoseconds, bucketed in whole microseconds:
 /// `[0, 1], [2, 3], [4, 7], ...`.
 pub fn log2_buckets(ns: &[u64]) -> Vec<Bucket> {
-    let mut counts = [0usize; 64];
+    let mut counts = [0u64; 64];
     for &v in ns {
-        let us = v / 1000;
-        let idx = (64 - us.leading_zeros()) as usize;
-        counts[idx.saturating_sub(1)] += 1;
+        counts[log2_index(v / 1000)] += 1;
     }
-    counts
-        .iter()
-        .enumerate()
-        .filter(|(_, &c)| c > 0)
-        .map(|(i, &count)| Bucket {
-            from: if i == 0 { 0 } else { 1u64 << i },
-            to: if i == 63 {
-                u64::MAX
-            } else {
-                (1u64 << (i + 1)) - 1
-            },
-            count,
-        })
-        .collect()
+    buckets_from_counts(&counts)
 }
 
 /// The buckets as lines `   16 -    31 us: 506`, indented by `indent`.

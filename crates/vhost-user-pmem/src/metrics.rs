@@ -51,12 +51,21 @@ pub struct Metrics {
 
 /// The non-empty buckets `[0, 1], [2, 3], [4, 7], ..` of `h`.
 pub fn log2_buckets(h: &Histogram<u64>) -> Vec<Bucket> {
-    let mut counts = [0u64; 65];
+    let mut counts = [0u64; 64];
     for v in h.iter_recorded() {
-        let value = h.lowest_equivalent(v.value_iterated_to());
-        let idx = (64 - value.leading_zeros()) as usize;
-        counts[idx.saturating_sub(1)] += v.count_at_value();
+        counts[log2_index(h.lowest_equivalent(v.value_iterated_to()))] += v.count_at_value();
     }
+    buckets_from_counts(&counts)
+}
+
+/// The bucket that holds `value`: bucket 0 is `[0, 1]`, bucket `i > 0` is `[2^i, 2^(i+1) - 1]`.
+/// Shared with the host benchmark, so that the daemon's and the benchmark's figures bucket alike.
+pub fn log2_index(value: u64) -> usize {
+    ((64 - value.leading_zeros()) as usize).saturating_sub(1)
+}
+
+/// The non-empty buckets, given the count in each bucket index (see [`log2_index`]).
+pub fn buckets_from_counts(counts: &[u64; 64]) -> Vec<Bucket> {
     counts
         .iter()
         .enumerate()
@@ -172,5 +181,23 @@ mod tests {
                 (4096, 8191, 1)
             ]
         );
+    }
+
+    #[test]
+    fn log2_bucket_edges() {
+        let idx: Vec<usize> = [0, 1, 2, 3, 4, 15, 16, 31, 32, u64::MAX]
+            .iter()
+            .map(|&v| log2_index(v))
+            .collect();
+        assert_eq!(idx, [0, 0, 1, 1, 2, 3, 4, 4, 5, 63]);
+        let mut counts = [0u64; 64];
+        counts[0] = 2;
+        counts[4] = 3;
+        counts[63] = 1;
+        let b: Vec<(u64, u64, u64)> = buckets_from_counts(&counts)
+            .iter()
+            .map(|b| (b.from, b.to, b.count))
+            .collect();
+        assert_eq!(b, [(0, 1, 2), (16, 31, 3), (1 << 63, u64::MAX, 1)]);
     }
 }
