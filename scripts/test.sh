@@ -91,9 +91,9 @@ if [[ $vm == 1 ]]; then
     step "VM [vhost-user] catalogue A-D on ext4" "${rv[@]}" --device vhost-user \
         --image "$out/catalogue-ext4.img" --log-dir "$out/catalogue-ext4" --timeout 600 \
         --args "--mkfs selftest catalogue"
-    step "VM [vhost-user] catalogue D (PMD) on xfs" "${rv[@]}" --device vhost-user \
-        --image "$out/catalogue-xfs.img" --log-dir "$out/catalogue-xfs" \
-        --args "--mkfs --fs xfs pmd"
+    step "VM [vhost-user] catalogue A-D on xfs" "${rv[@]}" --device vhost-user \
+        --image "$out/catalogue-xfs.img" --log-dir "$out/catalogue-xfs" --timeout 600 \
+        --args "--mkfs --fs xfs catalogue"
     step "20 boots in a row on one image behind one daemon" "$VUP_ROOT/scripts/boot-loop.sh" \
         --boots 20 --out "$out/boot-loop"
 fi

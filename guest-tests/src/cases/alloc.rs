@@ -296,6 +296,18 @@ fn fault_holes(path: &Path) -> i32 {
     0
 }
 
+/// Removes its files when dropped, on every exit path of a case.
+struct RemoveOnDrop(Vec<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+        sys::sync();
+    }
+}
+
 /// Catalogue A5: fill the filesystem (fallocate), unlink the filler without syncing, and
 /// at once write-fault holes from several threads: no SIGBUS, because the filesystem
 /// must commit the unlink and retry. First, with the filler still there, one write fault
@@ -304,10 +316,15 @@ pub fn enospc_retry(child: &Child, env: &Env) -> Result<Verdict> {
     let target = env.mnt.join("enospc_target.dat");
     let fill = env.mnt.join("enospc_fill.dat");
     let top = env.mnt.join("enospc_top.dat");
+    // Whatever happens below, the fillers must go: a full filesystem would fail every
+    // later case of the suite.
+    let _cleanup = RemoveOnDrop(vec![fill.clone(), top.clone(), target.clone()]);
     let f = common::create(&target)?;
     f.set_len(ENOSPC_TARGET as u64).ctx("ftruncate target")?;
     f.sync_all().ctx("fsync target")?;
     drop(f);
+    // Created while there is room: xfs cannot allocate an inode for it once full.
+    drop(common::create(&top)?);
 
     let t = Instant::now();
     let filled = fill_with_fallocate(&fill, &env.mnt)?;
@@ -389,8 +406,6 @@ pub fn enospc_retry(child: &Child, env: &Env) -> Result<Verdict> {
         }
     }
     drop(f);
-    let _ = std::fs::remove_file(&target);
-    sys::sync();
     // ext4 forces a journal commit when a fault's allocation fails while freed blocks
     // are pending (ext4_should_retry_alloc); none means the faults never needed the
     // unlinked blocks and the retry path went untested.
