@@ -1,6 +1,5 @@
 //! The vhost-user-pmem daemon.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,6 +12,7 @@ use vhost_user_pmem::backend::Device;
 use vhost_user_pmem::config::{Config, Endpoint, MetricsFile};
 use vhost_user_pmem::metrics::{self, Metrics};
 use vhost_user_pmem::sandbox::{self, SeccompMode};
+use vhost_user_pmem::socket::SocketFile;
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("vhost-user-pmem: error: {e}");
@@ -85,7 +85,7 @@ fn write_metrics(device: &Device, file: &MetricsFile) {
 fn signal_loop(
     set: libc::sigset_t,
     device: Arc<Device>,
-    socket: Option<PathBuf>,
+    socket: Option<SocketFile>,
     metrics_file: Option<MetricsFile>,
 ) {
     let period = metrics_file.as_ref().and_then(|m| m.interval);
@@ -125,8 +125,8 @@ fn signal_loop(
     // so that a clean shutdown never loses what the guest wrote.
     let synced = device.backing.sync();
     if let Some(socket) = &socket {
-        if let Err(e) = std::fs::remove_file(socket) {
-            error!("cannot remove {}: {e}", socket.display());
+        if let Err(e) = socket.remove() {
+            error!("cannot remove {}: {e}", socket.path().display());
         }
     }
     if let Some(file) = &metrics_file {
@@ -163,12 +163,11 @@ fn main() -> ExitCode {
             return fail(e);
         }
     }
-    // Compiled before anything is touched too, so that an unsupported machine is refused
-    // early; installed only once the file is open and the socket ready.
-    let filter = match sandbox::compile(config.seccomp, sandbox::Needs::of(&config)) {
-        Ok(f) => f,
-        Err(e) => return fail(e),
-    };
+    // An unsupported machine is refused before anything is touched too; the filter goes in
+    // only once the file is open and the socket ready.
+    if let Err(e) = sandbox::check_supported(config.seccomp) {
+        return fail(e);
+    }
     sandbox::prepare_allocator();
     let (device, connection) = match vhost_user_pmem::prepare(&config) {
         Ok(v) => v,
@@ -186,12 +185,29 @@ fn main() -> ExitCode {
             );
         }
     }
+    let socket = match &config.endpoint {
+        Endpoint::Listen { path, .. } => match SocketFile::new(path) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                return fail(format!(
+                    "cannot open the directory of {}: {e}",
+                    path.display()
+                ))
+            }
+        },
+        Endpoint::Connect(_) => None,
+    };
     // Every thread that exists now (main, flush workers, in client mode the first
     // connection's) gets the filter through TSYNC; every later one inherits it.
-    if let Some(filter) = &filter {
-        if let Err(e) = sandbox::install(filter) {
-            return fail(e);
+    let needs = sandbox::Needs::of(&config, socket.as_ref().map(SocketFile::dir_fd));
+    match sandbox::compile(config.seccomp, needs) {
+        Ok(None) => {}
+        Ok(Some(filter)) => {
+            if let Err(e) = sandbox::install(&filter) {
+                return fail(e);
+            }
         }
+        Err(e) => return fail(e),
     }
     match config.seccomp {
         SeccompMode::On => info!("seccomp sandbox on: calls outside the allow-list kill the daemon"),
@@ -199,10 +215,6 @@ fn main() -> ExitCode {
         SeccompMode::Off => warn!("seccomp sandbox off"),
     }
     let d = device.clone();
-    let socket = match &config.endpoint {
-        Endpoint::Listen { path, .. } => Some(path.clone()),
-        Endpoint::Connect(_) => None,
-    };
     let metrics_file = config.metrics.clone();
     if let Err(e) = std::thread::Builder::new()
         .name("pmem-signals".into())

@@ -64,8 +64,11 @@ pub enum SandboxError {
 /// What the filter has to allow beyond the calls every daemon makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Needs {
-    /// Listening: accept frontends, and remove the socket file at exit.
+    /// Listening: accept frontends.
     pub listen: bool,
+    /// The directory descriptor through which the socket file is removed at exit
+    /// (`socket::SocketFile`); `unlinkat` is allowed on it alone.
+    pub socket_dir: Option<i32>,
     /// Client mode: create an AF_UNIX socket and connect it, to reach the frontend again.
     pub connect: bool,
     /// `--metrics-path`: create `FILE.tmp` and rename it over `FILE`.
@@ -73,12 +76,22 @@ pub struct Needs {
 }
 
 impl Needs {
-    pub fn of(config: &Config) -> Needs {
+    pub fn of(config: &Config, socket_dir: Option<i32>) -> Needs {
         Needs {
             listen: matches!(config.endpoint, Endpoint::Listen { .. }),
+            socket_dir,
             connect: matches!(config.endpoint, Endpoint::Connect(_)),
             metrics_file: config.metrics.is_some(),
         }
+    }
+}
+
+/// Fails if `mode` needs a filter this build has no list for; checked before anything is
+/// touched, while the filter itself is built only once the socket exists.
+pub fn check_supported(mode: SeccompMode) -> Result<(), SandboxError> {
+    match mode {
+        SeccompMode::Off => Ok(()),
+        SeccompMode::On | SeccompMode::Log => arch().map(|_| ()),
     }
 }
 
@@ -155,11 +168,9 @@ fn rules(needs: Needs) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> 
         SYS_epoll_wait,
         SYS_epoll_pwait,
         SYS_eventfd2,
-        // Guest memory tables and the allocator.
-        SYS_mmap,
+        // Guest memory tables and the allocator (mmap and mprotect below, without PROT_EXEC).
         SYS_munmap,
         SYS_mremap,
-        SYS_mprotect,
         SYS_madvise,
         SYS_brk,
         // Checking that a memory region lies inside its file.
@@ -194,7 +205,7 @@ fn rules(needs: Needs) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> 
         SYS_exit_group,
     ];
     if needs.listen {
-        plain.extend([SYS_accept4, SYS_unlink]);
+        plain.push(SYS_accept4);
     }
     if needs.connect {
         plain.push(SYS_connect);
@@ -206,6 +217,27 @@ fn rules(needs: Needs) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> 
         plain.into_iter().map(|nr| (nr, Vec::new())).collect();
 
     let rule = |conds: Vec<SeccompCondition>| SeccompRule::new(conds);
+    // Nothing made executable after start: injected code cannot be mapped and run.
+    for nr in [SYS_mmap, SYS_mprotect] {
+        map.insert(
+            nr,
+            vec![rule(vec![cond(
+                2,
+                SeccompCmpOp::MaskedEq(PROT_EXEC as u64),
+                0,
+            )?])?],
+        );
+    }
+    if let Some(fd) = needs.socket_dir {
+        // The socket file, through its directory's descriptor; no other directory.
+        map.insert(
+            SYS_unlinkat,
+            vec![rule(vec![
+                cond(0, SeccompCmpOp::Eq, fd as u64)?,
+                cond(2, SeccompCmpOp::Eq, 0)?,
+            ])?],
+        );
+    }
     // Thread names only.
     map.insert(
         SYS_prctl,
@@ -319,6 +351,7 @@ mod tests {
 
     const ALL: Needs = Needs {
         listen: true,
+        socket_dir: Some(3),
         connect: true,
         metrics_file: true,
     };
@@ -334,6 +367,7 @@ mod tests {
     fn the_list_depends_on_the_configuration() {
         let none = Needs {
             listen: false,
+            socket_dir: None,
             connect: false,
             metrics_file: false,
         };
@@ -347,6 +381,7 @@ mod tests {
             libc::SYS_accept4,
             libc::SYS_rename,
             libc::SYS_unlink,
+            libc::SYS_unlinkat,
             libc::SYS_ptrace,
             libc::SYS_getppid,
         ] {
@@ -370,6 +405,16 @@ mod tests {
     /// Forks a child that installs the real filter for `mode` and calls `forbidden`; returns
     /// its wait status and what it wrote to stderr.
     fn run_child(mode: SeccompMode, needs: Needs, forbidden: fn() -> i64) -> (i32, String) {
+        let (_, status, out) = run_child_pid(mode, needs, forbidden);
+        (status, out)
+    }
+
+    /// [`run_child`], also returning the child's pid.
+    fn run_child_pid(
+        mode: SeccompMode,
+        needs: Needs,
+        forbidden: fn() -> i64,
+    ) -> (i32, i32, String) {
         // Built here: after fork() the child must not allocate (another thread of the test
         // harness may hold the allocator's lock).
         let program = compile(mode, needs).unwrap().unwrap();
@@ -413,7 +458,7 @@ mod tests {
         let mut status = 0;
         // SAFETY: waiting for our own child.
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        (status, String::from_utf8_lossy(&out).into_owned())
+        (pid, status, String::from_utf8_lossy(&out).into_owned())
     }
 
     fn inet_socket() -> i64 {
@@ -435,6 +480,31 @@ mod tests {
         unsafe { libc::open(path.as_ptr().cast(), libc::O_RDONLY) as i64 }
     }
 
+    fn unlink_elsewhere() -> i64 {
+        let path = b"/nonexistent-vhost-user-pmem-test\0";
+        // SAFETY: NUL-terminated path; AT_FDCWD is not the allowed directory descriptor.
+        unsafe { libc::unlinkat(libc::AT_FDCWD, path.as_ptr().cast(), 0) as i64 }
+    }
+
+    fn map_executable() -> i64 {
+        // SAFETY: an anonymous private mapping; the result is only compared.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            -1
+        } else {
+            0
+        }
+    }
+
     fn assert_killed_by_sigsys(status: i32, out: &str, nr: i64) {
         assert!(
             libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
@@ -453,12 +523,21 @@ mod tests {
         assert_killed_by_sigsys(status, &out, libc::SYS_execve);
         let none = Needs {
             listen: true,
+            socket_dir: None,
             connect: false,
             metrics_file: false,
         };
         let (status, out) = run_child(SeccompMode::On, none, open_passwd);
         // glibc's open() is openat(2).
         assert_killed_by_sigsys(status, &out, libc::SYS_openat);
+    }
+
+    #[test]
+    fn unlink_outside_the_socket_directory_and_executable_memory_are_refused() {
+        let (status, out) = run_child(SeccompMode::On, ALL, unlink_elsewhere);
+        assert_killed_by_sigsys(status, &out, libc::SYS_unlinkat);
+        let (status, out) = run_child(SeccompMode::On, ALL, map_executable);
+        assert_killed_by_sigsys(status, &out, libc::SYS_mmap);
     }
 
     #[test]
@@ -470,11 +549,36 @@ mod tests {
 
     #[test]
     fn log_mode_lets_the_call_through() {
-        let (status, out) = run_child(SeccompMode::Log, ALL, inet_socket);
+        let (pid, status, out) = run_child_pid(SeccompMode::Log, ALL, inet_socket);
         assert!(
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
             "status {status:#x}, stderr {out:?}"
         );
         assert_eq!(out, "alive\n");
+        // Where the kernel log is readable (not in every sandbox), the record log mode exists
+        // for must be there: SECCOMP_RET_LOG (code=0x7ffc0000) for socket(2) from this child.
+        let needle = format!(" pid={pid} ");
+        let code = format!("syscall={} ", libc::SYS_socket);
+        for _ in 0..50 {
+            let Ok(o) = std::process::Command::new("dmesg").output() else {
+                eprintln!("dmesg cannot run here; the audit record was not checked");
+                return;
+            };
+            if !o.status.success() {
+                eprintln!("dmesg is not readable here; the audit record was not checked");
+                return;
+            }
+            let log = String::from_utf8_lossy(&o.stdout);
+            if log.lines().any(|l| {
+                l.contains("type=1326")
+                    && l.contains(&needle)
+                    && l.contains(&code)
+                    && l.contains("code=0x7ffc0000")
+            }) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("the kernel log is readable but has no seccomp log record for pid {pid}");
     }
 }

@@ -2,7 +2,10 @@
 //! creating a new one with the permissions asked for, and checking a frontend's socket before
 //! connecting to it.
 
+use std::ffi::CString;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -106,6 +109,65 @@ pub fn ensure_free(path: &Path) -> Result<(), SocketError> {
     Ok(())
 }
 
+/// The listening socket's file, to remove at exit through a descriptor of its directory.
+///
+/// Removing it by path would need `unlink` on the seccomp allow-list, which would let a
+/// compromised daemon delete any file its user may; `unlinkat` on this directory descriptor
+/// is allowed for this descriptor only (see `sandbox.rs`).
+pub struct SocketFile {
+    dir: OwnedFd,
+    name: CString,
+    path: PathBuf,
+}
+
+impl SocketFile {
+    /// Opens the directory of `path` (O_PATH: no read access needed).
+    pub fn new(path: &Path) -> io::Result<SocketFile> {
+        let invalid = || io::Error::new(io::ErrorKind::InvalidInput, "not a file path");
+        let name = path.file_name().ok_or_else(invalid)?;
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let dir_c = CString::new(dir.as_os_str().as_bytes()).map_err(|_| invalid())?;
+        let name = CString::new(name.as_bytes()).map_err(|_| invalid())?;
+        // SAFETY: a NUL-terminated path; the descriptor returned is owned below.
+        let fd = unsafe {
+            libc::open(
+                dir_c.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(SocketFile {
+            // SAFETY: `fd` was just opened and nothing else owns it.
+            dir: unsafe { OwnedFd::from_raw_fd(fd) },
+            name,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The directory descriptor that `remove` uses.
+    pub fn dir_fd(&self) -> RawFd {
+        self.dir.as_raw_fd()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the socket file.
+    pub fn remove(&self) -> io::Result<()> {
+        // SAFETY: a valid directory descriptor and a NUL-terminated name.
+        if unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.name.as_ptr(), 0) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,6 +214,22 @@ mod tests {
         // SAFETY: as above.
         let after = unsafe { libc::umask(before) };
         assert_eq!(after, 0o022, "listen() left the umask changed");
+    }
+
+    #[test]
+    fn socket_file_removes_through_its_directory() {
+        let _turn = UMASK.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let _l = listen(&path, 0o600).unwrap();
+        let f = SocketFile::new(&path).unwrap();
+        f.remove().unwrap();
+        assert!(!path.exists());
+        assert_eq!(
+            f.remove().unwrap_err().kind(),
+            io::ErrorKind::NotFound,
+            "a second remove finds nothing"
+        );
     }
 
     #[test]
