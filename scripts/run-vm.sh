@@ -24,6 +24,9 @@ Device:
   --size SIZE          device size, e.g. 512M, 1G (default 1G)
   --daemon PATH        daemon binary (default $VUP_ROOT/target/release/vhost-user-pmem)
   --daemon-arg ARG     extra daemon argument (repeatable), e.g. --daemon-arg --read-only
+  --daemon-mode server|client  server: the daemon listens (--socket-path) and QEMU connects
+                       (default); client: QEMU listens (-chardev ...,server=on,wait=on) and
+                       the daemon, started once QEMU's socket exists, connects (--connect)
   --socket PATH        attach QEMU to a daemon that is already running on PATH instead of
                        starting one (the caller owns that daemon and checks its log)
   --keep-daemon        leave the daemon running after QEMU exits (pid in LOGDIR/daemon.pid);
@@ -71,6 +74,7 @@ image=""
 size=1G
 daemon="$VUP_ROOT/target/release/vhost-user-pmem"
 daemon_args=()
+daemon_mode=server
 keep_daemon=0
 ext_sock=""
 gargs=""
@@ -97,6 +101,7 @@ while [[ $# -gt 0 ]]; do
         --size) needarg "$1" $#; size="$2"; shift ;;
         --daemon) needarg "$1" $#; daemon="$2"; shift ;;
         --daemon-arg) needarg "$1" $#; daemon_args+=("$2"); shift ;;
+        --daemon-mode) needarg "$1" $#; daemon_mode="$2"; shift ;;
         --keep-daemon) keep_daemon=1 ;;
         --socket) needarg "$1" $#; ext_sock="$2"; shift ;;
         --args) needarg "$1" $#; gargs="$2"; shift ;;
@@ -121,6 +126,9 @@ while [[ $# -gt 0 ]]; do
 done
 
 case "$device" in vhost-user|builtin) ;; *) die "--device must be vhost-user or builtin, not '$device'" ;; esac
+case "$daemon_mode" in server|client) ;; *) die "--daemon-mode must be server or client, not '$daemon_mode'" ;; esac
+[[ $daemon_mode == server || ( $device == vhost-user && -z $ext_sock ) ]] \
+    || die "--daemon-mode client needs --device vhost-user and a daemon started here (no --socket)"
 case "$end" in poweroff|reboot|crash) ;; *) die "--end must be poweroff, reboot or crash, not '$end'" ;; esac
 case "$accel" in tcg|kvm|auto) ;; *) die "--accel must be tcg, kvm or auto, not '$accel'" ;; esac
 [[ $timeout_s =~ ^[0-9]+$ && $timeout_s -gt 0 ]] || die "--timeout must be a positive number of seconds"
@@ -195,24 +203,31 @@ elif [[ $device == vhost-user ]]; then
         sock="$sockdir/pmem0.sock"
     fi
     rm -f "$sock"
-    info "starting daemon: $daemon --socket-path $sock --file $image --size $size ${daemon_args[*]-}"
-    RUST_LOG="${RUST_LOG:-info}" "$daemon" --socket-path "$sock" --file "$image" --size "$size" \
-        "${daemon_args[@]+"${daemon_args[@]}"}" </dev/null >"$logdir/daemon.log" 2>&1 &
-    dpid=$!
-    printf '%s\n' "$dpid" > "$logdir/daemon.pid"
-    for (( i = 0; i < 100; i++ )); do
-        [[ -S $sock ]] && break
-        if ! kill -0 "$dpid" 2>/dev/null; then
-            wait "$dpid" && st=0 || st=$?
-            dpid=""
-            tail -n 40 "$logdir/daemon.log" | sed 's/^/  daemon.log: /' >&2
-            die "the daemon exited (status $st) before creating its socket"
-        fi
-        sleep 0.1
-    done
-    [[ -S $sock ]] || die "the daemon did not create $sock within 10 s"
-    devargs=(-chardev "socket,id=pmem0,path=$(qesc "$sock")"
-             -device vhost-user-test-device-pci,chardev=pmem0,virtio-id=27,num_vqs=1,vq_size=256,config_size=16)
+    if [[ $daemon_mode == client ]]; then
+        # QEMU listens; the daemon is started after QEMU below, once the socket exists.
+        # wait=on: QEMU creates the device only once the daemon has connected.
+        devargs=(-chardev "socket,id=pmem0,path=$(qesc "$sock"),server=on,wait=on"
+                 -device vhost-user-test-device-pci,chardev=pmem0,virtio-id=27,num_vqs=1,vq_size=256,config_size=16)
+    else
+        info "starting daemon: $daemon --socket-path $sock --file $image --size $size ${daemon_args[*]-}"
+        RUST_LOG="${RUST_LOG:-info}" "$daemon" --socket-path "$sock" --file "$image" --size "$size" \
+            "${daemon_args[@]+"${daemon_args[@]}"}" </dev/null >"$logdir/daemon.log" 2>&1 &
+        dpid=$!
+        printf '%s\n' "$dpid" > "$logdir/daemon.pid"
+        for (( i = 0; i < 100; i++ )); do
+            [[ -S $sock ]] && break
+            if ! kill -0 "$dpid" 2>/dev/null; then
+                wait "$dpid" && st=0 || st=$?
+                dpid=""
+                tail -n 40 "$logdir/daemon.log" | sed 's/^/  daemon.log: /' >&2
+                die "the daemon exited (status $st) before creating its socket"
+            fi
+            sleep 0.1
+        done
+        [[ -S $sock ]] || die "the daemon did not create $sock within 10 s"
+        devargs=(-chardev "socket,id=pmem0,path=$(qesc "$sock")"
+                 -device vhost-user-test-device-pci,chardev=pmem0,virtio-id=27,num_vqs=1,vq_size=256,config_size=16)
+    fi
 else
     if [[ ! -e $image ]]; then
         truncate -s "$size_b" "$image" || die "cannot create $image"
@@ -251,6 +266,19 @@ info "booting ($device, $accel, image $image, size $size); logs in $logdir"
 t0=$(now_ms)
 "$QEMU_BIN" "${qargs[@]}" </dev/null >"$logdir/console.log" 2>"$logdir/qemu.log" &
 qpid=$!
+if [[ $device == vhost-user && $daemon_mode == client ]]; then
+    for (( i = 0; i < 300; i++ )); do
+        [[ -S $sock ]] && break
+        kill -0 "$qpid" 2>/dev/null || break
+        sleep 0.1
+    done
+    [[ -S $sock ]] || { tail -n 20 "$logdir/qemu.log" >&2; die "QEMU did not create $sock within 30 s"; }
+    info "starting daemon: $daemon --connect $sock --file $image --size $size ${daemon_args[*]-}"
+    RUST_LOG="${RUST_LOG:-info}" "$daemon" --connect "$sock" --file "$image" --size "$size" \
+        "${daemon_args[@]+"${daemon_args[@]}"}" </dev/null >"$logdir/daemon.log" 2>&1 &
+    dpid=$!
+    printf '%s\n' "$dpid" > "$logdir/daemon.pid"
+fi
 if [[ $verbose == 1 ]]; then
     tail -n +1 -f --pid="$qpid" "$logdir/console.log" >&2 &
     tailpid=$!

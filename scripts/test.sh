@@ -88,6 +88,9 @@ if [[ $vm == 1 ]]; then
         --kill-after-marker "- fsync_persists" --args "--expect-gen 7 persist"
     step "VM [vhost-user] boot after the SIGKILL: data there" "${rv[@]}" \
         --device vhost-user --image "$img" --log-dir "$out/after-sigkill" --args "--expect-gen 8 persist"
+    step "VM [vhost-user] QEMU listens (server=on), daemon --connect: DAX suite" "${rv[@]}" \
+        --device vhost-user --daemon-mode client --image "$out/client.img" \
+        --log-dir "$out/client" --args "--mkfs e2e"
     step "VM [vhost-user] catalogue A-D on ext4" "${rv[@]}" --device vhost-user \
         --image "$out/catalogue-ext4.img" --log-dir "$out/catalogue-ext4" --timeout 600 \
         --args "--mkfs selftest catalogue"

@@ -2,8 +2,8 @@
 //! `vhost-user-test-device-pci` (virtio-id 27) does, with a Linux-like driver on top.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -130,13 +130,14 @@ impl Frontend {
     /// Connects and performs what QEMU does when the device is created: GET_FEATURES,
     /// GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, SET_BACKEND_REQ_FD, SET_OWNER.
     pub fn connect_with(path: impl AsRef<Path>, opts: Options) -> Result<Self> {
-        if opts.guest_memory_size < SCRATCH_BASE + (1 << 20) {
-            return Err(Error::InvalidArgument(format!(
-                "guest memory must be at least {} bytes",
-                SCRATCH_BASE + (1 << 20)
-            )));
-        }
+        check_options(&opts)?;
         let stream = connect_socket(path.as_ref(), opts.timeout)?;
+        Self::negotiate(stream, opts)
+    }
+
+    /// What [`Self::connect_with`] does after connecting, on a stream connected either way
+    /// (see [`FrontendListener`] for backends that connect to the frontend).
+    fn negotiate(stream: UnixStream, opts: Options) -> Result<Self> {
         // Bounds every reply we wait for, so a hung backend fails the test instead of
         // hanging it.
         stream
@@ -519,6 +520,90 @@ impl Frontend {
     /// Raw fd of the main socket.
     pub fn socket_fd(&self) -> i32 {
         self.conn.as_raw_fd()
+    }
+}
+
+fn check_options(opts: &Options) -> Result<()> {
+    if opts.guest_memory_size < SCRATCH_BASE + (1 << 20) {
+        return Err(Error::InvalidArgument(format!(
+            "guest memory must be at least {} bytes",
+            SCRATCH_BASE + (1 << 20)
+        )));
+    }
+    Ok(())
+}
+
+/// The frontend as the listening side, like QEMU's `-chardev socket,server=on`: the backend
+/// (`vhost-user-pmem --connect`) connects, and each accepted connection is negotiated exactly
+/// as [`Frontend::connect_with`] does. The socket file is removed on drop.
+pub struct FrontendListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl FrontendListener {
+    /// Binds and listens on `path` (which must not exist).
+    pub fn bind(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let listener = UnixListener::bind(&path).map_err(|source| Error::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
+        // Accepting polls, so that a backend that never connects fails the test in time.
+        listener
+            .set_nonblocking(true)
+            .map_err(Error::io("set listener non-blocking"))?;
+        Ok(FrontendListener { listener, path })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits up to `opts.timeout` for a backend to connect, then negotiates like
+    /// [`Frontend::connect_with`].
+    pub fn accept_with(&self, opts: Options) -> Result<Frontend> {
+        check_options(&opts)?;
+        let stream = self.accept_stream(opts.timeout)?;
+        Frontend::negotiate(stream, opts)
+    }
+
+    /// [`Self::accept_with`] with default options.
+    pub fn accept(&self) -> Result<Frontend> {
+        self.accept_with(Options::default())
+    }
+
+    /// Waits up to `timeout` for a backend to connect and returns the bare connection.
+    pub fn accept_stream(&self, timeout: Duration) -> Result<UnixStream> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    stream
+                        .set_nonblocking(false)
+                        .map_err(Error::io("set accepted socket blocking"))?;
+                    return Ok(stream);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(Error::Timeout {
+                            what: "a backend to connect",
+                            timeout,
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("accept")(e)),
+            }
+        }
+    }
+}
+
+impl Drop for FrontendListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 

@@ -10,6 +10,17 @@
 //! assert_eq!(fe.flush()?, 0);
 //! # Ok::<(), pmem_frontend::Error>(())
 //! ```
+//!
+//! Or as the listening side, for a backend started with `--connect` (QEMU's `server=on`):
+//!
+//! ```no_run
+//! let listener = pmem_frontend::FrontendListener::bind("/run/pmem0.sock")?;
+//! // ... start `vhost-user-pmem --connect /run/pmem0.sock ...` ...
+//! let mut fe = listener.accept()?;
+//! fe.start()?;
+//! assert_eq!(fe.flush()?, 0);
+//! # Ok::<(), pmem_frontend::Error>(())
+//! ```
 
 mod backend_channel;
 mod error;
@@ -22,8 +33,9 @@ mod watchdog;
 pub use backend_channel::ShmemMapping;
 pub use error::{Error, Result};
 pub use frontend::{
-    probe, Completion, Frontend, Options, CONFIG_SIZE, PROTOCOL_FEATURES, REQ_TYPE_FLUSH,
-    RING_EVENT_IDX, RING_INDIRECT_DESC, STATUS_SENTINEL, VERSION_1, VIRTIO_PMEM_F_SHMEM_REGION,
+    probe, Completion, Frontend, FrontendListener, Options, CONFIG_SIZE, PROTOCOL_FEATURES,
+    REQ_TYPE_FLUSH, RING_EVENT_IDX, RING_INDIRECT_DESC, STATUS_SENTINEL, VERSION_1,
+    VIRTIO_PMEM_F_SHMEM_REGION,
 };
 pub use memory::GuestRam;
 pub use raw::{

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use crate::flush::FlushMode;
+use crate::sandbox::SeccompMode;
 use crate::size::ByteSize;
 
 /// Serve a host file to a QEMU guest as a virtio-pmem device over vhost-user.
@@ -17,6 +18,10 @@ use crate::size::ByteSize;
 ///   -object memory-backend-memfd,id=mem0,size=1G,share=on -machine q35,memory-backend=mem0
 ///   -chardev socket,id=pmem0,path=SOCKET
 ///   -device vhost-user-test-device-pci,chardev=pmem0,virtio-id=27,num_vqs=1,vq_size=256,config_size=16
+/// or, with --connect SOCKET, let QEMU listen: -chardev socket,id=pmem0,path=SOCKET,server=on,wait=off
+///
+/// Once the file is open and the socket is ready, the daemon confines itself with a seccomp
+/// allow-list (see --seccomp and docs/security.md).
 ///
 /// Logging is controlled by RUST_LOG (default: info); at debug level every fdatasync is logged
 /// with its start time and the pop times of the requests it answered.
@@ -26,11 +31,36 @@ use crate::size::ByteSize;
 /// JSON to --metrics-path if given, otherwise as one line of JSON on stderr.
 #[derive(Parser, Debug, Clone, PartialEq, Eq)]
 #[command(version, about, long_about, verbatim_doc_comment)]
+#[command(group = clap::ArgGroup::new("endpoint").required(true).args(["socket_path", "connect"]))]
 pub struct Args {
     /// Path of the vhost-user UNIX socket to listen on. A stale socket file left by a dead
-    /// daemon is removed; a socket on which a live daemon listens is an error.
+    /// daemon is removed; a socket on which a live daemon listens is an error. The daemon
+    /// serves one frontend after another on it.
     #[arg(long, value_name = "PATH")]
-    pub socket_path: PathBuf,
+    pub socket_path: Option<PathBuf>,
+
+    /// Connect to a frontend that listens on PATH (QEMU's -chardev socket,server=on) instead of
+    /// listening. PATH must be a socket when the daemon starts, and the first connection must
+    /// succeed, or the daemon exits with an error. When a connection ends the daemon connects
+    /// again, retrying with a growing delay (0.1 s up to 5 s, each attempt logged) until it
+    /// succeeds or is stopped by SIGINT/SIGTERM. Excludes --socket-path and --socket-mode.
+    #[arg(long, value_name = "PATH")]
+    pub connect: Option<PathBuf>,
+
+    /// Permissions of the --socket-path socket file, in octal [default: 0600]. Anyone who can
+    /// connect to the socket can drive the device, so only the frontend's user should be able
+    /// to. The socket is created with these permissions (no window with wider ones). Does not
+    /// apply to --connect, whose socket belongs to the frontend.
+    #[arg(long, value_name = "OCTAL")]
+    pub socket_mode: Option<String>,
+
+    /// The seccomp sandbox: `on` (default) installs a system-call allow-list once the file is
+    /// open and the socket is ready, and a call outside it makes the daemon log the call's
+    /// number and die of SIGSYS; `log` lets such calls through but has the kernel log them
+    /// (audit log or dmesg, "type=1326"), to find what a new environment needs; `off` installs
+    /// no filter.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = SeccompMode::On)]
+    pub seccomp: SeccompMode,
 
     /// The backing file whose contents the guest sees as persistent memory.
     #[arg(long, value_name = "PATH")]

@@ -275,11 +275,16 @@ mod tests {
 
     fn config(dir: &Path, size: Option<u64>, read_only: bool) -> Config {
         Config {
-            socket_path: dir.join("s.sock"),
+            endpoint: crate::config::Endpoint::Listen {
+                path: dir.join("s.sock"),
+                mode: crate::config::DEFAULT_SOCKET_MODE,
+            },
             file: dir.join("disk.img"),
             size,
             read_only,
-            ..Config::default()
+            flush_mode: Default::default(),
+            metrics: None,
+            seccomp: crate::sandbox::SeccompMode::Off,
         }
     }
 

@@ -6,11 +6,16 @@ use std::time::Duration;
 
 use crate::args::Args;
 use crate::flush::FlushMode;
+use crate::sandbox::SeccompMode;
 use crate::size::ByteSize;
 
 /// The smallest device the guest can use: one 2 MiB huge page. The Linux driver also needs
 /// room for its struct pages, which smaller regions do not leave.
 pub const MIN_SIZE: u64 = 2 << 20;
+
+/// Permissions of a listening socket when --socket-mode is not given: only its owner (the
+/// frontend's user) may connect, because whoever connects drives the device.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 
 /// Period of the metrics file's rewrite when --metrics-interval is not given.
 pub const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(10);
@@ -38,6 +43,24 @@ pub enum ConfigError {
     },
     #[error("--socket-path is empty")]
     EmptySocketPath,
+    #[error("--connect is empty")]
+    EmptyConnectPath,
+    #[error(
+        "give --socket-path PATH to listen for a frontend, or --connect PATH to connect to one"
+    )]
+    NoEndpoint,
+    #[error(
+        "--socket-path and --connect exclude each other: the daemon either listens or connects"
+    )]
+    TwoEndpoints,
+    #[error("--connect path {0:?} is not valid UTF-8, which the vhost-user library needs")]
+    ConnectPathNotUtf8(PathBuf),
+    #[error(
+        "--socket-mode applies only to --socket-path; with --connect the frontend owns the socket"
+    )]
+    SocketModeWithConnect,
+    #[error("--socket-mode {0:?} is not an octal mode from 0 to 0777 (for example 0600 or 660)")]
+    BadSocketMode(String),
     #[error("--file is empty")]
     EmptyFile,
     #[error("--metrics-path is empty")]
@@ -56,24 +79,53 @@ pub struct MetricsFile {
     pub interval: Option<Duration>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Which side of the vhost-user socket the daemon is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Listen on this path (the default), creating the socket with `mode`.
+    Listen { path: PathBuf, mode: u32 },
+    /// Connect to a frontend that listens on this path (QEMU `server=on`). Kept as a `String`
+    /// because vhost-user-backend's `start_client` takes a `&str`.
+    Connect(String),
+}
+
+impl Endpoint {
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            Endpoint::Listen { path, .. } => path,
+            Endpoint::Connect(path) => std::path::Path::new(path),
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Listen { path, mode } => {
+                write!(f, "listening on {} (mode {mode:04o})", path.display())
+            }
+            Endpoint::Connect(path) => write!(f, "connecting to {path}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    pub socket_path: PathBuf,
+    pub endpoint: Endpoint,
     pub file: PathBuf,
     /// The size asked for on the command line, already checked; `None` means "the file's size".
     pub size: Option<u64>,
     pub read_only: bool,
     pub flush_mode: FlushMode,
     pub metrics: Option<MetricsFile>,
+    pub seccomp: SeccompMode,
 }
 
 impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(args: Args) -> Result<Self, Self::Error> {
-        if args.socket_path.as_os_str().is_empty() {
-            return Err(ConfigError::EmptySocketPath);
-        }
+        let endpoint = endpoint(args.socket_path, args.connect, args.socket_mode)?;
         if args.file.as_os_str().is_empty() {
             return Err(ConfigError::EmptyFile);
         }
@@ -99,14 +151,64 @@ impl TryFrom<Args> for Config {
             }),
         };
         Ok(Config {
-            socket_path: args.socket_path,
+            endpoint,
             file: args.file,
             size: args.size.map(|s| s.0),
             read_only: args.read_only,
             flush_mode: args.flush_mode,
             metrics,
+            seccomp: args.seccomp,
         })
     }
+}
+
+fn endpoint(
+    listen: Option<PathBuf>,
+    connect: Option<PathBuf>,
+    socket_mode: Option<String>,
+) -> Result<Endpoint, ConfigError> {
+    match (listen, connect) {
+        (None, None) => Err(ConfigError::NoEndpoint),
+        (Some(_), Some(_)) => Err(ConfigError::TwoEndpoints),
+        (Some(path), None) => {
+            if path.as_os_str().is_empty() {
+                return Err(ConfigError::EmptySocketPath);
+            }
+            let mode = match socket_mode {
+                None => DEFAULT_SOCKET_MODE,
+                Some(text) => parse_socket_mode(&text)?,
+            };
+            Ok(Endpoint::Listen { path, mode })
+        }
+        (None, Some(path)) => {
+            if path.as_os_str().is_empty() {
+                return Err(ConfigError::EmptyConnectPath);
+            }
+            if socket_mode.is_some() {
+                return Err(ConfigError::SocketModeWithConnect);
+            }
+            match path.into_os_string().into_string() {
+                Ok(path) => Ok(Endpoint::Connect(path)),
+                Err(path) => Err(ConfigError::ConnectPathNotUtf8(path.into())),
+            }
+        }
+    }
+}
+
+/// Octal permission bits, as chmod takes them: `600`, `0600`, `0o600`. Set-id and sticky bits
+/// mean nothing on a socket and are refused rather than silently dropped.
+fn parse_socket_mode(text: &str) -> Result<u32, ConfigError> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    let bad = || ConfigError::BadSocketMode(text.to_string());
+    if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
+    {
+        return Err(bad());
+    }
+    let mode = u32::from_str_radix(digits, 8).map_err(|_| bad())?;
+    if mode > 0o777 {
+        return Err(bad());
+    }
+    Ok(mode)
 }
 
 fn check_requested_size(size: u64) -> Result<(), ConfigError> {
@@ -148,7 +250,10 @@ mod tests {
 
     fn args(size: Option<&str>) -> Args {
         Args {
-            socket_path: "/tmp/s.sock".into(),
+            socket_path: Some("/tmp/s.sock".into()),
+            connect: None,
+            socket_mode: None,
+            seccomp: SeccompMode::On,
             file: "/tmp/f.img".into(),
             size: size.map(|s| s.parse().unwrap()),
             read_only: false,
@@ -248,7 +353,7 @@ mod tests {
     #[test]
     fn rejects_empty_paths() {
         let mut a = args(None);
-        a.socket_path = "".into();
+        a.socket_path = Some("".into());
         assert_eq!(
             Config::try_from(a).unwrap_err(),
             ConfigError::EmptySocketPath
@@ -267,5 +372,99 @@ mod tests {
             check_file_size(p, 4096),
             Err(ConfigError::TooSmall(_))
         ));
+    }
+
+    #[test]
+    fn exactly_one_endpoint() {
+        let mut a = args(None);
+        assert_eq!(
+            Config::try_from(a.clone()).unwrap().endpoint,
+            Endpoint::Listen {
+                path: "/tmp/s.sock".into(),
+                mode: 0o600
+            }
+        );
+        a.connect = Some("/tmp/qemu.sock".into());
+        assert_eq!(
+            Config::try_from(a.clone()).unwrap_err(),
+            ConfigError::TwoEndpoints
+        );
+        a.socket_path = None;
+        assert_eq!(
+            Config::try_from(a.clone()).unwrap().endpoint,
+            Endpoint::Connect("/tmp/qemu.sock".into())
+        );
+        a.connect = Some("".into());
+        assert_eq!(
+            Config::try_from(a.clone()).unwrap_err(),
+            ConfigError::EmptyConnectPath
+        );
+        a.connect = None;
+        assert_eq!(Config::try_from(a).unwrap_err(), ConfigError::NoEndpoint);
+    }
+
+    #[test]
+    fn connect_path_must_be_utf8() {
+        use std::os::unix::ffi::OsStrExt;
+        let mut a = args(None);
+        a.socket_path = None;
+        a.connect = Some(std::ffi::OsStr::from_bytes(b"/tmp/\xff.sock").into());
+        assert!(matches!(
+            Config::try_from(a).unwrap_err(),
+            ConfigError::ConnectPathNotUtf8(_)
+        ));
+    }
+
+    #[test]
+    fn socket_modes() {
+        let mode = |m: &str| {
+            let mut a = args(None);
+            a.socket_mode = Some(m.into());
+            Config::try_from(a).map(|c| match c.endpoint {
+                Endpoint::Listen { mode, .. } => mode,
+                Endpoint::Connect(_) => unreachable!(),
+            })
+        };
+        assert_eq!(mode("0600"), Ok(0o600));
+        assert_eq!(mode("660"), Ok(0o660));
+        assert_eq!(mode("0o666"), Ok(0o666));
+        assert_eq!(mode("0"), Ok(0));
+        assert_eq!(mode("0777"), Ok(0o777));
+        for bad in [
+            "",
+            "8",
+            "0x600",
+            "4755",
+            "1777",
+            "rw-------",
+            "00600",
+            "-600",
+            " 600",
+        ] {
+            assert_eq!(
+                mode(bad),
+                Err(ConfigError::BadSocketMode(bad.into())),
+                "{bad:?}"
+            );
+        }
+        let mut a = args(None);
+        a.socket_path = None;
+        a.connect = Some("/tmp/q.sock".into());
+        a.socket_mode = Some("0600".into());
+        assert_eq!(
+            Config::try_from(a).unwrap_err(),
+            ConfigError::SocketModeWithConnect
+        );
+    }
+
+    #[test]
+    fn seccomp_mode_is_passed_on() {
+        let mut a = args(None);
+        assert_eq!(
+            Config::try_from(a.clone()).unwrap().seccomp,
+            SeccompMode::On
+        );
+        a.seccomp = SeccompMode::Log;
+        assert_eq!(Config::try_from(a).unwrap().seccomp, SeccompMode::Log);
     }
 }

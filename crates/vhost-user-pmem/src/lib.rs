@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod queue;
 pub mod ratelimit;
 pub mod request;
+pub mod sandbox;
 pub mod shmem;
 pub mod size;
 pub mod socket;
@@ -26,6 +27,13 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::{Device, PmemBackend};
+use crate::config::Endpoint;
+
+/// First and longest wait between attempts to reach a frontend again in client mode: quick
+/// enough for a frontend that restarts at once, and at most one attempt (and log line) every
+/// few seconds for one that stays away.
+pub const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(100);
+pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -39,74 +47,174 @@ pub enum Error {
     Threads(std::io::Error),
 }
 
+/// The socket side that [`prepare`] set up, for [`serve`].
+pub enum Connection {
+    /// A bound, listening socket; frontends connect to it one after another.
+    Listener(Listener),
+    /// The frontend listens; the daemon connects to it, and again after every disconnect.
+    /// `first` is the attempt made by [`prepare`], so that a wrong path fails at start.
+    Client {
+        path: String,
+        first: Option<ConnectedDaemon>,
+    },
+}
+
+/// A vhost-user handler with its connection running, made by [`prepare`] in client mode.
+pub struct ConnectedDaemon {
+    daemon: VhostUserDaemon<Arc<PmemBackend>>,
+    backend: Arc<PmemBackend>,
+}
+
+/// A fresh backend and vhost-user handler for connection `conn_id`.
+fn new_daemon(device: &Arc<Device>, conn_id: u64) -> Result<ConnectedDaemon, String> {
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let backend = PmemBackend::new(device.clone(), conn_id, mem.clone())
+        .map(Arc::new)
+        .map_err(|e| format!("cannot start the connection's threads: {e}"))?;
+    let daemon = VhostUserDaemon::new("vhost-user-pmem".into(), backend.clone(), mem)
+        .map_err(|e| format!("cannot set up the vhost-user handler: {e}"))?;
+    Ok(ConnectedDaemon { daemon, backend })
+}
+
+/// Connects to the frontend at `path` with a fresh handler.
+fn connect_once(device: &Arc<Device>, conn_id: u64, path: &str) -> Result<ConnectedDaemon, String> {
+    let mut d = new_daemon(device, conn_id)?;
+    if let Err(e) = d.daemon.start_client(path) {
+        // The handler's vring threads were started by `new`; stop them with this attempt.
+        d.backend.signal_exit();
+        return Err(format!("cannot connect to {path}: {e}"));
+    }
+    Ok(d)
+}
+
+/// Connects to the frontend at `path`, retrying with a doubling delay until it works. Every
+/// failed attempt is logged: a daemon that waits for its frontend should say so.
+fn reconnect(device: &Arc<Device>, conn_id: u64, path: &str) -> ConnectedDaemon {
+    let mut delay = RECONNECT_FIRST_DELAY;
+    let mut attempt = 1u64;
+    loop {
+        match connect_once(device, conn_id, path) {
+            Ok(d) => return d,
+            Err(e) => {
+                info!(
+                    "{e} (attempt {attempt}); retrying in {} ms",
+                    delay.as_millis()
+                );
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(RECONNECT_MAX_DELAY);
+                attempt += 1;
+            }
+        }
+    }
+}
+
 /// Serves one frontend connection after another, forever. A connection that ends, cleanly or
-/// not, only sends the daemon back to waiting for the next one: the daemon never exits because of
-/// what a frontend or a guest did.
-pub fn serve(device: Arc<Device>, mut listener: Listener) -> ! {
+/// not, only sends the daemon back to waiting for the next one (listening) or to connecting
+/// again (client mode): the daemon never exits because of what a frontend or a guest did.
+pub fn serve(device: Arc<Device>, connection: Connection) -> ! {
+    match connection {
+        Connection::Listener(listener) => serve_listening(device, listener),
+        Connection::Client { path, first } => serve_client(device, &path, first),
+    }
+}
+
+fn serve_listening(device: Arc<Device>, mut listener: Listener) -> ! {
     let mut conn_id = 0u64;
     loop {
         conn_id += 1;
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = match PmemBackend::new(device.clone(), conn_id, mem.clone()) {
-            Ok(b) => Arc::new(b),
-            Err(e) => {
-                error!("cannot start the connection's threads: {e}; retrying in 1 s");
-                std::thread::sleep(Duration::from_secs(1));
-                continue;
-            }
-        };
-        let mut daemon = match VhostUserDaemon::new("vhost-user-pmem".into(), backend.clone(), mem)
-        {
+        let mut d = match new_daemon(&device, conn_id) {
             Ok(d) => d,
             Err(e) => {
-                error!("cannot set up the vhost-user handler: {e}; retrying in 1 s");
+                error!("{e}; retrying in 1 s");
                 std::thread::sleep(Duration::from_secs(1));
                 continue;
             }
         };
         info!("waiting for a frontend");
-        if let Err(e) = daemon.start(&mut listener) {
+        if let Err(e) = d.daemon.start(&mut listener) {
             error!("cannot accept a frontend: {e}; retrying in 1 s");
-            backend.signal_exit();
+            d.backend.signal_exit();
             std::thread::sleep(Duration::from_secs(1));
             continue;
         }
         info!("frontend connected (connection {conn_id})");
-        let result = daemon.wait();
-        backend.signal_exit();
-        match result {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                VhostUserError::Disconnected | VhostUserError::PartialMessage,
-            )) => info!(
-                "frontend disconnected (connection {conn_id}); {}",
-                device.stats
-            ),
-            Err(e) => warn!("connection {conn_id} ended: {e}; {}", device.stats),
-        }
+        run_connection(&device, conn_id, d);
     }
 }
 
-/// Validates everything, opens and locks the file, binds the socket, and returns what [`serve`]
-/// needs. Nothing is listening for frontends until `serve` runs.
-pub fn prepare(config: &config::Config) -> Result<(Arc<Device>, Listener), Error> {
-    // A taken socket path is refused before the file is touched; the socket is bound only once
-    // the file is ready, so a frontend that can connect finds a device it can use.
-    socket::ensure_free(&config.socket_path)?;
+fn serve_client(device: Arc<Device>, path: &str, mut first: Option<ConnectedDaemon>) -> ! {
+    let mut conn_id = 0u64;
+    loop {
+        conn_id += 1;
+        let d = match first.take() {
+            Some(d) => d,
+            None => {
+                info!("connecting to the frontend at {path} again");
+                reconnect(&device, conn_id, path)
+            }
+        };
+        info!("connected to the frontend at {path} (connection {conn_id})");
+        run_connection(&device, conn_id, d);
+    }
+}
+
+/// Waits until the frontend of connection `conn_id` goes away, then stops its threads.
+fn run_connection(device: &Device, conn_id: u64, mut d: ConnectedDaemon) {
+    let result = d.daemon.wait();
+    d.backend.signal_exit();
+    match result {
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            VhostUserError::Disconnected | VhostUserError::PartialMessage,
+        )) => info!(
+            "frontend disconnected (connection {conn_id}); {}",
+            device.stats
+        ),
+        Err(e) => warn!("connection {conn_id} ended: {e}; {}", device.stats),
+    }
+}
+
+/// Validates everything, opens and locks the file, binds the socket (or, in client mode,
+/// makes the first connection), and returns what [`serve`] needs. Nothing is served until
+/// `serve` runs; in client mode the frontend's first message waits in the socket until then.
+pub fn prepare(config: &config::Config) -> Result<(Arc<Device>, Connection), Error> {
+    // A taken or missing socket path is refused before the file is touched; the socket is
+    // bound or connected only once the file is ready, so a frontend that can talk to the
+    // daemon finds a device it can use.
+    match &config.endpoint {
+        Endpoint::Listen { path, .. } => socket::ensure_free(path)?,
+        Endpoint::Connect(path) => socket::check_connect_path(std::path::Path::new(path))?,
+    }
     let backing = backing::BackingFile::open(config)?;
-    let listener = socket::listen(&config.socket_path)?;
-    info!(
-        "serving {} ({}, {}, flush mode {}) on {}",
-        config.file.display(),
-        size::ByteSize(backing.size()),
-        if backing.read_only() {
-            "read-only"
-        } else {
-            "read-write"
+    let size = backing.size();
+    let read_only = backing.read_only();
+    // Bound before the flush workers start: listen() sets the process-wide umask for a moment.
+    let mut connection = match &config.endpoint {
+        Endpoint::Listen { path, mode } => Connection::Listener(socket::listen(path, *mode)?),
+        Endpoint::Connect(path) => Connection::Client {
+            path: path.clone(),
+            first: None,
         },
+    };
+    let device = Arc::new(Device::new(backing, config.flush_mode).map_err(Error::Threads)?);
+    if let Connection::Client { path, first } = &mut connection {
+        // Unlike a reconnect, the first attempt is not retried: a wrong path fails at start.
+        let mut d = new_daemon(&device, 1).map_err(|e| Error::Threads(std::io::Error::other(e)))?;
+        d.daemon
+            .start_client(path)
+            .map_err(|e| socket::SocketError::Connect {
+                path: path.as_str().into(),
+                reason: e.to_string(),
+            })?;
+        *first = Some(d);
+    }
+    info!(
+        "serving {} ({}, {}, flush mode {}), {}",
+        config.file.display(),
+        size::ByteSize(size),
+        if read_only { "read-only" } else { "read-write" },
         config.flush_mode,
-        config.socket_path.display()
+        config.endpoint
     );
-    let device = Device::new(backing, config.flush_mode).map_err(Error::Threads)?;
-    Ok((Arc::new(device), listener))
+    Ok((device, connection))
 }

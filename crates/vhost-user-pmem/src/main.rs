@@ -1,6 +1,5 @@
 //! The vhost-user-pmem daemon.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,8 +9,10 @@ use log::{debug, error, info, warn};
 
 use vhost_user_pmem::args::Args;
 use vhost_user_pmem::backend::Device;
-use vhost_user_pmem::config::{Config, MetricsFile};
+use vhost_user_pmem::config::{Config, Endpoint, MetricsFile};
 use vhost_user_pmem::metrics::{self, Metrics};
+use vhost_user_pmem::sandbox::{self, SeccompMode};
+use vhost_user_pmem::socket::SocketFile;
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("vhost-user-pmem: error: {e}");
@@ -78,10 +79,13 @@ fn write_metrics(device: &Device, file: &MetricsFile) {
 
 /// The signal thread: reports metrics on SIGUSR1 and on the --metrics-interval timer, and shuts
 /// down on SIGINT or SIGTERM. Between those it sleeps in the kernel.
+///
+/// `socket` is the listening socket to remove at exit; in client mode the socket is the
+/// frontend's and stays.
 fn signal_loop(
     set: libc::sigset_t,
     device: Arc<Device>,
-    socket: PathBuf,
+    socket: Option<SocketFile>,
     metrics_file: Option<MetricsFile>,
 ) {
     let period = metrics_file.as_ref().and_then(|m| m.interval);
@@ -120,8 +124,10 @@ fn signal_loop(
     // Guest stores that no flush has covered yet are in the host page cache; make them durable
     // so that a clean shutdown never loses what the guest wrote.
     let synced = device.backing.sync();
-    if let Err(e) = std::fs::remove_file(&socket) {
-        error!("cannot remove {}: {e}", socket.display());
+    if let Some(socket) = &socket {
+        if let Err(e) = socket.remove() {
+            error!("cannot remove {}: {e}", socket.path().display());
+        }
     }
     if let Some(file) = &metrics_file {
         write_metrics(&device, file);
@@ -157,7 +163,13 @@ fn main() -> ExitCode {
             return fail(e);
         }
     }
-    let (device, listener) = match vhost_user_pmem::prepare(&config) {
+    // An unsupported machine is refused before anything is touched too; the filter goes in
+    // only once the file is open and the socket ready.
+    if let Err(e) = sandbox::check_supported(config.seccomp) {
+        return fail(e);
+    }
+    sandbox::prepare_allocator();
+    let (device, connection) = match vhost_user_pmem::prepare(&config) {
         Ok(v) => v,
         Err(e) => return fail(e),
     };
@@ -173,8 +185,36 @@ fn main() -> ExitCode {
             );
         }
     }
+    let socket = match &config.endpoint {
+        Endpoint::Listen { path, .. } => match SocketFile::new(path) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                return fail(format!(
+                    "cannot open the directory of {}: {e}",
+                    path.display()
+                ))
+            }
+        },
+        Endpoint::Connect(_) => None,
+    };
+    // Every thread that exists now (main, flush workers, in client mode the first
+    // connection's) gets the filter through TSYNC; every later one inherits it.
+    let needs = sandbox::Needs::of(&config, socket.as_ref().map(SocketFile::dir_fd));
+    match sandbox::compile(config.seccomp, needs) {
+        Ok(None) => {}
+        Ok(Some(filter)) => {
+            if let Err(e) = sandbox::install(&filter) {
+                return fail(e);
+            }
+        }
+        Err(e) => return fail(e),
+    }
+    match config.seccomp {
+        SeccompMode::On => info!("seccomp sandbox on: calls outside the allow-list kill the daemon"),
+        SeccompMode::Log => warn!("seccomp sandbox in log mode: calls outside the allow-list are only logged by the kernel"),
+        SeccompMode::Off => warn!("seccomp sandbox off"),
+    }
     let d = device.clone();
-    let socket = config.socket_path.clone();
     let metrics_file = config.metrics.clone();
     if let Err(e) = std::thread::Builder::new()
         .name("pmem-signals".into())
@@ -182,5 +222,5 @@ fn main() -> ExitCode {
     {
         return fail(format!("cannot start the signal thread: {e}"));
     }
-    vhost_user_pmem::serve(device, listener)
+    vhost_user_pmem::serve(device, connection)
 }

@@ -1,11 +1,13 @@
-//! Connections coming and going, device restarts, signals, and the socket file.
+//! Connections coming and going, device restarts, daemon restarts, signals, and the socket
+//! file. The tests of a restart or a broken connection run in both socket modes: the daemon
+//! listening (`--socket-path`) and the daemon connecting to a listening harness (`--connect`).
 
 mod common;
 
 use std::os::unix::net::UnixListener;
 
-use common::{assert_error, run, Daemon, Env, FileState, MIB, TIMEOUT};
-use pmem_frontend::VhostUserMMapFlags;
+use common::{assert_error, run, Daemon, Env, FileState, Frontends, Mode, MIB, TIMEOUT};
+use pmem_frontend::{VhostUserMMapFlags, STATUS_SENTINEL};
 
 fn assert_map_fields(map: &pmem_frontend::ShmemMapping, size: u64) {
     let r = map.request;
@@ -260,4 +262,137 @@ fn the_daemon_keeps_listening_after_many_connections() {
     }
     assert!(std::time::Instant::now() < deadline);
     assert!(d.is_running());
+}
+
+/// A daemon killed with SIGKILL leaves its frontend with a dead connection (and, listening, a
+/// stale socket file). A fresh daemon on the same file must go through the whole negotiation
+/// and map the file again from scratch, and the guest's data must be there.
+fn a_fresh_daemon_after_sigkill_negotiates_and_maps_again(mode: Mode) {
+    let env = Env::new();
+    env.create_file(4 * MIB);
+    let fes = Frontends::new(&env, mode);
+    let mut first = env.start_in(mode, &[], "first.log");
+    let mut fe = fes.next(&first);
+    let map = fe.start().unwrap();
+    assert_map_fields(&map, 4 * MIB);
+    map.write(8192, b"before the kill").unwrap();
+    assert_eq!(fe.flush().unwrap(), 0);
+
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(first.pid(), libc::SIGKILL) }, 0);
+    let status = first
+        .wait_exit(TIMEOUT)
+        .expect("killed daemon did not exit");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    // The old connection is dead.
+    assert!(
+        fe.get_config().is_err(),
+        "a killed daemon answered GET_CONFIG"
+    );
+    drop(fe);
+    if mode == Mode::Listen {
+        assert!(env.socket.exists(), "SIGKILL cannot remove the socket file");
+    }
+    // The frontend still maps the file with the descriptor from SHMEM_MAP, which shares the
+    // killed daemon's flock: a fresh daemon is refused (exit 1) until that mapping is gone.
+    let args = match mode {
+        Mode::Listen => env.args(&[]),
+        Mode::Client => env.client_args(&[]),
+    };
+    let refused = run(&args);
+    assert_eq!(refused.code(), Some(1), "{}", refused.stderr);
+    let line = refused.stderr.lines().last().unwrap_or_default();
+    assert!(
+        line.starts_with("vhost-user-pmem: error: ") && line.contains("in use"),
+        "{}",
+        refused.stderr
+    );
+    if mode == Mode::Listen {
+        // The refused daemon cleared the stale socket before it found the lock taken.
+        assert!(
+            refused.stderr.contains("removed stale socket"),
+            "{}",
+            refused.stderr
+        );
+    }
+    drop(map);
+
+    let second = env.start_in(mode, &[], "second.log");
+    let mut fe = fes.next(&second);
+    // A new connection starts from nothing: features offered again, no map before start.
+    assert_eq!(fe.acked_features(), None);
+    assert_ne!(fe.features() & pmem_frontend::VIRTIO_PMEM_F_SHMEM_REGION, 0);
+    assert!(fe.shmem_maps().is_empty());
+    assert_eq!({ fe.get_shmem_config().unwrap().memory_sizes[0] }, 4 * MIB);
+    let map = fe.start().unwrap();
+    assert_map_fields(&map, 4 * MIB);
+    assert_eq!(fe.shmem_maps().len(), 1);
+    let mut buf = [0u8; 15];
+    map.read(8192, &mut buf).unwrap();
+    assert_eq!(&buf, b"before the kill");
+    map.write(12288, b"after").unwrap();
+    assert_eq!(fe.flush().unwrap(), 0);
+    let data = std::fs::read(&env.file).unwrap();
+    assert_eq!(&data[12288..12293], b"after");
+}
+
+#[test]
+fn a_fresh_daemon_after_sigkill_negotiates_and_maps_again_listening() {
+    a_fresh_daemon_after_sigkill_negotiates_and_maps_again(Mode::Listen);
+}
+
+#[test]
+fn a_fresh_daemon_after_sigkill_negotiates_and_maps_again_client() {
+    a_fresh_daemon_after_sigkill_negotiates_and_maps_again(Mode::Client);
+}
+
+/// The frontend goes away in the middle of a flush: the request is on the ring and kicked but
+/// not answered. The daemon is stopped (SIGSTOP) while the request is submitted and the
+/// connection closed, so "not answered yet" is certain rather than a race; after SIGCONT it
+/// finds the kick and the hang-up together. It must survive, and the next connection must
+/// work from scratch.
+fn a_disconnect_in_the_middle_of_a_flush(mode: Mode) {
+    let env = Env::new();
+    env.create_file(2 * MIB);
+    let fes = Frontends::new(&env, mode);
+    let mut d = env.start_in(mode, &[], "daemon.log");
+    let mut fe = fes.next(&d);
+    let map = fe.start().unwrap();
+    assert_eq!(fe.flush().unwrap(), 0);
+    map.write(0, b"dirty before the cut").unwrap();
+
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(d.pid(), libc::SIGSTOP) }, 0);
+    let head = fe.submit_request(0).unwrap();
+    assert_eq!(fe.in_flight(), 1);
+    assert_eq!(fe.request_status(head).unwrap(), STATUS_SENTINEL as i32);
+    fe.disconnect();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(d.pid(), libc::SIGCONT) }, 0);
+
+    d.wait_log("frontend disconnected (connection 1)", 1);
+    assert!(d.is_running(), "the daemon died after the cut");
+    let mut fe = fes.next(&d);
+    assert!(fe.shmem_maps().is_empty());
+    let map = fe.start().unwrap();
+    let mut buf = [0u8; 20];
+    map.read(0, &mut buf).unwrap();
+    assert_eq!(&buf, b"dirty before the cut");
+    assert_eq!(fe.flush().unwrap(), 0);
+    assert_eq!(fe.flush().unwrap(), 0);
+    let log = d.wait_log("(connection 2)", 1);
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn a_disconnect_in_the_middle_of_a_flush_listening() {
+    a_disconnect_in_the_middle_of_a_flush(Mode::Listen);
+}
+
+#[test]
+fn a_disconnect_in_the_middle_of_a_flush_client() {
+    a_disconnect_in_the_middle_of_a_flush(Mode::Client);
 }

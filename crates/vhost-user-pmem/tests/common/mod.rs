@@ -12,7 +12,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use pmem_frontend::{Frontend, Options};
+use pmem_frontend::{Frontend, FrontendListener, Options};
 
 /// The daemon under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-pmem");
@@ -63,6 +63,74 @@ impl Env {
     pub fn start(&self, extra: &[&str]) -> Daemon {
         Daemon::start(&self.args(extra), &self.socket, &self.path("daemon.log"))
     }
+
+    /// `--connect S --file F` plus `extra`.
+    pub fn client_args<'a>(&'a self, extra: &[&'a str]) -> Vec<String> {
+        let mut v = vec![
+            "--connect".to_string(),
+            self.socket.display().to_string(),
+            "--file".to_string(),
+            self.file.display().to_string(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+
+    /// Starts a daemon in `mode` (logging to `log`, a name in the directory). In client mode
+    /// `listener` must be listening on [`Self::socket`]; the daemon connects to it at once.
+    pub fn start_in(&self, mode: Mode, extra: &[&str], log: &str) -> Daemon {
+        match mode {
+            Mode::Listen => Daemon::start(&self.args(extra), &self.socket, &self.path(log)),
+            Mode::Client => Daemon::spawn(&self.client_args(extra), &self.socket, &self.path(log)),
+        }
+    }
+}
+
+/// Which side of the socket the daemon is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `--socket-path`: the daemon listens, the harness connects.
+    Listen,
+    /// `--connect`: the harness listens ([`FrontendListener`]), the daemon connects.
+    Client,
+}
+
+/// The frontend's end for either mode: in client mode a listener the daemon connects to.
+pub struct Frontends {
+    pub mode: Mode,
+    pub listener: Option<FrontendListener>,
+}
+
+impl Frontends {
+    /// For client mode, binds the harness's listener on `env.socket` first.
+    pub fn new(env: &Env, mode: Mode) -> Frontends {
+        let listener = match mode {
+            Mode::Listen => None,
+            Mode::Client => {
+                Some(FrontendListener::bind(&env.socket).expect("bind frontend socket"))
+            }
+        };
+        Frontends { mode, listener }
+    }
+
+    /// The next frontend connection to `daemon`: connects to it, or accepts its connection.
+    pub fn next(&self, daemon: &Daemon) -> Frontend {
+        match &self.listener {
+            None => daemon.connect(),
+            Some(l) => {
+                let opts = Options {
+                    timeout: TIMEOUT,
+                    ..Options::default()
+                };
+                l.accept_with(opts).unwrap_or_else(|e| {
+                    panic!(
+                        "accept the daemon's connection: {e}; daemon log:\n{}",
+                        daemon.log()
+                    )
+                })
+            }
+        }
+    }
 }
 
 /// Bytes `i * 31 + seed` (mod 251, so the pattern does not repeat at page sizes).
@@ -82,6 +150,14 @@ pub struct Daemon {
 impl Daemon {
     /// Spawns the daemon and waits (with a deadline) until its socket accepts connections.
     pub fn start(args: &[String], socket: &Path, log: &Path) -> Daemon {
+        let mut d = Daemon::spawn(args, socket, log);
+        d.wait_listening();
+        d
+    }
+
+    /// Spawns the daemon without waiting for anything (for `--connect`, where the harness
+    /// accepts the daemon's connection instead).
+    pub fn spawn(args: &[String], socket: &Path, log: &Path) -> Daemon {
         let log_file = File::create(log).expect("create daemon log");
         let child = Command::new(BIN)
             .args(args)
@@ -91,13 +167,49 @@ impl Daemon {
             .stderr(log_file)
             .spawn()
             .expect("spawn daemon");
-        let mut d = Daemon {
+        Daemon {
             child: Some(child),
             socket: socket.to_path_buf(),
             log: log.to_path_buf(),
-        };
-        d.wait_listening();
-        d
+        }
+    }
+
+    /// Waits up to [`TIMEOUT`] until the daemon's log contains `needle` (at least `count`
+    /// times); returns the log.
+    pub fn wait_log(&self, needle: &str, count: usize) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let log = self.log();
+            if log.matches(needle).count() >= count {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} not {count} times in the daemon log after {TIMEOUT:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The daemon's threads' `Seccomp:` mode from /proc (0 none, 2 filter), by thread name.
+    pub fn seccomp_modes(&self) -> Vec<(String, u32)> {
+        let tasks = format!("/proc/{}/task", self.pid());
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&tasks).expect("read /proc/PID/task") {
+            let Ok(status) = std::fs::read_to_string(entry.unwrap().path().join("status")) else {
+                continue; // the thread ended meanwhile
+            };
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_string())
+                    .unwrap_or_default()
+            };
+            let mode = field("Seccomp:").parse().expect("Seccomp: field");
+            out.push((field("Name:"), mode));
+        }
+        out
     }
 
     /// Waits until the daemon answers GET_FEATURES. Its socket accepting a connection is
