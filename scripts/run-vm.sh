@@ -31,6 +31,13 @@ Device:
                        starting one (the caller owns that daemon and checks its log)
   --keep-daemon        leave the daemon running after QEMU exits (pid in LOGDIR/daemon.pid);
                        its exit status is then not checked
+  --expect-daemon-exit N   the status the daemon must exit with on SIGTERM (default 0; 1
+                       after an injected flush failure: its final fdatasync is refused)
+  --faultfs            put the image on a faultfs mount (FUSE passthrough that fails fsync
+                       on command): the image's directory (default LOGDIR/faultfs.src) is
+                       mirrored at LOGDIR/faultfs.mnt and the daemon opens the image there.
+                       Needs root and /dev/fuse. Unmounted on every exit path.
+  --faultfs-bin PATH   faultfs binary (default $VUP_ROOT/target/release/faultfs)
 Guest:
   --args "A B C"       arguments for the guest binary (sent as vup.args=A,B,C; no commas)
   --end poweroff|reboot|crash  what the guest does after the binary (default poweroff)
@@ -53,14 +60,33 @@ Run:
   -h, --help           this text
 
 Environment: QEMU=/path/to/qemu-system-x86_64 (11.0+), KERNEL=/path/to/bzImage,
-KERNEL_MODULES=/path/lib/modules/<version>, RUST_LOG (daemon, default info), VUP_CACHE.
+KERNEL_MODULES=/path/lib/modules/<version>, RUST_LOG (daemon, default info,vhost_user_pmem::flush=debug), VUP_CACHE.
+
+Host handshake: a guest line "VUP-SYNC ACTION ARGS" (on the binary's output) makes the runner
+act on the host and answer "VUP-ACK ACTION TEXT" or "VUP-NAK ACTION REASON" on the guest's
+console input (ttyS0; QEMU's stdin is a FIFO, LOGDIR/hostlink). Actions:
+  snapshot LABEL           SIGUSR1 to the daemon; keep its metrics JSON as sync-LABEL.json and
+                           faultfs's count of passed fdatasyncs of the image (sync-LABEL.faultfs)
+  check-flushes LABEL N    snapshot LABEL-after, then check against LABEL: the daemon took and
+                           answered >= N flush requests and made >= N fdatasyncs, 0 errors,
+                           order_violations 0, and (with --faultfs) faultfs passed >= N fdatasyncs
+                           of the image; a NAK fails the run too (catalogue E16)
+  check-queue LABEL CAP    snapshot LABEL-after; no request answered with an error since LABEL;
+                           reports the most requests one fdatasync answered (from the daemon's
+                           flush debug log) against CAP, the requests a full ring holds (E18)
+  faultfs fail-fsync|ok    switch faultfs (needs --faultfs)
+  check-sticky             after "faultfs ok": faultfs injected EIO at least once and passed no
+                           fdatasync of the image since; the daemon logged the failure at error
+                           level and its metrics report it (catalogue E17); a NAK fails the run
+Unknown actions are refused (NAK) and fail the run.
 
 Files in LOGDIR: console.log (guest serial console), guest-out.txt (the binary's output,
 copied by the guest to a second serial port, free of kernel messages), tap.txt, metrics.txt
-(VUP-METRIC lines), hostchecks.txt, daemon.log, qemu.log (QEMU's own stderr), qemu.cmd.
+(VUP-METRIC lines), hostchecks.txt, daemon.log, daemon-metrics.json, qemu.log (QEMU's own
+stderr), qemu.cmd, hostlink.log (the handshake), faultfs.log.
 
-Fails (exit 1) on: timeout; QEMU exiting non-zero; a daemon that died or did not exit 0 on
-SIGTERM; no "VUP-END" (unless --end crash or --kill-after-marker); rc != 0; any "not ok";
+Fails (exit 1) on: timeout; QEMU exiting non-zero; a daemon that died or did not exit with
+--expect-daemon-exit's status on SIGTERM; a refused handshake action; no "VUP-END" (unless --end crash or --kill-after-marker); rc != 0; any "not ok";
 a missing plan or a plan that does not match the number of results; a VUP-HOSTCHECK whose
 sha256 does not match the host image; kernel warnings (see above). Prints
   DEVICE: N passed, M failed
@@ -76,6 +102,9 @@ daemon="$VUP_ROOT/target/release/vhost-user-pmem"
 daemon_args=()
 daemon_mode=server
 keep_daemon=0
+expect_daemon_exit=0
+use_faultfs=0
+faultfs_bin="$VUP_ROOT/target/release/faultfs"
 ext_sock=""
 gargs=""
 end=poweroff
@@ -103,6 +132,9 @@ while [[ $# -gt 0 ]]; do
         --daemon-arg) needarg "$1" $#; daemon_args+=("$2"); shift ;;
         --daemon-mode) needarg "$1" $#; daemon_mode="$2"; shift ;;
         --keep-daemon) keep_daemon=1 ;;
+        --expect-daemon-exit) needarg "$1" $#; expect_daemon_exit="$2"; shift ;;
+        --faultfs) use_faultfs=1 ;;
+        --faultfs-bin) needarg "$1" $#; faultfs_bin="$2"; shift ;;
         --socket) needarg "$1" $#; ext_sock="$2"; shift ;;
         --args) needarg "$1" $#; gargs="$2"; shift ;;
         --end) needarg "$1" $#; end="$2"; shift ;;
@@ -134,6 +166,12 @@ case "$accel" in tcg|kvm|auto) ;; *) die "--accel must be tcg, kvm or auto, not 
 [[ $timeout_s =~ ^[0-9]+$ && $timeout_s -gt 0 ]] || die "--timeout must be a positive number of seconds"
 [[ $reboots =~ ^[0-9]+$ ]] || die "--reboots must be a number"
 [[ $smp =~ ^[0-9]+$ ]] || die "--smp must be a number"
+[[ $expect_daemon_exit =~ ^[0-9]+$ ]] || die "--expect-daemon-exit must be a number"
+if (( use_faultfs )); then
+    [[ $device == vhost-user && -z $ext_sock ]] || die "--faultfs needs --device vhost-user and a daemon started by run-vm.sh (no --socket)"
+    [[ -x $faultfs_bin ]] || die "faultfs '$faultfs_bin' not found or not executable (build it: cargo build --release -p faultfs, or pass --faultfs-bin)"
+    [[ -c /dev/fuse ]] || die "--faultfs needs /dev/fuse"
+fi
 [[ $gargs != *,* ]] || die "--args cannot contain commas (they become vup.args=a,b,c on the kernel command line)"
 size_b="$(parse_size "$size")"
 mem_b="$(parse_size "$memory")"
@@ -163,8 +201,13 @@ if [[ -z $logdir ]]; then
 fi
 mkdir -p "$logdir"
 logdir="$(cd "$logdir" && pwd)"
-rm -f "$logdir"/{console.log,guest-out.raw,guest-out.txt,tap.txt,metrics.txt,hostchecks.txt,hostchecks.current,hostchecks.superseded,hostchecks.result,daemon.log,qemu.log,qemu.cmd,daemon.pid,result.txt}
-image="${image:-$logdir/pmem0.img}"
+rm -f "$logdir"/{console.log,guest-out.raw,guest-out.txt,tap.txt,metrics.txt,hostchecks.txt,hostchecks.current,hostchecks.superseded,hostchecks.result,daemon.log,qemu.log,qemu.cmd,daemon.pid,result.txt,hostlink,hostlink.log,faultfs.log,faultfs.control,daemon-metrics.json}
+rm -f "$logdir"/sync-*
+if (( use_faultfs )); then
+    image="${image:-$logdir/faultfs.src/pmem0.img}"
+else
+    image="${image:-$logdir/pmem0.img}"
+fi
 mkdir -p "$(dirname "$image")"
 image="$(cd "$(dirname "$image")" && pwd)/$(basename "$image")"
 
@@ -172,11 +215,35 @@ image="$(cd "$(dirname "$image")" && pwd)/$(basename "$image")"
 qesc() { printf '%s' "${1//,/,,}"; }
 
 # ---- cleanup ------------------------------------------------------------------------------
-qpid=""; dpid=""; tailpid=""; sockdir=""
+qpid=""; dpid=""; tailpid=""; sockdir=""; fpid=""; fmnt=""
+# faultfs_stop: SIGTERM makes faultfs unmount; if it cannot (a file still open) it detaches the
+# mount itself, and if faultfs is gone without unmounting, a lazy unmount frees the name.
+faultfs_stop() {
+    if [[ -n $fpid ]]; then
+        kill -TERM "$fpid" 2>/dev/null
+        for (( i = 0; i < 100; i++ )); do kill -0 "$fpid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$fpid" 2>/dev/null && warn "faultfs (pid $fpid) did not exit on SIGTERM; killed"
+        wait "$fpid" 2>/dev/null
+        fpid=""
+    fi
+    if [[ -n $fmnt ]]; then
+        if grep -qF " $fmnt fuse" /proc/mounts; then
+            umount -l "$fmnt" 2>/dev/null || warn "cannot unmount $fmnt"
+        fi
+        rmdir "$fmnt" 2>/dev/null
+        fmnt=""
+    fi
+    return 0
+}
 cleanup() {
     [[ -n $tailpid ]] && kill "$tailpid" 2>/dev/null
     [[ -n $qpid ]] && kill -KILL "$qpid" 2>/dev/null
-    if [[ -n $dpid && $keep_daemon == 0 ]]; then kill -TERM "$dpid" 2>/dev/null; fi
+    if [[ -n $dpid && $keep_daemon == 0 ]]; then
+        kill -TERM "$dpid" 2>/dev/null
+        # the daemon holds the image open on faultfs: let it go before the unmount
+        for (( i = 0; i < 50; i++ )); do kill -0 "$dpid" 2>/dev/null || break; sleep 0.1; done
+    fi
+    faultfs_stop
     [[ -n $sockdir ]] && rm -rf "$sockdir"
     return 0
 }
@@ -203,14 +270,46 @@ elif [[ $device == vhost-user ]]; then
         sock="$sockdir/pmem0.sock"
     fi
     rm -f "$sock"
+    daemon_file="$image"
+    if (( use_faultfs )); then
+        fmnt="$logdir/faultfs.mnt"
+        mkdir -p "$fmnt"
+        grep -qF " $fmnt fuse" /proc/mounts && die "$fmnt is still mounted from an earlier run (umount -l it)"
+        printf 'ok\n' > "$logdir/faultfs.control"
+        info "mounting faultfs: $(dirname "$image") on $fmnt (control $logdir/faultfs.control)"
+        RUST_LOG="${RUST_LOG:-info}" "$faultfs_bin" --source "$(dirname "$image")" --mountpoint "$fmnt" \
+            --control "$logdir/faultfs.control" </dev/null >"$logdir/faultfs.log" 2>&1 &
+        fpid=$!
+        for (( i = 0; i < 100; i++ )); do
+            grep -qF " $fmnt fuse" /proc/mounts && break
+            kill -0 "$fpid" 2>/dev/null || { tail -n 20 "$logdir/faultfs.log" >&2; fpid=""; die "faultfs exited before mounting"; }
+            sleep 0.1
+        done
+        grep -qF " $fmnt fuse" /proc/mounts || die "faultfs did not mount $fmnt within 10 s"
+        daemon_file="$fmnt/$(basename "$image")"
+    fi
+    # The handshake's snapshot actions read the daemon's metrics file.
+    metrics_file=""
+    for (( i = 0; i < ${#daemon_args[@]}; i++ )); do
+        case "${daemon_args[i]}" in
+            --metrics-path) metrics_file="${daemon_args[i+1]-}" ;;
+            --metrics-path=*) metrics_file="${daemon_args[i]#--metrics-path=}" ;;
+        esac
+    done
+    if [[ -z $metrics_file ]]; then
+        metrics_file="$logdir/daemon-metrics.json"
+        daemon_args+=(--metrics-path "$metrics_file" --metrics-interval 0)
+    fi
+    # check-queue reads the flush engine's per-fdatasync debug lines
+    dlog="${RUST_LOG:-info,vhost_user_pmem::flush=debug}"
     if [[ $daemon_mode == client ]]; then
         # QEMU listens; the daemon is started after QEMU below, once the socket exists.
         # wait=on: QEMU creates the device only once the daemon has connected.
         devargs=(-chardev "socket,id=pmem0,path=$(qesc "$sock"),server=on,wait=on"
                  -device vhost-user-test-device-pci,chardev=pmem0,virtio-id=27,num_vqs=1,vq_size=256,config_size=16)
     else
-        info "starting daemon: $daemon --socket-path $sock --file $image --size $size ${daemon_args[*]-}"
-        RUST_LOG="${RUST_LOG:-info}" "$daemon" --socket-path "$sock" --file "$image" --size "$size" \
+        info "starting daemon: RUST_LOG=$dlog $daemon --socket-path $sock --file $daemon_file --size $size ${daemon_args[*]-}"
+        RUST_LOG="$dlog" "$daemon" --socket-path "$sock" --file "$daemon_file" --size "$size" \
             "${daemon_args[@]+"${daemon_args[@]}"}" </dev/null >"$logdir/daemon.log" 2>&1 &
         dpid=$!
         printf '%s\n' "$dpid" > "$logdir/daemon.pid"
@@ -243,6 +342,125 @@ else
              -device virtio-pmem-pci,memdev=pmemmem,id=vpmem0)
 fi
 
+# ---- host handshake (VUP-SYNC from the guest, VUP-ACK/VUP-NAK back; see --help) ----------------
+hl_fd=""
+hl_done=0            # VUP-SYNC lines handled so far
+hl_ok_mark=-1        # faultfs.log line count when faultfs was last set to ok
+hl_reply() {         # hl_reply ACK|NAK ACTION TEXT
+    printf '%s host: VUP-%s %s %s\n' "$(date +%T.%3N)" "$1" "$2" "$3" >> "$logdir/hostlink.log"
+    printf 'VUP-%s %s %s\n' "$1" "$2" "$3" >&"$hl_fd"
+}
+# counter NAME FILE: one counter of the daemon's metrics JSON
+counter() { grep -o "\"$1\":[0-9]*" "$2" | head -n 1 | cut -d: -f2; }
+# faultfs_count PATTERN [FROM_LINE]: faultfs.log lines about a sync of the image that end in
+# PATTERN ("ok" passed through, "EIO injected"), from line FROM_LINE (default 1) on
+faultfs_count() {
+    tail -n +"${2:-1}" "$logdir/faultfs.log" | grep -F "/$(basename "$image") (" | grep -c "): $1\$" || true
+}
+# snapshot LABEL: the daemon's metrics now (SIGUSR1), kept as sync-LABEL.json
+hl_snapshot() {
+    [[ ${1-} =~ ^[A-Za-z0-9_-]+$ ]] || { echo "bad label '${1-}'"; return 1; }
+    [[ -n $dpid && -n $metrics_file ]] || { echo "no daemon started by run-vm.sh"; return 1; }
+    local before n
+    before=$(grep -c 'SIGUSR1: metrics written' "$logdir/daemon.log" || true)
+    kill -USR1 "$dpid" 2>/dev/null || { echo "cannot signal the daemon"; return 1; }
+    for (( n = 0; n < 200; n++ )); do
+        (( $(grep -c 'SIGUSR1: metrics written' "$logdir/daemon.log" || true) > before )) && break
+        sleep 0.05
+    done
+    (( n < 200 )) || { echo "the daemon did not write its metrics within 10 s of SIGUSR1"; return 1; }
+    cp "$metrics_file" "$logdir/sync-$1.json"
+    wc -l < "$logdir/daemon.log" > "$logdir/sync-$1.logline"
+    if (( use_faultfs )); then faultfs_count ok > "$logdir/sync-$1.faultfs"; fi
+}
+# check_flushes LABEL N: catalogue E16's host half (see --help)
+hl_check_flushes() {
+    local label=${1-} n=${2-} a b req fds err ov fa fb why=()
+    [[ $label =~ ^[A-Za-z0-9_-]+$ && $n =~ ^[0-9]+$ && -f $logdir/sync-$label.json ]] || { echo "no snapshot '$label' or bad count '$n'"; return 1; }
+    hl_snapshot "$label-after" || return 1
+    a="$logdir/sync-$label.json"; b="$logdir/sync-$label-after.json"
+    req=$(( $(counter requests "$b") - $(counter requests "$a") ))
+    fds=$(( $(counter fdatasyncs "$b") - $(counter fdatasyncs "$a") ))
+    err=$(( $(counter errors "$b") - $(counter errors "$a") ))
+    ov=$(counter order_violations "$b")
+    (( req >= n )) || why+=("the daemon took $req flush requests in the window, fewer than the $n guest flushes that returned")
+    (( fds >= n )) || why+=("the daemon made $fds fdatasyncs in the window, fewer than the $n sequential guest flushes")
+    (( err == 0 )) || why+=("$err requests answered with an error")
+    (( ov == 0 )) || why+=("order_violations=$ov")
+    local figures="requests=+$req fdatasyncs=+$fds errors=+$err order_violations=$ov"
+    if (( use_faultfs )); then
+        fa=$(cat "$logdir/sync-$label.faultfs"); fb=$(cat "$logdir/sync-$label-after.faultfs")
+        (( fb - fa >= n )) || why+=("faultfs passed $((fb - fa)) fdatasyncs of the image in the window, fewer than $n")
+        figures+=" faultfs_fdatasyncs=+$((fb - fa))"
+    fi
+    if (( ${#why[@]} )); then (IFS=';'; echo "${why[*]} ($figures)"); return 1; fi
+    echo "$figures"
+}
+# check_queue LABEL CAP: catalogue E18's host half (see --help)
+hl_check_queue() {
+    local label=${1-} cap=${2-} la lb most req err
+    [[ $label =~ ^[A-Za-z0-9_-]+$ && $cap =~ ^[0-9]+$ && -f $logdir/sync-$label.json ]] || { echo "no snapshot '$label' or bad capacity '$cap'"; return 1; }
+    hl_snapshot "$label-after" || return 1
+    la=$(cat "$logdir/sync-$label.logline"); lb=$(cat "$logdir/sync-$label-after.logline")
+    most=$(sed -n "$((la + 1)),${lb}p" "$logdir/daemon.log" | grep -o 'answered [0-9]* request' | cut -d' ' -f2 | sort -n | tail -n 1)
+    req=$(( $(counter requests "$logdir/sync-$label-after.json") - $(counter requests "$logdir/sync-$label.json") ))
+    err=$(( $(counter errors "$logdir/sync-$label-after.json") - $(counter errors "$logdir/sync-$label.json") ))
+    [[ -n $most ]] || { echo "no fdatasync lines in the daemon's log between the snapshots (RUST_LOG must enable vhost_user_pmem::flush=debug)"; return 1; }
+    local figures="requests=+$req errors=+$err largest batch $most"
+    (( err == 0 )) || { echo "$err requests answered with an error ($figures)"; return 1; }
+    if (( most >= cap )); then figures+=" (a full ring: $cap)"; else figures+=" (a full ring holds $cap; it never filled)"; fi
+    echo "$figures"
+}
+# check_sticky: catalogue E17's host half (see --help)
+hl_check_sticky() {
+    local why=() eio passed_since fail_line
+    (( use_faultfs )) || { echo "needs --faultfs"; return 1; }
+    (( hl_ok_mark >= 0 )) || { echo "faultfs was never set back to ok"; return 1; }
+    eio=$(faultfs_count "EIO injected")
+    passed_since=$(faultfs_count ok "$((hl_ok_mark + 1))")
+    fail_line=$(grep -E ' ERROR .*fdatasync of .* failed' "$logdir/daemon.log" | head -n 1 || true)
+    (( eio >= 1 )) || why+=("faultfs never injected EIO into an fdatasync of the image")
+    (( passed_since == 0 )) || why+=("the daemon called fdatasync $passed_since time(s) after the failure and it passed: the failure is not sticky")
+    [[ -n $fail_line ]] || why+=("no error-level line about the failed fdatasync in the daemon's log")
+    if hl_snapshot sticky >/dev/null; then
+        grep -q '"flush_failure":null' "$logdir/sync-sticky.json" && why+=("the daemon's metrics report no flush failure")
+    else
+        why+=("no metrics snapshot")
+    fi
+    if (( ${#why[@]} )); then (IFS=';'; echo "${why[*]}"); return 1; fi
+    echo "faultfs injected EIO $eio time(s), passed 0 fdatasyncs since it recovered; daemon error logged, errors=$(counter errors "$logdir/sync-sticky.json")"
+}
+# hl_poll: handle every complete VUP-SYNC line the guest printed since the last call
+hl_poll() {
+    local f="$logdir/guest-out.raw" nl lines action args argv text i
+    [[ -n $hl_fd && -s $f ]] || return 0
+    nl=$(wc -l < "$f")     # complete lines only: the last one may still be arriving
+    mapfile -t lines < <(head -n "$nl" "$f" | tr -d '\r' | grep -a '^VUP-SYNC ' || true)
+    for (( i = hl_done; i < ${#lines[@]}; i++ )); do
+        hl_done=$((i + 1))
+        read -r _ action args <<< "${lines[i]}"
+        read -r -a argv <<< "$args"
+        printf '%s guest: %s\n' "$(date +%T.%3N)" "${lines[i]}" >> "$logdir/hostlink.log"
+        case "$action" in
+            snapshot) text=$(hl_snapshot "${argv[@]}") && text="saved sync-$args.json" ;;
+            check-flushes) text=$(hl_check_flushes "${argv[@]}") ;;
+            faultfs)
+                if (( ! use_faultfs )); then text="no faultfs (run with --faultfs)"; false
+                elif [[ $args == ok || $args == fail-fsync ]]; then
+                    printf '%s\n' "$args" > "$logdir/faultfs.control.tmp" && mv -f "$logdir/faultfs.control.tmp" "$logdir/faultfs.control"
+                    [[ $args == ok ]] && hl_ok_mark=$(wc -l < "$logdir/faultfs.log")
+                    text="mode $args"
+                else text="unknown faultfs mode '$args'"; false
+                fi ;;
+            check-queue) text=$(hl_check_queue "${argv[@]}") ;;
+            check-sticky) text=$(hl_check_sticky) ;;
+            *) text="unknown action '$action'"; false ;;
+        esac && { hl_reply ACK "$action" "$text"; continue; }
+        hl_reply NAK "$action" "$text"
+        fail "host check '$action${args:+ $args}' failed: $text"
+    done
+}
+
 # ---- QEMU -------------------------------------------------------------------------------------
 cmdline="console=ttyS0 panic=-1 loglevel=5 vup.end=$end"
 [[ $end == reboot ]] && cmdline+=" vup.reboots=$reboots"
@@ -264,7 +482,11 @@ echo >> "$logdir/qemu.cmd"
 
 info "booting ($device, $accel, image $image, size $size); logs in $logdir"
 t0=$(now_ms)
-"$QEMU_BIN" "${qargs[@]}" </dev/null >"$logdir/console.log" 2>"$logdir/qemu.log" &
+# QEMU's stdin (ttyS0's input) is a FIFO this script holds open read-write: the handshake's
+# answers go there, and it never reaches EOF.
+mkfifo "$logdir/hostlink"
+exec {hl_fd}<>"$logdir/hostlink"
+"$QEMU_BIN" "${qargs[@]}" <&"$hl_fd" >"$logdir/console.log" 2>"$logdir/qemu.log" &
 qpid=$!
 if [[ $device == vhost-user && $daemon_mode == client ]]; then
     for (( i = 0; i < 300; i++ )); do
@@ -273,8 +495,8 @@ if [[ $device == vhost-user && $daemon_mode == client ]]; then
         sleep 0.1
     done
     [[ -S $sock ]] || { tail -n 20 "$logdir/qemu.log" >&2; die "QEMU did not create $sock within 30 s"; }
-    info "starting daemon: $daemon --connect $sock --file $image --size $size ${daemon_args[*]-}"
-    RUST_LOG="${RUST_LOG:-info}" "$daemon" --connect "$sock" --file "$image" --size "$size" \
+    info "starting daemon: RUST_LOG=$dlog $daemon --connect $sock --file $daemon_file --size $size ${daemon_args[*]-}"
+    RUST_LOG="$dlog" "$daemon" --connect "$sock" --file "$daemon_file" --size "$size" \
         "${daemon_args[@]+"${daemon_args[@]}"}" </dev/null >"$logdir/daemon.log" 2>&1 &
     dpid=$!
     printf '%s\n' "$dpid" > "$logdir/daemon.pid"
@@ -310,8 +532,10 @@ while kill -0 "$qpid" 2>/dev/null; do
         kill -KILL "$qpid" 2>/dev/null || true
         break
     fi
-    if [[ -n $marker ]]; then sleep 0.05; else sleep 0.2; fi
+    hl_poll
+    if [[ -n $marker ]]; then sleep 0.05; else sleep 0.1; fi
 done
+hl_poll
 { wait "$qpid"; } 2>/dev/null && qrc=0 || qrc=$?
 qpid=""
 elapsed_ms=$(( $(now_ms) - t0 ))
@@ -343,11 +567,15 @@ if [[ -n $dpid ]]; then
             wait "$dpid" 2>/dev/null || true
         else
             wait "$dpid" && st=0 || st=$?
-            (( st == 0 )) || fail "the daemon exited with status $st after SIGTERM"
+            (( st == expect_daemon_exit )) || fail "the daemon exited with status $st after SIGTERM, expected $expect_daemon_exit"
+            if (( st != 0 )); then info "the daemon exited with status $st after SIGTERM, as expected"; fi
         fi
         dpid=""
     fi
 fi
+
+faultfs_stop
+[[ -n $hl_fd ]] && { exec {hl_fd}>&-; hl_fd=""; rm -f "$logdir/hostlink"; }
 
 # ---- results ---------------------------------------------------------------------------------
 tr -d '\r' < "$logdir/console.log" > "$logdir/console.txt.tmp" && mv -f "$logdir/console.txt.tmp" "$logdir/console.log"

@@ -62,7 +62,7 @@ step "fuzz: 20 s per target (request_parse, config, vhost_messages)" "$VUP_ROOT/
 if [[ $vm == 1 ]]; then
     out="$VUP_BUILD/test"
     rm -rf "$out"; mkdir -p "$out"
-    step "build daemon (release)" cargo build --release -p vhost-user-pmem
+    step "build daemon and faultfs (release)" cargo build --release -p vhost-user-pmem -p faultfs
     step "fetch QEMU, kernel, guest tools" bash -c \
         "'$VUP_ROOT/scripts/fetch-qemu.sh' && '$VUP_ROOT/scripts/fetch-kernel.sh' && '$VUP_ROOT/scripts/fetch-guest-tools.sh'"
     step "build guest initramfs" bash -c \
@@ -97,6 +97,11 @@ if [[ $vm == 1 ]]; then
     step "VM [vhost-user] catalogue A-D on xfs" "${rv[@]}" --device vhost-user \
         --image "$out/catalogue-xfs.img" --log-dir "$out/catalogue-xfs" --timeout 600 \
         --args "--mkfs --fs xfs catalogue"
+    # E17 injects fsync failures under the image, so the daemon's final fdatasync at SIGTERM is
+    # refused (sticky failure) and it exits 1.
+    step "VM [vhost-user] catalogue E16-E18 on a faultfs image (flush counts, EIO, full queue)" \
+        "${rv[@]}" --device vhost-user --faultfs --log-dir "$out/catalogue-flush" --timeout 900 \
+        --expect-daemon-exit 1 --args "--mkfs flush"
     step "20 boots in a row on one image behind one daemon" "$VUP_ROOT/scripts/boot-loop.sh" \
         --boots 20 --out "$out/boot-loop"
 fi

@@ -26,6 +26,9 @@ Suites:
   pmd        catalogue D: pmd_fault, pmd_fallback, pmd_ops (run it with --fs ext4 and
              with --fs xfs)
   catalogue  faults mapsync truncate pmd, in that order
+  flush      catalogue E16-E18: flush_reaches_host, flush_queue_full, flush_error_eio.
+             E16 and E17 talk to scripts/run-vm.sh over /dev/ttyS2; E17 needs the
+             image on faultfs (run-vm.sh --faultfs) and leaves ext4's journal aborted
   selftest   proves the case runner in the guest: a hung case, a case stuck in D state
              (a write to a frozen filesystem, thawed after), a fatal signal and a
              kernel WARNING line must each fail the case they happen in
@@ -44,8 +47,9 @@ Options:
                      ($VUP_BOOT from init, 1 for the first boot), for reboot runs
   --iters N          measured iterations per thread (latency) [default: 200]
   --threads LIST     concurrencies, separated by ',' ':' or spaces [default: 1]
-  --stress SECS      run each time-bounded case (hole_waiters rounds, the races) for
-                     SECS seconds instead of its short TCG default
+  --stress DURATION  run each time-bounded case (hole_waiters rounds, the races,
+                     flush_queue_full) for DURATION instead of its short TCG default:
+                     plain seconds (90) or with a unit (90s, 10m, 2h); at most 24h
   --only NAME        run only this catalogue case (repeatable); setup cases still run
   --crash-at-end     after the suites, print the plan and crash the kernel (sysrq c)
                      with the filesystem still mounted, instead of sync + umount
@@ -63,6 +67,7 @@ pub enum Suite {
     Truncate,
     Pmd,
     Selftest,
+    Flush,
 }
 
 impl Suite {
@@ -77,6 +82,7 @@ impl Suite {
             "truncate" => vec![Suite::Truncate],
             "pmd" => vec![Suite::Pmd],
             "selftest" => vec![Suite::Selftest],
+            "flush" => vec![Suite::Flush],
             "catalogue" => vec![Suite::Faults, Suite::MapSync, Suite::Truncate, Suite::Pmd],
             _ => return None,
         })
@@ -92,6 +98,7 @@ impl Suite {
             Suite::Truncate => "truncate",
             Suite::Pmd => "pmd",
             Suite::Selftest => "selftest",
+            Suite::Flush => "flush",
         }
     }
 }
@@ -164,7 +171,7 @@ pub enum ArgError {
     },
     #[error("unknown option {0}")]
     UnknownOption(String),
-    #[error("unknown suite {0:?} (expected e2e, persist, latency, faults, mapsync, truncate, pmd, catalogue or selftest)")]
+    #[error("unknown suite {0:?} (expected e2e, persist, latency, faults, mapsync, truncate, pmd, flush, catalogue or selftest)")]
     UnknownSuite(String),
     #[error("no suite given")]
     NoSuite,
@@ -175,6 +182,36 @@ const MAX_THREADS: usize = 1024;
 
 /// A day: anything longer is a typo, and the runner's own timeout would fire first.
 const MAX_STRESS_SECS: u64 = 86_400;
+
+/// `--stress`: plain seconds, or a number with `s`, `m` or `h`; between 1 s and a day.
+fn parse_duration(option: &str, value: &str) -> Result<u64, ArgError> {
+    let bad = |why| ArgError::BadValue {
+        option: option.into(),
+        value: value.into(),
+        why,
+    };
+    let (digits, unit) = match value.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => value.split_at(i),
+        None => (value, ""),
+    };
+    let scale: u64 = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => {
+            return Err(bad(
+                "expected seconds, or a number with s, m or h (90, 90s, 10m, 2h)",
+            ))
+        }
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| bad("expected seconds, or a number with s, m or h (90, 90s, 10m, 2h)"))?;
+    match n.checked_mul(scale) {
+        Some(secs) if (1..=MAX_STRESS_SECS).contains(&secs) => Ok(secs),
+        _ => Err(bad("must be between 1 s and 24 h")),
+    }
+}
 
 fn parse_number<T: std::str::FromStr>(option: &str, value: &str) -> Result<T, ArgError> {
     value.parse().map_err(|_| ArgError::BadValue {
@@ -283,15 +320,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Command, ArgErro
             }
             "--stress" => {
                 let v = value(&mut it)?;
-                let secs: u64 = parse_number(&opt, &v)?;
-                if secs == 0 || secs > MAX_STRESS_SECS {
-                    return Err(ArgError::BadValue {
-                        option: opt,
-                        value: v,
-                        why: "must be between 1 and 86400",
-                    });
-                }
-                args.stress_secs = Some(secs);
+                args.stress_secs = Some(parse_duration(&opt, &v)?);
             }
             "--only" => args.only.push(value(&mut it)?),
             "--threads" => {
@@ -367,6 +396,27 @@ mod tests {
             run("--stress 100000 faults"),
             Err(ArgError::BadValue { .. })
         ));
+        assert_eq!(run("--stress 90s faults").unwrap().stress_secs, Some(90));
+        assert_eq!(run("--stress 10m faults").unwrap().stress_secs, Some(600));
+        assert_eq!(run("--stress=2h faults").unwrap().stress_secs, Some(7200));
+        assert_eq!(
+            run("--stress 24h faults").unwrap().stress_secs,
+            Some(86_400)
+        );
+        for bad in ["25h", "0m", "10x", "m", "1.5m", "-5", "10 m", ""] {
+            assert!(
+                matches!(
+                    parse([
+                        "--stress".to_string(),
+                        bad.to_string(),
+                        "faults".to_string()
+                    ]),
+                    Err(ArgError::BadValue { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(run("flush").unwrap().suites, vec![Suite::Flush]);
         assert_eq!(
             run("faults --only"),
             Err(ArgError::MissingValue("--only".into()))

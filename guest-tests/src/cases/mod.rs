@@ -7,6 +7,8 @@ mod dax;
 mod device;
 mod dio;
 mod faults;
+mod flush;
+mod hostlink;
 mod latency;
 mod map_sync;
 mod persist;
@@ -321,6 +323,7 @@ pub fn run_suite(ctx: &mut Ctx, suite: Suite) {
         Suite::MapSync => mapsync_suite(ctx),
         Suite::Truncate => truncate_suite(ctx),
         Suite::Pmd => pmd_suite(ctx),
+        Suite::Flush => flush_suite(ctx),
         Suite::Selftest => selftest::suite(ctx),
     }
     let secs = (sys::monotonic_raw_ns() - started) as f64 / 1e9;
@@ -428,6 +431,31 @@ fn pmd_suite(ctx: &mut Ctx) {
     ctx.case_isolated("pmd_fault", NEEDS_DAX, pmd::LIMIT, pmd::pmd_fault);
     ctx.case_isolated("pmd_fallback", NEEDS_DAX, pmd::LIMIT, pmd::pmd_fallback);
     ctx.case_isolated("pmd_ops", NEEDS_DAX, pmd::LIMIT, pmd::pmd_ops);
+}
+
+/// Catalogue E16-E18 (E15 is fsync_persists). E16 and E17 need the runner's answers
+/// (`hostlink`) and E17 an image on faultfs; E17 aborts ext4's journal, so it comes last.
+fn flush_suite(ctx: &mut Ctx) {
+    catalogue_setup(ctx);
+    ctx.case_isolated(
+        "flush_reaches_host",
+        NEEDS_DAX,
+        flush::REACHES_HOST_LIMIT,
+        flush::flush_reaches_host,
+    );
+    let limit = flush::queue_full_limit(&ctx.env());
+    ctx.case_isolated(
+        "flush_queue_full",
+        NEEDS_DAX,
+        limit,
+        flush::flush_queue_full,
+    );
+    ctx.case_isolated(
+        "flush_error_eio",
+        NEEDS_DAX,
+        flush::ERROR_EIO_LIMIT,
+        flush::flush_error_eio,
+    );
 }
 
 fn e2e(ctx: &mut Ctx) {

@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# Shows that guest test cases can fail: builds the project with each patch in scripts/mutations/
+# applied (to a copy, never to the working tree), runs the one case the patch targets in a VM,
+# and reports whether that case failed. See --help.
+set -euo pipefail
+# shellcheck disable=SC2034  # read by lib.sh
+VUP_PROG=mutation-check
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
+
+usage() {
+    cat <<USAGE
+Usage: scripts/mutation-check.sh [--timeout SEC] [--keep] [NAME...]
+
+For every patch scripts/mutations/NAME.patch (all of them without NAME arguments):
+  1. apply it to a copy of this working tree (tracked and untracked files, as they are now) in
+     \$VUP_BUILD/mutation/src, never to the working tree itself;
+  2. build what it changes there (the daemon, or the guest binary and its initramfs), with its
+     own target directory (\$VUP_BUILD/mutation/target, seeded from target/ on first use);
+  3. boot a VM with scripts/run-vm.sh that runs only the case named on the patch's "Target:"
+     line (--only), with the unpatched other half (guest or daemon);
+  4. undo the patch.
+A patch is KILLED when its target case failed (a "not ok" line for it, or for fsync_persists a
+failed VUP-HOSTCHECK), SURVIVED otherwise. Other failures are listed too. The table goes to
+stdout and to \$VUP_BUILD/mutation/results.md; each run's logs stay in \$VUP_BUILD/mutation/NAME/.
+Exit status 0 iff every patch was killed.
+
+  --timeout SEC   per VM run (default 420; a lost completion hangs the guest until then)
+  --keep          keep the source copy (default: removed at the end)
+  -h, --help      this text
+
+Not part of scripts/test.sh: it boots one VM per patch and takes about 15 minutes.
+USAGE
+}
+
+timeout_s=420
+keep=0
+names=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --timeout) [[ $# -ge 2 ]] || die "--timeout needs a value"; timeout_s="$2"; shift ;;
+        --keep) keep=1 ;;
+        -h|--help) usage; exit 0 ;;
+        -*) die "unknown option '$1' (see --help)" ;;
+        *) names+=("$1") ;;
+    esac
+    shift
+done
+[[ $timeout_s =~ ^[0-9]+$ && $timeout_s -gt 0 ]] || die "--timeout must be a positive number of seconds"
+
+mdir="$VUP_ROOT/scripts/mutations"
+if (( ${#names[@]} == 0 )); then
+    for p in "$mdir"/*.patch; do names+=("$(basename "$p" .patch)"); done
+fi
+for n in "${names[@]}"; do [[ -f $mdir/$n.patch ]] || die "no patch $mdir/$n.patch"; done
+
+work="$VUP_BUILD/mutation"
+src="$work/src"
+export CARGO_TARGET_DIR="$work/target"
+mkdir -p "$work"
+
+# ---- a copy of the working tree -----------------------------------------------------------
+info "copying the working tree to $src"
+rm -rf "$src"; mkdir -p "$src"
+( cd "$VUP_ROOT" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - ) \
+    | tar -x -C "$src"
+[[ -f $VUP_ROOT/Cargo.lock ]] && cp "$VUP_ROOT/Cargo.lock" "$src/"
+# Its own repository, so that git apply works inside it and never on the enclosing clone.
+git -C "$src" init -q
+cleanup() { if (( keep == 0 )); then rm -rf "$src"; fi; }
+trap cleanup EXIT
+if [[ ! -d $CARGO_TARGET_DIR ]]; then
+    # The dependencies are the same as in target/: start from there rather than from scratch.
+    info "seeding $CARGO_TARGET_DIR from target/"
+    mkdir -p "$CARGO_TARGET_DIR"
+    for d in release x86_64-unknown-linux-gnu; do
+        [[ -d $VUP_ROOT/target/$d ]] && cp -a --reflink=auto "$VUP_ROOT/target/$d" "$CARGO_TARGET_DIR/"
+    done
+fi
+
+build_daemon() {   # the daemon and faultfs from the copy, as it is now
+    ( cd "$src" && cargo build --release -p vhost-user-pmem -p faultfs ) >"$1" 2>&1
+}
+build_initrd() {   # build_initrd OUT LOG: the guest binary from the copy, packed into OUT
+    local bin
+    bin=$("$src/scripts/build-guest.sh" 2>>"$2") || return 1
+    VUP_BUILD="$work" "$VUP_ROOT/scripts/build-initramfs.sh" --guest-bin "$bin" --out "$1" >>"$2" 2>&1
+}
+
+info "building the unpatched daemon and guest (the other half of every run)"
+build_daemon "$work/base-build.log" || die "the unpatched daemon does not build; see $work/base-build.log"
+mkdir -p "$work/base"
+cp "$CARGO_TARGET_DIR/release/vhost-user-pmem" "$CARGO_TARGET_DIR/release/faultfs" "$work/base/"
+build_initrd "$work/base/initrd.cpio.gz" "$work/base-build.log" \
+    || die "the unpatched guest does not build; see $work/base-build.log"
+
+# run_args TARGET: the run-vm.sh arguments that run only TARGET
+run_args() {
+    case "$1" in
+        fsync_persists) ra=(--args "--mkfs e2e") ;;
+        flush_reaches_host) ra=(--faultfs --args "--mkfs flush --only flush_reaches_host") ;;
+        flush_error_eio) ra=(--faultfs --expect-daemon-exit 1 --args "--mkfs flush --only flush_error_eio") ;;
+        flush_queue_full) ra=(--faultfs --args "--mkfs flush --only flush_queue_full") ;;
+        hole_then_write) ra=(--args "--mkfs faults --only hole_then_write") ;;
+        map_sync_fallback) ra=(--args "--mkfs mapsync") ;;
+        sigbus_rules) ra=(--args "--mkfs truncate --only sigbus_rules") ;;
+        pmd_fault) ra=(--args "--mkfs pmd --only pmd_fault") ;;
+        *) return 1 ;;
+    esac
+}
+
+results=()
+killed_all=1
+for n in "${names[@]}"; do
+    patch="$mdir/$n.patch"
+    target=$(sed -n 's/^Target: \([a-z_0-9]*\).*/\1/p' "$patch" | head -n 1)
+    out="$work/$n"
+    rm -rf "$out"; mkdir -p "$out"
+    ra=()
+    if ! run_args "$target"; then
+        results+=("| $n | $target | ERROR | no run configured for target '$target' |"); killed_all=0; continue
+    fi
+    info "=== $n (target $target)"
+    ( cd "$src" && git apply "$patch" ) || { results+=("| $n | $target | ERROR | patch does not apply |"); killed_all=0; continue; }
+    daemon="$work/base/vhost-user-pmem"; initrd="$work/base/initrd.cpio.gz"; built=1
+    if grep -q '^+++ b/crates/' "$patch"; then
+        build_daemon "$out/build.log" && daemon="$CARGO_TARGET_DIR/release/vhost-user-pmem" || built=0
+    fi
+    if grep -q '^+++ b/guest-tests/' "$patch"; then
+        build_initrd "$out/initrd.cpio.gz" "$out/build.log" && initrd="$out/initrd.cpio.gz" || built=0
+    fi
+    ( cd "$src" && git apply -R "$patch" ) || die "cannot undo $n in $src"
+    if (( ! built )); then
+        results+=("| $n | $target | ERROR | the mutated build failed (see $out/build.log) |"); killed_all=0; continue
+    fi
+    t0=$(now_ms)
+    "$VUP_ROOT/scripts/run-vm.sh" --size 1G --daemon "$daemon" --faultfs-bin "$work/base/faultfs" \
+        --initrd "$initrd" --log-dir "$out/vm" --timeout "$timeout_s" "${ra[@]}" >"$out/run-vm.log" 2>&1 \
+        && rc=0 || rc=$?
+    secs=$(( ($(now_ms) - t0) / 1000 ))
+    why=$(grep -E "^not ok [0-9]+ - $target( |$)" "$out/vm/tap.txt" 2>/dev/null | head -n 1 | sed 's/^not ok [0-9]* - //' || true)
+    if [[ -z $why && $target == fsync_persists ]]; then
+        why=$(grep -E '^FAIL: VUP-HOSTCHECK' "$out/vm/result.txt" 2>/dev/null | head -n 1 | sed 's/^FAIL: //' || true)
+    fi
+    others=$(grep -E '^not ok' "$out/vm/tap.txt" 2>/dev/null | grep -vE "^not ok [0-9]+ - $target( |$)" \
+             | sed 's/^not ok [0-9]* - \([^ ]*\).*/\1/' | paste -sd, - || true)
+    why=${why//|/\\|}
+    if [[ -n $why ]]; then
+        verdict=KILLED
+        info "$n: $target failed: $why"
+    else
+        verdict=SURVIVED; killed_all=0
+        why="run-vm exit $rc; $target did not fail"
+        info "$n: SURVIVED ($target passed)"
+    fi
+    results+=("| $n | $target | $verdict | ${why:0:300}${others:+ (also failed: $others)} | ${secs} s |")
+done
+
+{
+    echo "| mutation | target case | result | how the target failed | VM run |"
+    echo "|---|---|---|---|---|"
+    printf '%s\n' "${results[@]}"
+} | tee "$work/results.md"
+(( killed_all ))
