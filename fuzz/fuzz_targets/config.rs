@@ -2,7 +2,8 @@
 //! and `Config::try_from`, and as a string through `ByteSize` parsing.
 //!
 //! Beyond "never panics" (clap's rendering of errors and help included), the target checks
-//! what the rest of the daemon assumes of a `Config`: non-empty paths, a size that is a power
+//! what the rest of the daemon assumes of a `Config`: non-empty paths, a socket mode within
+//! 0o777, a size that is a power
 //! of two of at least 2 MiB, a bounded metrics interval; and that every printed `ByteSize`
 //! parses back to itself, as `--size` promises.
 
@@ -15,7 +16,7 @@ use std::sync::OnceLock;
 use clap::Parser;
 use libfuzzer_sys::fuzz_target;
 use vhost_user_pmem::args::Args;
-use vhost_user_pmem::config::{Config, MAX_METRICS_INTERVAL_SECS, MIN_SIZE};
+use vhost_user_pmem::config::{Config, Endpoint, MAX_METRICS_INTERVAL_SECS, MIN_SIZE};
 use vhost_user_pmem::size::ByteSize;
 
 /// With VHOST_FUZZ_SKIP_KNOWN=1, findings already reported in docs/testing.md are not checked
@@ -60,7 +61,10 @@ fuzz_target!(|data: &[u8]| {
     }
     match Config::try_from(args) {
         Ok(config) => {
-            assert!(!config.socket_path.as_os_str().is_empty());
+            assert!(!config.endpoint.path().as_os_str().is_empty());
+            if let Endpoint::Listen { mode, .. } = config.endpoint {
+                assert!(mode <= 0o777, "socket mode {mode:o} accepted");
+            }
             assert!(!config.file.as_os_str().is_empty());
             if let Some(size) = config.size {
                 assert!(

@@ -36,8 +36,10 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vhost_user_pmem::backend::{Device, PmemBackend};
-use vhost_user_pmem::config::Config;
+use vhost_user_pmem::config::{Config, Endpoint};
 use vhost_user_pmem::flush::FlushMode;
+use vhost_user_pmem::sandbox::SeccompMode;
+use vhost_user_pmem::Connection;
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
@@ -129,13 +131,23 @@ fn harness() -> &'static Harness {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let config = Config {
-            socket_path: dir.join("pmem.sock"),
+            endpoint: Endpoint::Listen {
+                path: dir.join("pmem.sock"),
+                mode: 0o600,
+            },
             file: dir.join("pmem.img"),
             size: Some(2 << 20),
+            read_only: false,
             flush_mode: FlushMode::Group,
-            ..Default::default()
+            metrics: None,
+            // The fuzzer runs the backend inside its own process, which needs far more
+            // calls than the daemon's allow-list.
+            seccomp: SeccompMode::Off,
         };
-        let (device, listener) = vhost_user_pmem::prepare(&config).expect("prepare the device");
+        let (device, connection) = vhost_user_pmem::prepare(&config).expect("prepare the device");
+        let Connection::Listener(listener) = connection else {
+            panic!("a listening endpoint gave a client connection");
+        };
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || serve(device, listener, tx));
 
@@ -148,7 +160,7 @@ fn harness() -> &'static Harness {
         )])
         .unwrap();
         Harness {
-            socket: config.socket_path,
+            socket: config.endpoint.path().to_path_buf(),
             done: Mutex::new(rx),
             ram,
             ram_fd,
