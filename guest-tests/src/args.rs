@@ -29,6 +29,15 @@ Suites:
   selftest   proves the case runner in the guest: a hung case, a case stuck in D state
              (a write to a frozen filesystem, thawed after), a fatal signal and a
              kernel WARNING line must each fail the case they happen in
+  rebind     persist generation N+1 and a file stored through a DAX mapping, unbind
+             and bind virtio_pmem through sysfs, mount again, find both, write N+2
+  readonly   for a daemon run with --read-only: mount read-only, find generation
+             --expect-gen N, try writes (file system, remount, block device)
+  soak       check the previous soak boot's acknowledged writes (--expect-gen N:
+             the previous boot; 0 on a fresh file system), then --threads writers
+             (largest value) plus a truncator for --stress SECS (default 20)
+  fsyncloop  pwrite + fsync every 100 ms for --stress SECS (default 120), one line per
+             result, VUP-FSYNC-STEADY after 20: for killing the daemon under it
 
 Each case of faults/mapsync/truncate/pmd runs in a forked child with a deadline: a hang
 is reported as `not ok N - name # hung after Xs` and the suite goes on. Every case fails
@@ -63,6 +72,10 @@ pub enum Suite {
     Truncate,
     Pmd,
     Selftest,
+    Rebind,
+    Readonly,
+    Soak,
+    FsyncLoop,
 }
 
 impl Suite {
@@ -77,6 +90,10 @@ impl Suite {
             "truncate" => vec![Suite::Truncate],
             "pmd" => vec![Suite::Pmd],
             "selftest" => vec![Suite::Selftest],
+            "rebind" => vec![Suite::Rebind],
+            "readonly" => vec![Suite::Readonly],
+            "soak" => vec![Suite::Soak],
+            "fsyncloop" => vec![Suite::FsyncLoop],
             "catalogue" => vec![Suite::Faults, Suite::MapSync, Suite::Truncate, Suite::Pmd],
             _ => return None,
         })
@@ -92,6 +109,10 @@ impl Suite {
             Suite::Truncate => "truncate",
             Suite::Pmd => "pmd",
             Suite::Selftest => "selftest",
+            Suite::Rebind => "rebind",
+            Suite::Readonly => "readonly",
+            Suite::Soak => "soak",
+            Suite::FsyncLoop => "fsyncloop",
         }
     }
 }
@@ -164,7 +185,7 @@ pub enum ArgError {
     },
     #[error("unknown option {0}")]
     UnknownOption(String),
-    #[error("unknown suite {0:?} (expected e2e, persist, latency, faults, mapsync, truncate, pmd, catalogue or selftest)")]
+    #[error("unknown suite {0:?} (expected e2e, persist, latency, faults, mapsync, truncate, pmd, catalogue, selftest, rebind, readonly, soak or fsyncloop)")]
     UnknownSuite(String),
     #[error("no suite given")]
     NoSuite,
@@ -359,6 +380,15 @@ mod tests {
         assert_eq!(a.stress_secs, Some(60));
         assert_eq!(a.only, vec!["hole_waiters", "pmd_ops"]);
         assert_eq!(run("--fs xfs pmd").unwrap().suites, vec![Suite::Pmd]);
+        assert_eq!(
+            run("rebind readonly soak fsyncloop").unwrap().suites,
+            vec![
+                Suite::Rebind,
+                Suite::Readonly,
+                Suite::Soak,
+                Suite::FsyncLoop
+            ]
+        );
         assert!(matches!(
             run("--stress 0 faults"),
             Err(ArgError::BadValue { .. })
