@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # A bounded soak: one daemon and one image for --minutes, while QEMU boots the guest again and
-# again, each QEMU rebooting it (`reboot -f`) --reboots times. Every boot runs the guest suite
+# again, each QEMU rebooting it (`reboot -f`) --reboots times, or, every --crash-every'th QEMU,
+# booting it once and ending it hard: alternately a kernel crash (sysrq c) right after the load,
+# with the file system still mounted, and a SIGKILL of QEMU in the middle of the load, with
+# every writer busy. Every boot runs the guest suite
 # `soak`: it first checks that every write the previous boot acknowledged (fsync, rename and
 # directory fsync returned) is there, then runs --threads writers (pwrite or DAX-mapped stores,
 # fsync each) and a file that is extended and truncated, for --load seconds, and tells the host
@@ -13,12 +16,14 @@
 # --rss-limit-kib, its idle thread or fd count changed, or it does not exit 0 on SIGTERM.
 # Not part of scripts/test.sh (it takes minutes); see docs/testing.md for measured runs.
 #
-# Usage: scripts/soak.sh [--minutes N] [--threads N] [--load SEC] [--reboots N] [--size SIZE]
-#                        [--rss-limit-kib K] [--out DIR]
+# Usage: scripts/soak.sh [--minutes N] [--threads N] [--load SEC] [--reboots N]
+#                        [--crash-every K] [--size SIZE] [--rss-limit-kib K] [--out DIR]
 #   --minutes N        keep starting QEMUs until N minutes have passed (default 4)
 #   --threads N        writer threads in the guest (default 8)
 #   --load SEC         seconds of load per boot (default 20)
 #   --reboots N        `reboot -f` per QEMU process (default 2: three boots per QEMU)
+#   --crash-every K    every K-th QEMU after the first ends its one boot hard instead
+#                      (kernel crash and QEMU SIGKILL in turn; default 3; 0: never)
 #   --size SIZE        pmem size (default 1G)
 #   --rss-limit-kib K  allowed growth of the idle RSS (default 4096)
 #   --out DIR          where logs go (default .cache/soak)
@@ -27,7 +32,7 @@ VUP_PROG=soak
 source "$(dirname "$0")/lib.sh"
 cd "$VUP_ROOT"
 
-minutes=4 threads=8 load=20 reboots=2 size=1G rss_limit=4096 out="$VUP_BUILD/soak"
+minutes=4 threads=8 load=20 reboots=2 crash_every=3 size=1G rss_limit=4096 out="$VUP_BUILD/soak"
 num() { [[ ${2:-} =~ ^[0-9]+$ ]] || die "$1 needs a number"; }
 while (($#)); do
     case "$1" in
@@ -35,10 +40,11 @@ while (($#)); do
         --threads) num "$1" "${2:-}"; threads="$2"; shift ;;
         --load) num "$1" "${2:-}"; load="$2"; shift ;;
         --reboots) num "$1" "${2:-}"; reboots="$2"; shift ;;
+        --crash-every) num "$1" "${2:-}"; crash_every="$2"; shift ;;
         --rss-limit-kib) num "$1" "${2:-}"; rss_limit="$2"; shift ;;
         --size) [[ $# -ge 2 ]] || die "--size needs a value"; size="$2"; shift ;;
         --out) [[ $# -ge 2 ]] || die "--out needs a value"; out="$2"; shift ;;
-        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
     shift
@@ -101,7 +107,7 @@ sampler=$!
 
 rv=("$VUP_ROOT/scripts/run-vm.sh" --device vhost-user --socket "$sock" --image "$out/pmem0.img"
     --size "$size" --initrd "$out/initrd.cpio.gz")
-passed=0 failed=0 boots=0 qemus=0 reboots_done=0 hostchecks=0
+passed=0 failed=0 boots=0 qemus=0 reboots_done=0 crashes=0 kills=0 hostchecks=0
 # run_qemu NAME ARGS...: one QEMU process; counts its boots
 run_qemu() {
     local name="$1"; shift
@@ -115,7 +121,8 @@ run_qemu() {
         info "$name: FAILED"; tail -n 40 "$out/$name.txt" >&2
     fi
     boots=$((boots + $(grep -c "^VUP-BEGIN" "$out/$name/guest-out.txt" 2>/dev/null || true)))
-    soakchecks "$name"
+    # a QEMU killed in the middle printed no final state
+    [[ $name == *-kill ]] || soakchecks "$name"
 }
 # soakchecks NAME: the bytes the last boot of that QEMU left (VUP-SOAKCHECK lines after the
 # last VUP-BEGIN) must be in the image now, before the next QEMU changes it. Earlier boots'
@@ -144,11 +151,27 @@ info "daemon idle after the first boot: RSS ${idle_first%% *} KiB, threads and f
 gen=1   # the last boot that finished
 deadline=$(( t0 + minutes * 60 * 1000 ))
 while ((failed == 0 && $(now_ms) < deadline)); do
-    # boot+N: this QEMU's boot b (1-based) checks global boot gen+b-1
-    run_qemu "qemu$((qemus + 1))" --end reboot --reboots "$reboots" \
-        --args "--expect-gen boot+$((gen - 1)) $gargs"
-    reboots_done=$((reboots_done + reboots))
-    gen=$((gen + reboots + 1))
+    if ((crash_every > 0 && qemus % crash_every == 0 && crashes % 2 == 0)); then
+        # one boot, then a kernel crash with the file system mounted; the next boot replays
+        # the journal (fsck_clean) before it checks
+        run_qemu "qemu$((qemus + 1))-crash" --end crash \
+            --args "--expect-gen $gen --crash-at-end $gargs"
+        crashes=$((crashes + 1))
+        gen=$((gen + 1))
+    elif ((crash_every > 0 && qemus % crash_every == 0)); then
+        # one boot, QEMU SIGKILLed halfway through the load: writes in flight, nothing unmounted
+        run_qemu "qemu$((qemus + 1))-kill" --kill-after-marker VUP-SOAK-HALFWAY \
+            --args "--expect-gen $gen $gargs"
+        kills=$((kills + 1))
+        crashes=$((crashes + 1))
+        gen=$((gen + 1))
+    else
+        # boot+N: this QEMU's boot b (1-based) checks global boot gen+b-1
+        run_qemu "qemu$((qemus + 1))" --end reboot --reboots "$reboots" \
+            --args "--expect-gen boot+$((gen - 1)) $gargs"
+        reboots_done=$((reboots_done + reboots))
+        gen=$((gen + reboots + 1))
+    fi
 done
 # The final check of everything the last boot acknowledged (and a short load of its own).
 if ((failed == 0)); then
@@ -185,7 +208,7 @@ mapped=$(cat "$out"/*/guest-out.txt | sed -n 's/^VUP-SOAK .* mapped=\([0-9]*\).*
 peak=$(awk 'NR > 1 && $2 > m { m = $2 } END { print m + 0 }' "$out/samples.tsv")
 maxthr=$(awk 'NR > 1 && $3 > m { m = $3 } END { print m + 0 }' "$out/samples.tsv")
 {
-    echo "soak: ${elapsed} s, $qemus QEMU processes (connections), $boots guest boots, $reboots_done reboots inside QEMU"
+    echo "soak: ${elapsed} s, $qemus QEMU processes (connections), $boots guest boots, $reboots_done reboots inside QEMU, $((crashes - kills)) kernel crashes, $kills QEMU SIGKILLs mid-load"
     echo "acknowledged writes: $writes ($mapped through DAX mappings), $threads writer threads + 1 truncator, ${load} s of load per boot"
     echo "daemon idle after boot 1: RSS $rss1 KiB, $thr1 threads, $fds1 fds; at the end: RSS $rss2 KiB, $thr2 threads, $fds2 fds (growth $growth KiB)"
     echo "host checks of the last boot of each QEMU: $hostchecks extents, compared with the image"

@@ -21,7 +21,8 @@ const DEFAULT_SECS: u64 = 120;
 /// Errors printed one by one; after that only counted.
 const ERRORS_SHOWN: u64 = 10;
 
-fn line(text: &str) {
+/// One line on stdout from any thread (the TAP writer belongs to the main thread's Ctx).
+pub(super) fn line(text: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{text}");
     let _ = out.flush();
