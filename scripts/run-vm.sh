@@ -38,6 +38,16 @@ Device:
                        mirrored at LOGDIR/faultfs.mnt and the daemon opens the image there.
                        Needs root and /dev/fuse. Unmounted on every exit path.
   --faultfs-bin PATH   faultfs binary (default $VUP_ROOT/target/release/faultfs)
+  --chardev-opts OPTS  extra options for QEMU's -chardev socket (e.g. reconnect-ms=500)
+  --trace-vhost        log every vhost-user message QEMU sends and every vhost device
+                       start/stop (QEMU trace events) to qemu.log
+  --kill-daemon-after-marker STRING   SIGKILL the daemon (not QEMU) as soon as the guest
+                       prints STRING, then watch QEMU for --observe SEC more seconds and
+                       kill it. Guest output after the kill goes to LOGDIR/after-kill.txt;
+                       fails if more than 2 "VUP-FSYNC n=N ok" lines follow the kill (one
+                       in flight and one on its way to the console may have been answered
+                       before it); see the fsyncloop guest suite
+  --observe SEC        with --kill-daemon-after-marker: how long to watch (default 60)
 Guest:
   --args "A B C"       arguments for the guest binary (sent as vup.args=A,B,C; no commas)
   --end poweroff|reboot|crash  what the guest does after the binary (default poweroff)
@@ -110,6 +120,10 @@ gargs=""
 end=poweroff
 reboots=1
 marker=""
+dkill_marker=""
+observe_s=60
+chardev_opts=""
+trace_vhost=0
 initrd=""
 guest_bin=""
 append=""
@@ -140,6 +154,10 @@ while [[ $# -gt 0 ]]; do
         --end) needarg "$1" $#; end="$2"; shift ;;
         --reboots) needarg "$1" $#; reboots="$2"; shift ;;
         --kill-after-marker) needarg "$1" $#; marker="$2"; shift ;;
+        --kill-daemon-after-marker) needarg "$1" $#; dkill_marker="$2"; shift ;;
+        --observe) needarg "$1" $#; observe_s="$2"; shift ;;
+        --chardev-opts) needarg "$1" $#; chardev_opts="$2"; shift ;;
+        --trace-vhost) trace_vhost=1 ;;
         --initrd) needarg "$1" $#; initrd="$2"; shift ;;
         --guest-bin) needarg "$1" $#; guest_bin="$2"; shift ;;
         --append) needarg "$1" $#; append="$2"; shift ;;
@@ -165,6 +183,11 @@ case "$end" in poweroff|reboot|crash) ;; *) die "--end must be poweroff, reboot 
 case "$accel" in tcg|kvm|auto) ;; *) die "--accel must be tcg, kvm or auto, not '$accel'" ;; esac
 [[ $timeout_s =~ ^[0-9]+$ && $timeout_s -gt 0 ]] || die "--timeout must be a positive number of seconds"
 [[ $reboots =~ ^[0-9]+$ ]] || die "--reboots must be a number"
+[[ $observe_s =~ ^[0-9]+$ && $observe_s -gt 0 ]] || die "--observe must be a positive number of seconds"
+if [[ -n $dkill_marker ]]; then
+    [[ $device == vhost-user && -z $ext_sock ]] || die "--kill-daemon-after-marker needs the daemon this script starts (vhost-user, no --socket)"
+    [[ -z $marker ]] || die "--kill-daemon-after-marker and --kill-after-marker exclude each other"
+fi
 [[ $smp =~ ^[0-9]+$ ]] || die "--smp must be a number"
 [[ $expect_daemon_exit =~ ^[0-9]+$ ]] || die "--expect-daemon-exit must be a number"
 if (( use_faultfs )); then
@@ -201,7 +224,7 @@ if [[ -z $logdir ]]; then
 fi
 mkdir -p "$logdir"
 logdir="$(cd "$logdir" && pwd)"
-rm -f "$logdir"/{console.log,guest-out.raw,guest-out.txt,tap.txt,metrics.txt,hostchecks.txt,hostchecks.current,hostchecks.superseded,hostchecks.result,daemon.log,qemu.log,qemu.cmd,daemon.pid,result.txt,hostlink,hostlink.log,faultfs.log,faultfs.control,daemon-metrics.json}
+rm -f "$logdir"/{console.log,guest-out.raw,guest-out.txt,tap.txt,metrics.txt,hostchecks.txt,hostchecks.current,hostchecks.superseded,hostchecks.result,daemon.log,qemu.log,qemu.cmd,daemon.pid,result.txt,after-kill.txt,kill.txt,hostlink,hostlink.log,faultfs.log,faultfs.control,daemon-metrics.json}
 rm -f "$logdir"/sync-*
 if (( use_faultfs )); then
     image="${image:-$logdir/faultfs.src/pmem0.img}"
@@ -260,7 +283,7 @@ mem_opt="$(( mem_b >> 20 ))M"
 if [[ $device == vhost-user && -n $ext_sock ]]; then
     [[ -S $ext_sock ]] || die "--socket $ext_sock is not a socket; start the daemon first"
     info "attaching to the running daemon on $ext_sock"
-    devargs=(-chardev "socket,id=pmem0,path=$(qesc "$ext_sock")"
+    devargs=(-chardev "socket,id=pmem0,path=$(qesc "$ext_sock")${chardev_opts:+,$chardev_opts}"
              -device vhost-user-test-device-pci,chardev=pmem0,virtio-id=27,num_vqs=1,vq_size=256,config_size=16)
 elif [[ $device == vhost-user ]]; then
     [[ -x $daemon ]] || die "daemon '$daemon' not found or not executable (build it: cargo build --release -p vhost-user-pmem, or pass --daemon)"
@@ -305,7 +328,7 @@ elif [[ $device == vhost-user ]]; then
     if [[ $daemon_mode == client ]]; then
         # QEMU listens; the daemon is started after QEMU below, once the socket exists.
         # wait=on: QEMU creates the device only once the daemon has connected.
-        devargs=(-chardev "socket,id=pmem0,path=$(qesc "$sock"),server=on,wait=on"
+        devargs=(-chardev "socket,id=pmem0,path=$(qesc "$sock"),server=on,wait=on${chardev_opts:+,$chardev_opts}"
                  -device vhost-user-test-device-pci,chardev=pmem0,virtio-id=27,num_vqs=1,vq_size=256,config_size=16)
     else
         info "starting daemon: RUST_LOG=$dlog $daemon --socket-path $sock --file $daemon_file --size $size ${daemon_args[*]-}"
@@ -324,7 +347,7 @@ elif [[ $device == vhost-user ]]; then
             sleep 0.1
         done
         [[ -S $sock ]] || die "the daemon did not create $sock within 10 s"
-        devargs=(-chardev "socket,id=pmem0,path=$(qesc "$sock")"
+        devargs=(-chardev "socket,id=pmem0,path=$(qesc "$sock")${chardev_opts:+,$chardev_opts}"
                  -device vhost-user-test-device-pci,chardev=pmem0,virtio-id=27,num_vqs=1,vq_size=256,config_size=16)
     fi
 else
@@ -474,6 +497,13 @@ qargs=(-machine q35,memory-backend=mem0 -accel "$accel" -cpu "$cpu" -smp "$smp" 
        -nographic -nodefaults -no-user-config
        -serial stdio -serial "file:$(qesc "$logdir/guest-out.raw")")
 [[ $end == reboot ]] || qargs+=(-no-reboot)
+# wall-clock time on QEMU's own messages, to line them up with a daemon kill
+[[ $trace_vhost == 1 || -n $dkill_marker ]] && qargs+=(-msg timestamp=on)
+if (( trace_vhost )); then
+    for ev in vhost_user_write vhost_user_read 'vhost_dev_start*' 'vhost_dev_stop*'; do
+        qargs+=(-trace "$ev")
+    done
+fi
 qargs+=("${qemu_extra[@]+"${qemu_extra[@]}"}")
 for a in "$QEMU_BIN" "${qargs[@]}"; do
     if [[ $a =~ ^[][A-Za-z0-9_./:=,+@%-]+$ ]]; then printf '%s ' "$a"; else printf "'%s' " "${a//\'/\'\\\'\'}"; fi
@@ -506,9 +536,23 @@ if [[ $verbose == 1 ]]; then
     tailpid=$!
 fi
 
-timed_out=0; marker_kill=0; daemon_died=0; kvm_failed=0
+timed_out=0; marker_kill=0; daemon_died=0; kvm_failed=0; daemon_killed=0; observed=0
 deadline=$(( t0 + timeout_s * 1000 ))
 while kill -0 "$qpid" 2>/dev/null; do
+    if [[ -n $dkill_marker && $daemon_killed == 0 ]] && grep -qF -- "$dkill_marker" "$logdir/guest-out.raw" 2>/dev/null; then
+        kill -KILL "$dpid" 2>/dev/null || true
+        daemon_killed=1
+        kill_ms=$(( $(now_ms) - t0 ))
+        printf 'daemon_killed_at_ms=%s wall=%s guest_out_offset=%s\n' "$kill_ms" "$(date -u +%FT%T.%3N)" \
+            "$(stat -c %s "$logdir/guest-out.raw")" > "$logdir/kill.txt"
+        info "marker '$dkill_marker' seen: daemon killed with SIGKILL after $kill_ms ms; watching QEMU for $observe_s s"
+        deadline=$(( $(now_ms) + observe_s * 1000 ))
+    fi
+    if (( daemon_killed )) && (( $(now_ms) > deadline )); then
+        kill -KILL "$qpid" 2>/dev/null || true
+        observed=1
+        break
+    fi
     if [[ -n $marker ]] && grep -qF -- "$marker" "$logdir/console.log" "$logdir/guest-out.raw" 2>/dev/null; then
         kill -KILL "$qpid" 2>/dev/null || true
         marker_kill=1
@@ -526,14 +570,14 @@ while kill -0 "$qpid" 2>/dev/null; do
         kvm_failed=1
         break
     fi
-    if [[ -n $dpid ]] && ! kill -0 "$dpid" 2>/dev/null; then
+    if [[ -n $dpid && $daemon_killed == 0 ]] && ! kill -0 "$dpid" 2>/dev/null; then
         daemon_died=1
         sleep 1   # give QEMU a moment to report the disconnect
         kill -KILL "$qpid" 2>/dev/null || true
         break
     fi
     hl_poll
-    if [[ -n $marker ]]; then sleep 0.05; else sleep 0.1; fi
+    if [[ -n $marker$dkill_marker ]]; then sleep 0.05; else sleep 0.1; fi
 done
 hl_poll
 { wait "$qpid"; } 2>/dev/null && qrc=0 || qrc=$?
@@ -542,8 +586,17 @@ elapsed_ms=$(( $(now_ms) - t0 ))
 [[ -n $tailpid ]] && { kill "$tailpid" 2>/dev/null; wait "$tailpid" 2>/dev/null || true; tailpid=""; }
 
 (( timed_out == 0 )) || fail "timeout: QEMU still running after ${timeout_s} s (killed)"
-if (( timed_out == 0 && marker_kill == 0 && daemon_died == 0 && kvm_failed == 0 && qrc != 0 )); then
+if (( timed_out == 0 && marker_kill == 0 && daemon_died == 0 && kvm_failed == 0 && daemon_killed == 0 && qrc != 0 )); then
     fail "QEMU exited with status $qrc"
+fi
+if [[ -n $dkill_marker ]]; then
+    if (( daemon_killed == 0 )); then
+        fail "marker '$dkill_marker' never appeared (the daemon was not killed)"
+    elif (( observed )); then
+        info "QEMU still running $observe_s s after the daemon was killed (then killed)"
+    else
+        info "QEMU exited by itself $(( elapsed_ms - kill_ms )) ms after the daemon was killed (status $qrc)"
+    fi
 fi
 if [[ -n $marker && $marker_kill == 0 ]]; then
     fail "marker '$marker' never appeared"
@@ -551,7 +604,10 @@ fi
 
 # ---- daemon ---------------------------------------------------------------------------------
 if [[ -n $dpid ]]; then
-    if (( daemon_died )); then
+    if (( daemon_killed )); then
+        wait "$dpid" 2>/dev/null || true
+        dpid=""
+    elif (( daemon_died )); then
         wait "$dpid" && st=0 || st=$?
         fail "the daemon died while QEMU was running (status $st)"
         dpid=""
@@ -580,6 +636,15 @@ faultfs_stop
 # ---- results ---------------------------------------------------------------------------------
 tr -d '\r' < "$logdir/console.log" > "$logdir/console.txt.tmp" && mv -f "$logdir/console.txt.tmp" "$logdir/console.log"
 src="$logdir/console.log"
+if [[ -f $logdir/guest-out.raw && -f $logdir/kill.txt ]]; then
+    off=$(sed -n 's/.*guest_out_offset=\([0-9]*\).*/\1/p' "$logdir/kill.txt")
+    tail -c +$(( off + 1 )) "$logdir/guest-out.raw" | tr -d '\r' > "$logdir/after-kill.txt"
+    late_ok=$(grep -cE '^VUP-FSYNC n=[0-9]+ ok' "$logdir/after-kill.txt" || true)
+    late_err=$(grep -cE '^VUP-FSYNC n=[0-9]+ error' "$logdir/after-kill.txt" || true)
+    printf 'fsync_ok_after_kill=%s fsync_errors_after_kill=%s\n' "$late_ok" "$late_err" >> "$logdir/kill.txt"
+    info "after the kill the guest printed $late_ok fsync successes and $late_err fsync errors (LOGDIR/after-kill.txt)"
+    (( late_ok <= 2 )) || fail "$late_ok fsyncs reported success after the daemon was killed"
+fi
 if [[ -f $logdir/guest-out.raw ]]; then
     tr -d '\r' < "$logdir/guest-out.raw" > "$logdir/guest-out.txt"
     rm -f "$logdir/guest-out.raw"
@@ -608,7 +673,7 @@ while read -r b rc ok nok plan; do
     passed=$((passed + ok)); failed_tests=$((failed_tests + nok))
     tag=""; [[ $b -gt 1 || $end == reboot ]] && tag=" (boot $b)"
     if [[ $rc == noend ]]; then
-        if [[ $end != crash && -z $marker ]]; then fail "no VUP-END$tag: the guest did not finish"; fi
+        if [[ $end != crash && -z $marker$dkill_marker ]]; then fail "no VUP-END$tag: the guest did not finish"; fi
         continue
     fi
     (( rc == 0 )) || fail "the guest binary exited with rc=$rc$tag"
@@ -623,7 +688,7 @@ rm -f "$logdir/boots.txt"
 expect_boots=1; [[ $end == reboot ]] && expect_boots=$((reboots + 1))
 if (( nboots == 0 )); then
     fail "no VUP-BEGIN: the guest never ran the test binary"
-elif (( nboots < expect_boots )) && [[ -z $marker ]]; then
+elif (( nboots < expect_boots )) && [[ -z $marker$dkill_marker ]]; then
     fail "expected $expect_boots boots, saw $nboots"
 fi
 

@@ -32,6 +32,15 @@ Suites:
   selftest   proves the case runner in the guest: a hung case, a case stuck in D state
              (a write to a frozen filesystem, thawed after), a fatal signal and a
              kernel WARNING line must each fail the case they happen in
+  rebind     persist generation N+1 and a file stored through a DAX mapping, unbind
+             and bind virtio_pmem through sysfs, mount again, find both, write N+2
+  readonly   for a daemon run with --read-only: mount read-only, find generation
+             --expect-gen N, try writes (file system, remount, block device)
+  soak       check the previous soak boot's acknowledged writes (--expect-gen N:
+             the previous boot; 0 on a fresh file system), then --threads writers
+             (largest value) plus a truncator for --stress SECS (default 20)
+  fsyncloop  pwrite + fsync every 100 ms for --stress SECS (default 120), one line per
+             result, VUP-FSYNC-STEADY after 20: for killing the daemon under it
 
 Each case of faults/mapsync/truncate/pmd runs in a forked child with a deadline: a hang
 is reported as `not ok N - name # hung after Xs` and the suite goes on. Every case fails
@@ -68,6 +77,10 @@ pub enum Suite {
     Pmd,
     Selftest,
     Flush,
+    Rebind,
+    Readonly,
+    Soak,
+    FsyncLoop,
 }
 
 impl Suite {
@@ -83,6 +96,10 @@ impl Suite {
             "pmd" => vec![Suite::Pmd],
             "selftest" => vec![Suite::Selftest],
             "flush" => vec![Suite::Flush],
+            "rebind" => vec![Suite::Rebind],
+            "readonly" => vec![Suite::Readonly],
+            "soak" => vec![Suite::Soak],
+            "fsyncloop" => vec![Suite::FsyncLoop],
             "catalogue" => vec![Suite::Faults, Suite::MapSync, Suite::Truncate, Suite::Pmd],
             _ => return None,
         })
@@ -99,6 +116,10 @@ impl Suite {
             Suite::Pmd => "pmd",
             Suite::Selftest => "selftest",
             Suite::Flush => "flush",
+            Suite::Rebind => "rebind",
+            Suite::Readonly => "readonly",
+            Suite::Soak => "soak",
+            Suite::FsyncLoop => "fsyncloop",
         }
     }
 }
@@ -171,7 +192,7 @@ pub enum ArgError {
     },
     #[error("unknown option {0}")]
     UnknownOption(String),
-    #[error("unknown suite {0:?} (expected e2e, persist, latency, faults, mapsync, truncate, pmd, flush, catalogue or selftest)")]
+    #[error("unknown suite {0:?} (expected e2e, persist, latency, faults, mapsync, truncate, pmd, flush, catalogue, selftest, rebind, readonly, soak or fsyncloop)")]
     UnknownSuite(String),
     #[error("no suite given")]
     NoSuite,
@@ -388,6 +409,15 @@ mod tests {
         assert_eq!(a.stress_secs, Some(60));
         assert_eq!(a.only, vec!["hole_waiters", "pmd_ops"]);
         assert_eq!(run("--fs xfs pmd").unwrap().suites, vec![Suite::Pmd]);
+        assert_eq!(
+            run("rebind readonly soak fsyncloop").unwrap().suites,
+            vec![
+                Suite::Rebind,
+                Suite::Readonly,
+                Suite::Soak,
+                Suite::FsyncLoop
+            ]
+        );
         assert!(matches!(
             run("--stress 0 faults"),
             Err(ArgError::BadValue { .. })

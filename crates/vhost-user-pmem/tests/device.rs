@@ -186,6 +186,14 @@ fn read_only_maps_without_writable_and_leaves_the_file_alone() {
         "read-only device sent a writable fd"
     );
 
+    // Nothing written can become durable, so a flush must not report success.
+    assert_eq!(fe.flush().unwrap(), -1, "flush on a read-only device");
+    assert_eq!(
+        fe.flush().unwrap(),
+        -1,
+        "second flush on a read-only device"
+    );
+
     fe.disconnect();
     drop(d);
     assert!(

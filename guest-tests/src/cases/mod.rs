@@ -9,11 +9,15 @@ mod dio;
 mod faults;
 mod flush;
 mod hostlink;
+mod fsync_loop;
 mod latency;
 mod map_sync;
 mod persist;
 mod pmd;
+mod readonly;
+mod rebind;
 mod selftest;
+mod soak;
 mod truncate;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -325,6 +329,15 @@ pub fn run_suite(ctx: &mut Ctx, suite: Suite) {
         Suite::Pmd => pmd_suite(ctx),
         Suite::Flush => flush_suite(ctx),
         Suite::Selftest => selftest::suite(ctx),
+        Suite::Rebind => rebind_suite(ctx),
+        Suite::Readonly => readonly_suite(ctx),
+        Suite::Soak => soak_suite(ctx),
+        Suite::FsyncLoop => {
+            ctx.case("pmem0_present", &[], device::pmem0_present);
+            ensure_mounted(ctx);
+            ensure_dax_checked(ctx);
+            ctx.case("fsync_loop", NEEDS_DAX, fsync_loop::fsync_loop);
+        }
     }
     let secs = (sys::monotonic_raw_ns() - started) as f64 / 1e9;
     // A diagnostic, not a VUP-METRIC line: those are latency rows for scripts/demo.sh.
@@ -487,6 +500,78 @@ fn persist_suite(ctx: &mut Ctx) {
     ctx.case("fsync_persists", NEEDS_DAX, |ctx| {
         persist::fsync_persists(ctx, expect)
     });
+}
+
+/// Data written before a sysfs unbind/bind of virtio_pmem must be there after it, read
+/// through a new block device and a new DAX mount; the daemon must have mapped the file again.
+fn rebind_suite(ctx: &mut Ctx) {
+    ctx.case("pmem0_present", &[], device::pmem0_present);
+    ensure_mounted(ctx);
+    ensure_dax_checked(ctx);
+    let expect = ctx.persisted_gen.or(ctx.args.expect_gen);
+    ctx.case("fsync_persists", NEEDS_DAX, |ctx| {
+        persist::fsync_persists(ctx, expect)
+    });
+    ctx.case("rebind_mmap_write", NEEDS_DAX, rebind::mmap_write);
+    release_mount(ctx);
+    ctx.case("driver_rebind", &["pmem0_present"], rebind::driver_rebind);
+    // A new block device: mount and check DAX again.
+    ctx.dax_checked = false;
+    ensure_mounted(ctx);
+    ensure_dax_checked(ctx);
+    ctx.case(
+        "rebind_data_kept",
+        &[
+            "driver_rebind",
+            "mount_dax",
+            "precond_dax",
+            "rebind_mmap_write",
+        ],
+        rebind::mmap_data_kept,
+    );
+    let expect = ctx.persisted_gen;
+    ctx.case(
+        "fsync_persists",
+        &["driver_rebind", "mount_dax", "precond_dax"],
+        |ctx| persist::fsync_persists(ctx, expect),
+    );
+}
+
+/// For a daemon run with --read-only. Mounts by itself (read-only), so nothing here goes
+/// through ensure_mounted.
+fn readonly_suite(ctx: &mut Ctx) {
+    ctx.case("pmem0_present", &[], device::pmem0_present);
+    ctx.case("ro_region", &["pmem0_present"], readonly::ro_region);
+    ctx.case("ro_mount_read", &["ro_region"], readonly::ro_mount_read);
+    ctx.case("ro_fs_writes", &["ro_mount_read"], readonly::ro_fs_writes);
+    if mounts::current(ctx.mnt()).is_some() {
+        if let Err(e) = sys::umount(ctx.mnt()) {
+            let msg = format!(
+                "umount {}: {}",
+                ctx.mnt().display(),
+                crate::error::describe(&e)
+            );
+            ctx.diag(&msg);
+        }
+    }
+    ctx.case(
+        "ro_blockdev_write",
+        &["pmem0_present"],
+        readonly::ro_blockdev_write,
+    );
+}
+
+/// One boot of scripts/soak.sh: check the previous boot's acknowledged writes, then load.
+fn soak_suite(ctx: &mut Ctx) {
+    ctx.case("pmem0_present", &[], device::pmem0_present);
+    if !ctx.args.mkfs {
+        release_mount(ctx);
+        ctx.case("fsck_clean", &["pmem0_present"], device::fsck_clean);
+    }
+    ensure_mounted(ctx);
+    ensure_dax_checked(ctx);
+    ctx.case("soak_verify", NEEDS_DAX, soak::soak_verify);
+    ctx.case("soak_load", NEEDS_DAX, soak::soak_load);
 }
 
 /// Unmount if this process mounted it, so mkfs/fsck see a quiescent device.

@@ -1,0 +1,190 @@
+//! Driver rebind: unbinding virtio_pmem through sysfs resets the device (QEMU drops the
+//! shared-memory mapping), binding it again starts the device again, and the daemon must map the
+//! file again. The data written before must be there after, read through a fresh DAX mount.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::{common, Ctx, Verdict};
+use crate::error::{fail, Context, Result};
+use crate::fiemap;
+use crate::pattern;
+use crate::sha256;
+use crate::sys::{self, Mapping};
+
+const DRIVER: &str = "/sys/bus/virtio/drivers/virtio_pmem";
+/// How long the block device may take to go away or come back.
+const DEVICE_WAIT: Duration = Duration::from_secs(20);
+const MMAP_FILE: &str = "rebind.dat";
+const MMAP_LEN: usize = 2 << 20;
+
+/// The seed of rebind.dat's contents: new for every generation, so a stale copy is caught.
+fn mmap_seed(ctx: &Ctx) -> u64 {
+    0x5245_4249_4e44_0000 ^ ctx.args.expect_gen.unwrap_or(0)
+}
+
+/// Print a `TAG offset=.. len=.. sha256=..` line (TAG: VUP-HOSTCHECK for run-vm.sh) for every
+/// device extent of `file`, whose first `data.len()` bytes must be `data`, so the host can
+/// compare them with the image.
+pub fn host_check(ctx: &mut Ctx, tag: &str, file: &File, data: &[u8]) -> Result<()> {
+    let extents = fiemap::extents(file).ctx("FIEMAP")?;
+    let segments = match fiemap::segments(&extents, data.len() as u64) {
+        Ok(s) => s,
+        Err(why) => fail!("cannot locate the file on the device: {why}"),
+    };
+    for s in &segments {
+        let bytes = &data[s.file_offset as usize..(s.file_offset + s.len) as usize];
+        ctx.raw(&format!(
+            "{tag} offset={} len={} sha256={}",
+            s.dev_offset,
+            s.len,
+            sha256::hex_digest(bytes)
+        ));
+    }
+    Ok(())
+}
+
+/// Stores through a MAP_SHARED DAX mapping (no write(2)), msync, fsync: the bytes live only in
+/// the shared-memory region, so after the rebind they can only come from the file mapped again.
+pub fn mmap_write(ctx: &mut Ctx) -> Result<Verdict> {
+    let path = ctx.mnt().join(MMAP_FILE);
+    let want = pattern::seeded(mmap_seed(ctx), MMAP_LEN);
+    let f = common::create(&path)?;
+    sys::fallocate(&f, 0, MMAP_LEN as u64).ctx("fallocate 2 MiB")?;
+    {
+        let mut map = Mapping::new(
+            &f,
+            MMAP_LEN,
+            sys::PROT_READ | sys::PROT_WRITE,
+            sys::MAP_SHARED,
+            0,
+        )
+        .ctx("mmap MAP_SHARED 2 MiB")?;
+        map.as_mut_slice().copy_from_slice(&want);
+        sys::msync(map.as_slice(), libc::MS_SYNC).ctx("msync MS_SYNC")?;
+    }
+    f.sync_all().ctx(format!("fsync {MMAP_FILE}"))?;
+    File::open(ctx.mnt())
+        .and_then(|d| d.sync_all())
+        .ctx("fsync the directory")?;
+    host_check(ctx, "VUP-HOSTCHECK", &f, &want)?;
+    Ok(Verdict::Pass)
+}
+
+/// After the rebind: rebind.dat holds what `mmap_write` stored, read through read(2) and through
+/// a fresh mapping.
+pub fn mmap_data_kept(ctx: &mut Ctx) -> Result<Verdict> {
+    let path = ctx.mnt().join(MMAP_FILE);
+    let want = pattern::seeded(mmap_seed(ctx), MMAP_LEN);
+    let f = File::open(&path).ctx(format!("open {}", path.display()))?;
+    let got = common::read_at(&f, 0, MMAP_LEN)?;
+    common::compare("read(2) of rebind.dat after the rebind", &got, &want)?;
+    let map = Mapping::new(&f, MMAP_LEN, sys::PROT_READ, sys::MAP_SHARED, 0)
+        .ctx("mmap rebind.dat read-only")?;
+    common::compare(
+        "DAX mapping of rebind.dat after the rebind",
+        map.as_slice(),
+        &want,
+    )?;
+    ctx.diag("rebind.dat holds the 2 MiB stored through the mapping before the rebind");
+    Ok(Verdict::Pass)
+}
+
+/// The virtio device the driver holds, e.g. "virtio1" (exactly one).
+fn bound_device() -> Result<String> {
+    let mut names: Vec<String> = std::fs::read_dir(DRIVER)
+        .ctx(format!("read {DRIVER}"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("virtio"))
+        .collect();
+    names.sort();
+    match names.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => fail!("{DRIVER} holds no device"),
+        many => fail!(
+            "{DRIVER} holds {} devices ({many:?}); expected one",
+            many.len()
+        ),
+    }
+}
+
+fn is_block_device(path: &Path) -> bool {
+    std::fs::metadata(path)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false)
+}
+
+/// Waits until `done()` or the deadline; returns how long it took.
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) -> Result<Duration> {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() > DEVICE_WAIT {
+            fail!("{what}: not within {} s", DEVICE_WAIT.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(start.elapsed())
+}
+
+/// The device's virtio status byte from sysfs, for the record.
+fn status(name: &str) -> String {
+    crate::nd::read_trimmed(format!("/sys/bus/virtio/devices/{name}/status"))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Unbind virtio_pmem from its device and bind it again; the block device must go away and
+/// come back. The filesystem must not be mounted.
+pub fn driver_rebind(ctx: &mut Ctx) -> Result<Verdict> {
+    if crate::mounts::current(ctx.mnt()).is_some() {
+        fail!("{} is still mounted; cannot unbind", ctx.mnt().display());
+    }
+    let dev: PathBuf = ctx.args.dev.clone();
+    let sys_block = PathBuf::from(format!("/sys/block/{}", ctx.dev_name()));
+    let name = bound_device()?;
+    ctx.diag(&format!(
+        "virtio_pmem holds {name} (status {}); unbinding",
+        status(&name)
+    ));
+
+    std::fs::write(format!("{DRIVER}/unbind"), &name).ctx(format!("write {name} to unbind"))?;
+    let gone = wait_for("the block device going away after unbind", || {
+        !sys_block.exists() && !is_block_device(&dev)
+    })?;
+    ctx.diag(&format!(
+        "unbound: {} and {} gone after {} ms; device status now {}",
+        sys_block.display(),
+        dev.display(),
+        gone.as_millis(),
+        status(&name)
+    ));
+    if Path::new(&format!("{DRIVER}/{name}")).exists() {
+        fail!("{name} is still bound after unbind");
+    }
+
+    std::fs::write(format!("{DRIVER}/bind"), &name).ctx(format!("write {name} to bind"))?;
+    let back = wait_for("the block device coming back after bind", || {
+        sys_block.exists() && is_block_device(&dev)
+    })?;
+    ctx.diag(&format!(
+        "bound again: {} back after {} ms; device status {}",
+        dev.display(),
+        back.as_millis(),
+        status(&name)
+    ));
+    if bound_device()? != name {
+        fail!("after bind the driver holds another device than {name}");
+    }
+    // The region must hold the filesystem again, read through the new block device. A region
+    // the frontend did not map again reads as zeros.
+    let f = File::open(&dev).ctx(format!("open {}", dev.display()))?;
+    let mut sb = [0u8; 4096];
+    f.read_exact_at(&mut sb, 0)
+        .ctx("read the superblock area")?;
+    if sb.iter().all(|&b| b == 0) {
+        fail!("the region reads as zeros after the rebind: it was not mapped again");
+    }
+    Ok(Verdict::Pass)
+}
