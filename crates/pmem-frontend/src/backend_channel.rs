@@ -7,6 +7,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -147,6 +148,8 @@ impl Drop for ShmemMapping {
 #[derive(Default)]
 struct Received {
     maps: Vec<Arc<ShmemMapping>>,
+    /// SHMEM_MAP requests answered with an error (see `refuse_maps`).
+    refused: usize,
     unmaps: Vec<VhostUserMMap>,
 }
 
@@ -155,10 +158,17 @@ struct Received {
 struct ShmemRecorder {
     received: Mutex<Received>,
     changed: Condvar,
+    /// Answer SHMEM_MAP with an error, as QEMU does when it cannot mmap the fd.
+    refuse_maps: AtomicBool,
 }
 
 impl VhostUserFrontendReqHandler for ShmemRecorder {
     fn shmem_map(&self, req: &VhostUserMMap, fd: &dyn AsRawFd) -> HandlerResult<u64> {
+        if self.refuse_maps.load(Ordering::SeqCst) {
+            self.received.lock().unwrap().refused += 1;
+            self.changed.notify_all();
+            return Err(io::Error::from_raw_os_error(libc::EACCES));
+        }
         let mapping = ShmemMapping::new(*req, fd)?;
         self.received.lock().unwrap().maps.push(Arc::new(mapping));
         self.changed.notify_all();
@@ -219,6 +229,33 @@ impl BackendChannel {
     /// All SHMEM_MAP requests received so far, oldest first.
     pub fn maps(&self) -> Vec<Arc<ShmemMapping>> {
         self.recorder.received.lock().unwrap().maps.clone()
+    }
+
+    /// From now on, answer SHMEM_MAP with EACCES (or again accept it).
+    pub fn refuse_maps(&self, refuse: bool) {
+        self.recorder.refuse_maps.store(refuse, Ordering::SeqCst);
+    }
+
+    /// Waits until at least `count` SHMEM_MAP requests have been refused.
+    pub fn wait_refused(&self, count: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut received = self.recorder.received.lock().unwrap();
+        while received.refused < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout {
+                    what: "a SHMEM_MAP to refuse",
+                    timeout,
+                });
+            }
+            received = self
+                .recorder
+                .changed
+                .wait_timeout(received, left)
+                .unwrap()
+                .0;
+        }
+        Ok(())
     }
 
     /// All SHMEM_UNMAP requests received so far.

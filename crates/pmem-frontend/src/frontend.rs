@@ -374,6 +374,17 @@ impl Frontend {
         self.channel.wait_map(count, self.opts.timeout)
     }
 
+    /// Makes the backend channel answer every later SHMEM_MAP with an error (`true`), as
+    /// QEMU does when it cannot mmap the fd, or accept them again (`false`).
+    pub fn refuse_shmem_maps(&self, refuse: bool) {
+        self.channel.refuse_maps(refuse);
+    }
+
+    /// Waits until `count` SHMEM_MAPs have been refused on this connection.
+    pub fn wait_shmem_refusals(&self, count: usize) -> Result<()> {
+        self.channel.wait_refused(count, self.opts.timeout)
+    }
+
     /// Guest RAM size.
     pub fn guest_memory_size(&self) -> u64 {
         self.ram.size()

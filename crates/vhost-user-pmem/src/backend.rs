@@ -143,14 +143,22 @@ impl PmemBackend {
         for chain in chains {
             let head = chain.head_index();
             match request::parse(&*mem, chain) {
-                Request::Flush { status } if self.device.backing.read_only() => {
-                    // Nothing the guest stores can reach a file opened read-only (QEMU maps it
-                    // read-only, or not at all), so answering 0 would tell the guest that
-                    // writes it made are durable when they are not.
+                Request::Flush { status }
+                    if self.device.backing.read_only() || self.mapper.map_failed() =>
+                {
+                    // Nothing the guest stores can reach the file when it was opened read-only
+                    // (QEMU maps it read-only, or not at all) or when the frontend refused the
+                    // map, so answering 0 would tell the guest that writes it made are durable
+                    // when they are not.
                     Stats::add(&self.device.stats.requests, 1);
                     Stats::add(&self.device.stats.errors, 1);
                     if let Some(n) = self.bad_input_log.check() {
-                        warn!("flush in chain {head} on a read-only device; answering -1 ({n} similar messages suppressed)");
+                        let why = if self.device.backing.read_only() {
+                            "on a read-only device"
+                        } else {
+                            "while the file is not mapped (the frontend refused SHMEM_MAP)"
+                        };
+                        warn!("flush in chain {head} {why}; answering -1 ({n} similar messages suppressed)");
                     }
                     complete(vring, &mem, head, Some(status), RESP_ERR);
                     completed_here = true;

@@ -11,6 +11,7 @@
 //! cannot probe the namespace before QEMU has finished starting the device, and QEMU serves the
 //! backend channel as soon as it has, which keeps the unmapped window as small as QEMU allows.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Instant;
@@ -38,6 +39,9 @@ struct State {
 struct Pending {
     state: Mutex<State>,
     wake: Condvar,
+    /// The frontend refused the latest SHMEM_MAP: the guest's stores go nowhere, so no flush
+    /// may be answered with success until a later map succeeds.
+    failed: AtomicBool,
 }
 
 /// Sends SHMEM_MAP from its own thread, one mapper per connection: a frontend that never
@@ -74,12 +78,18 @@ impl ShmemMapper {
     /// Asks for the file to be mapped through `channel`, the backend channel of the connection
     /// whose device is starting.
     pub fn request(&self, channel: Backend) {
+        self.pending.failed.store(false, Ordering::SeqCst);
         let mut state = self.pending.state.lock().unwrap_or_else(|e| e.into_inner());
         state.job = Some(MapJob {
             channel,
             requested: Instant::now(),
         });
         self.pending.wake.notify_one();
+    }
+
+    /// Whether the frontend refused the map of the current device start.
+    pub fn map_failed(&self) -> bool {
+        self.pending.failed.load(Ordering::SeqCst)
     }
 }
 
@@ -117,6 +127,7 @@ fn run(pending: &Pending, backing: &BackingFile, stats: &Stats) {
         };
         match job.channel.shmem_map(&msg, backing.file()) {
             Ok(_) => {
+                pending.failed.store(false, Ordering::SeqCst);
                 Stats::add(&stats.maps, 1);
                 info!(
                     "mapped {} ({}, {}) into shared-memory region {} in {} us",
@@ -131,11 +142,14 @@ fn run(pending: &Pending, backing: &BackingFile, stats: &Stats) {
                     job.requested.elapsed().as_micros()
                 );
             }
-            Err(e) => error!(
-                "SHMEM_MAP of {} failed: {e}; the guest will see a region of zeros until the \
-                 device restarts",
-                backing.path().display()
-            ),
+            Err(e) => {
+                pending.failed.store(true, Ordering::SeqCst);
+                error!(
+                    "SHMEM_MAP of {} failed: {e}; the guest will see a region of zeros and \
+                     every flush is answered -1 until the device restarts",
+                    backing.path().display()
+                );
+            }
         }
     }
 }

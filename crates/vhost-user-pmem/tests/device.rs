@@ -202,6 +202,29 @@ fn read_only_maps_without_writable_and_leaves_the_file_alone() {
     );
 }
 
+/// QEMU answers SHMEM_MAP with an error when it cannot mmap the fd; the guest then writes into
+/// a region with no file behind it, so no flush may report success until a map succeeds.
+#[test]
+fn flushes_fail_while_the_frontend_refuses_the_map() {
+    let env = Env::new();
+    env.create_file(2 * MIB);
+    let d = env.start(&[]);
+    let mut fe = d.connect();
+    fe.refuse_shmem_maps(true);
+    fe.start_no_wait().unwrap();
+    fe.wait_shmem_refusals(1).unwrap();
+    d.wait_log("SHMEM_MAP of", 1);
+    assert_eq!(fe.flush().unwrap(), -1, "flush after a refused map");
+    assert_eq!(fe.flush().unwrap(), -1, "second flush after a refused map");
+
+    // The next device start maps again; once that map is accepted, flushes succeed.
+    fe.refuse_shmem_maps(false);
+    fe.stop().unwrap();
+    let map = fe.start().unwrap();
+    map.write(0, b"mapped again").unwrap();
+    assert_eq!(fe.flush().unwrap(), 0, "flush after a successful map");
+}
+
 #[test]
 fn queue_sizes_up_to_1024_are_accepted_and_larger_refused() {
     use pmem_frontend::vhost::VhostBackend;
