@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# Guest benchmark (guest-test catalogue section F): boots the same guest once on the
+# vhost-user-pmem daemon and once on QEMU's built-in virtio-pmem, each with a fresh image of
+# the same size, runs flush_latency (F20: every flush kind at each concurrency) and
+# fault_latency (F19: the 12-cell write-fault matrix), and prints the two devices side by
+# side with ratios. Results go to OUT: results.tsv (one row per device and measurement),
+# results.json (the rows plus the ratios), comparison.txt (the printed tables), and each
+# device's run-vm logs (guest-out.txt has the cover-letter blocks and log2 buckets).
+#
+# Usage: scripts/bench-guest.sh [options]
+#   --samples N      timed ops per flush kind and concurrency, split over its threads
+#                    (default 1000)
+#   --threads LIST   concurrencies, comma-separated (default 1,4,16,64)
+#   --suites LIST    latency, faultlat or both, comma-separated (default both)
+#   --size SIZE      pmem size for both devices (default 1G)
+#   --order ORDER    vhost-user,builtin (default) or builtin,vhost-user: which boots first
+#   --out DIR        results directory (default .cache/bench-guest)
+#   --timeout SEC    per boot (default 900)
+#   --report-only    boot nothing: rebuild the tables and files from OUT's earlier run
+# About 8-12 minutes under TCG on 2 cores with the defaults. The figures are measurements,
+# not pass/fail; the script fails only if a guest run fails (an I/O error, a lost store).
+set -euo pipefail
+# shellcheck disable=SC2034  # read by lib.sh
+VUP_PROG=bench-guest
+# shellcheck source=scripts/lib.sh
+source "$(dirname "$0")/lib.sh"
+cd "$VUP_ROOT"
+
+samples=1000 threads=1,4,16,64 suites=latency,faultlat size=1G order=vhost-user,builtin
+out="$VUP_BUILD/bench-guest" timeout=900 report_only=0
+while (($#)); do
+    case "$1" in
+        --samples) [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || die "--samples needs a positive number"; samples="$2"; shift ;;
+        --threads) [[ ${2:-} =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--threads needs a list like 1,4,16,64"; threads="$2"; shift ;;
+        --suites) [[ ${2:-} =~ ^(latency|faultlat)(,(latency|faultlat))?$ ]] || die "--suites takes latency, faultlat or latency,faultlat"; suites="$2"; shift ;;
+        --size) [[ $# -ge 2 ]] || die "--size needs a value"; size="$2"; shift ;;
+        --order) case "${2:-}" in vhost-user,builtin|builtin,vhost-user) order="$2" ;;
+                     *) die "--order must be vhost-user,builtin or builtin,vhost-user" ;; esac; shift ;;
+        --out) [[ $# -ge 2 ]] || die "--out needs a directory"; out="$2"; shift ;;
+        --timeout) [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || die "--timeout needs seconds"; timeout="$2"; shift ;;
+        --report-only) report_only=1 ;;
+        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown argument '$1' (see --help)" ;;
+    esac
+    shift
+done
+
+out=$(realpath -m "$out")
+
+if [[ $report_only == 0 ]]; then
+    rm -rf "$out"; mkdir -p "$out"
+    info "building the daemon and the guest, fetching QEMU and the kernel (cached after the first run)"
+    cargo build --release -p vhost-user-pmem >&2
+    "$VUP_ROOT/scripts/fetch-qemu.sh" >/dev/null
+    "$VUP_ROOT/scripts/fetch-kernel.sh" >/dev/null
+    "$VUP_ROOT/scripts/fetch-guest-tools.sh" >/dev/null
+    guest_bin=$("$VUP_ROOT/scripts/build-guest.sh")
+    "$VUP_ROOT/scripts/build-initramfs.sh" --guest-bin "$guest_bin" --out "$out/initrd.cpio.gz" >/dev/null
+
+    {
+        echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+        echo "host: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), kernel $(uname -r)"
+        echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+        echo "guest: --samples $samples --threads $threads, suites $suites, $size image, order $order"
+    } >"$out/machine.txt"
+
+    for dev in ${order//,/ }; do
+        extra=()
+        if [[ $dev == vhost-user ]]; then
+            # The daemon's own counters at exit: how many guest flushes one fdatasync answered.
+            extra=(--daemon-arg --metrics-path --daemon-arg "$out/vhost-user/daemon-metrics.json")
+            mkdir -p "$out/vhost-user"
+        fi
+        info "booting a guest on $dev with a fresh $size image (load average $(cut -d' ' -f1 /proc/loadavg))"
+        t0=$(now_ms)
+        if ! "$VUP_ROOT/scripts/run-vm.sh" --device "$dev" --image "$out/$dev.img" --size "$size" \
+            --initrd "$out/initrd.cpio.gz" --log-dir "$out/$dev" --timeout "$timeout" "${extra[@]}" \
+            --args "--mkfs --samples $samples --threads ${threads//,/:} ${suites//,/ }" \
+            >"$out/$dev.run.txt" 2>&1; then
+            tail -n 30 "$out/$dev.run.txt" >&2
+            die "the $dev guest failed; logs in $out/$dev"
+        fi
+        rm -f "$out/$dev.img"
+        secs=$(( ($(now_ms) - t0) / 1000 ))
+        echo "$dev: $secs s, $(tail -n 1 "$out/$dev.run.txt")" >>"$out/machine.txt"
+        info "$dev done in $secs s"
+    done
+    echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$out/machine.txt"
+fi
+for dev in vhost-user builtin; do
+    [[ -s $out/$dev/metrics.txt ]] || die "no $out/$dev/metrics.txt: run without --report-only first"
+done
+
+# One TSV row per device and measurement. A row's key is every field of its VUP-METRIC line
+# that is not a figure (op, the fault cell's labels, threads), so new labels need no change
+# here.
+awk -v OFS='\t' '
+    BEGIN {
+        split("n min_us avg_us p50_us p99_us max_us ops_per_s status reason", f, " ")
+        for (i in f) figure[f[i]] = 1
+        print "device", "key", "n", "min_us", "avg_us", "p50_us", "p99_us", "max_us", "ops_per_s", "status"
+    }
+    FNR == 1 { dev = FILENAME; sub(/\/metrics\.txt$/, "", dev); sub(/.*\//, "", dev) }
+    /^VUP-METRIC / {
+        delete kv; key = ""
+        for (i = 2; i <= NF; i++) {
+            eq = index($i, "="); k = substr($i, 1, eq - 1); v = substr($i, eq + 1); kv[k] = v
+            if (!(k in figure)) key = key (key == "" ? "" : " ") k "=" v
+        }
+        status = ("status" in kv) ? kv["status"] ":" kv["reason"] : "ok"
+        print dev, key, kv["n"], kv["min_us"], kv["avg_us"], kv["p50_us"], kv["p99_us"], kv["max_us"], kv["ops_per_s"], status
+    }' "$out/vhost-user/metrics.txt" "$out/builtin/metrics.txt" >"$out/results.tsv"
+
+# The side-by-side tables, and results.json with the same rows and ratios
+# (ratio = vhost-user-pmem / built-in: above 1 is more ops/s, below 1 is lower latency).
+awk -F'\t' -v json="$out/results.json" -v machine="$out/machine.txt" -v dm="$out/vhost-user/daemon-metrics.json" '
+    function ratio(a, b) { return (a != "" && b != "" && b + 0 > 0) ? sprintf("%.2f", a / b) : "-" }
+    function fmt(v) { return v == "" ? "-" : sprintf("%.0f", v) }
+    function jstr(s) { gsub(/\\/, "\\\\", s); gsub(/"/, "\\\"", s); return "\"" s "\"" }
+    function jnum(s) { return s == "" ? "null" : s + 0 }
+    NR == 1 { next }
+    {
+        dev = $1; key = $2
+        if (!(key in seen)) { seen[key] = 1; keys[++nk] = key }
+        for (i = 3; i <= 10; i++) val[dev, key, i] = $i
+        rows[++nr] = $0
+    }
+    END {
+        # flush_latency: op ... threads=N; fault_latency: op=fault_latency file= load= map= threads=1
+        printf "== flush_latency (catalogue F20): ops/s and p50 / p99 in us\n"
+        printf "%-30s %26s %26s %8s %8s %8s\n", "op x threads", "vhost-user-pmem", "QEMU built-in", "ops/s", "p50", "p99"
+        printf "%-30s %26s %26s %8s %8s %8s\n", "", "ops/s  p50 / p99", "ops/s  p50 / p99", "ratio", "ratio", "ratio"
+        for (k = 1; k <= nk; k++) {
+            key = keys[k]; if (key ~ /^op=fault_latency/) continue
+            label = key; sub(/^op=/, "", label); sub(/ threads=/, " x", label)
+            print_row(label, key)
+        }
+        printf "\n== fault_latency (catalogue F19): 512 write faults per cell, avg and p50 / p99 in us\n"
+        printf "%-44s %22s %22s %8s %8s\n", "cell", "vhost-user-pmem", "QEMU built-in", "p50", "avg"
+        printf "%-44s %22s %22s %8s %8s\n", "", "avg  p50 / p99", "avg  p50 / p99", "ratio", "ratio"
+        for (k = 1; k <= nk; k++) {
+            key = keys[k]; if (key !~ /^op=fault_latency/) continue
+            label = key; sub(/^op=fault_latency /, "", label); sub(/ threads=1$/, "", label)
+            gsub(/file=|load=|map=/, "", label)
+            a = cellfig("vhost-user", key); b = cellfig("builtin", key)
+            printf "%-44s %22s %22s %8s %8s\n", label, a, b, \
+                ratio(val["vhost-user", key, 6], val["builtin", key, 6]), ratio(val["vhost-user", key, 5], val["builtin", key, 5])
+        }
+        printf "(ratio = vhost-user-pmem / built-in: ops/s above 1 and latency below 1 favour vhost-user-pmem)\n"
+
+        # The issue targets that these runs can judge.
+        t16 = "op=pwrite_fsync threads=16"
+        r = ratio(val["vhost-user", t16, 9], val["builtin", t16, 9])
+        printf "\n== targets\n"
+        printf "16 threads, 4 KiB pwrite + fsync: ops/s >= 2 x built-in: %s x -> %s\n", r, (r != "-" && r + 0 >= 2) ? "met" : "NOT met"
+        for (k = 1; k <= nk; k++) {
+            key = keys[k]; if (key !~ / threads=1$/ || key ~ /^op=fault_latency/) continue
+            r = ratio(val["vhost-user", key, 6], val["builtin", key, 6]); if (r == "-") continue
+            label = key; sub(/^op=/, "", label); sub(/ threads=1$/, "", label)
+            printf "1 thread, %s: p50 within 10%% of built-in: %s x -> %s\n", label, r, (r + 0 <= 1.10) ? "met" : "NOT met"
+        }
+
+        printf "{\n  \"machine\": [" > json
+        n = 0
+        while ((getline line < machine) > 0) printf "%s%s", (n++ ? ", " : ""), jstr(line) > json
+        printf "],\n  \"rows\": [\n" > json
+        split("n min_us avg_us p50_us p99_us max_us ops_per_s status", names, " ")
+        for (i = 1; i <= nr; i++) {
+            split(rows[i], c, "\t")
+            printf "    {\"device\": %s, \"key\": %s", jstr(c[1]), jstr(c[2]) > json
+            for (j = 1; j <= 7; j++) printf ", \"%s\": %s", names[j], jnum(c[j + 2]) > json
+            printf ", \"status\": %s}%s\n", jstr(c[10]), (i < nr ? "," : "") > json
+        }
+        printf "  ],\n  \"ratios_vhost_user_over_builtin\": [\n" > json
+        m = 0
+        for (k = 1; k <= nk; k++) {
+            key = keys[k]
+            printf "%s    {\"key\": %s, \"ops_per_s\": %s, \"avg\": %s, \"p50\": %s, \"p99\": %s}", (m++ ? ",\n" : ""), jstr(key), \
+                jratio(9, key), jratio(5, key), jratio(6, key), jratio(7, key) > json
+        }
+        printf "\n  ],\n  \"daemon_metrics\": " > json
+        d = ""
+        while ((getline line < dm) > 0) d = d line "\n"
+        printf "%s\n}\n", (d == "" ? "null" : d) > json
+    }
+    function jratio(i, key,   r) { r = ratio(val["vhost-user", key, i], val["builtin", key, i]); return r == "-" ? "null" : r }
+    function cellfig(dev, key) {
+        if (!((dev, key, 3) in val)) return "-"
+        if (val[dev, key, 10] != "ok") return "n/a (" substr(val[dev, key, 10], 5) ")"
+        return sprintf("%s  %s / %s", fmt(val[dev, key, 5]), fmt(val[dev, key, 6]), fmt(val[dev, key, 7]))
+    }
+    function print_row(label, key,   a, b) {
+        a = flushfig("vhost-user", key); b = flushfig("builtin", key)
+        printf "%-30s %26s %26s %8s %8s %8s\n", label, a, b, \
+            ratio(val["vhost-user", key, 9], val["builtin", key, 9]), \
+            ratio(val["vhost-user", key, 6], val["builtin", key, 6]), \
+            ratio(val["vhost-user", key, 7], val["builtin", key, 7])
+    }
+    function flushfig(dev, key) {
+        if (!((dev, key, 3) in val)) return "-"
+        if (val[dev, key, 10] != "ok") return "n/a"
+        return sprintf("%s  %s / %s", fmt(val[dev, key, 9]), fmt(val[dev, key, 6]), fmt(val[dev, key, 7]))
+    }' "$out/results.tsv" | tee "$out/comparison.txt"
+
+if [[ -s $out/vhost-user/daemon-metrics.json ]]; then
+    # requests, fdatasyncs and coalesced as the daemon counted them over the whole boot.
+    counters=$(tr -d ' \n' <"$out/vhost-user/daemon-metrics.json" | grep -o '"counters":{[^}]*}' || true)
+    echo
+    echo "daemon counters over the whole vhost-user boot: ${counters:-not found}" | tee -a "$out/comparison.txt"
+fi
+echo
+cat "$out/machine.txt"
+info "results in $out (comparison.txt, results.tsv, results.json; guest output in */guest-out.txt)"
