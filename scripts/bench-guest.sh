@@ -4,8 +4,9 @@
 # the same size, runs flush_latency (F20: every flush kind at each concurrency) and
 # fault_latency (F19: the 12-cell write-fault matrix), and prints the two devices side by
 # side with ratios. Results go to OUT: results.tsv (one row per device and measurement),
-# results.json (the rows plus the ratios), comparison.txt (the printed tables), and each
-# device's run-vm logs (guest-out.txt has the cover-letter blocks and log2 buckets).
+# results.json (the rows plus the ratios), comparison.txt (the printed tables),
+# comparison.md (the same in Markdown), guest-bench.svg (a plot of both), and each device's
+# run-vm logs (guest-out.txt has the cover-letter blocks and log2 buckets).
 #
 # Usage: scripts/bench-guest.sh [options]
 #   --samples N      timed ops per flush kind and concurrency, split over its threads
@@ -17,7 +18,7 @@
 #   --out DIR        results directory (default .cache/bench-guest)
 #   --timeout SEC    per boot (default 900)
 #   --report-only    boot nothing: rebuild the tables and files from OUT's earlier run
-# About 8-12 minutes under TCG on 2 cores with the defaults. The figures are measurements,
+# About 3-4 minutes under TCG on 2 cores with the defaults. The figures are measurements,
 # not pass/fail; the script fails only if a guest run fails (an I/O error, a lost store).
 set -euo pipefail
 # shellcheck disable=SC2034  # read by lib.sh
@@ -39,7 +40,7 @@ while (($#)); do
         --out) [[ $# -ge 2 ]] || die "--out needs a directory"; out="$2"; shift ;;
         --timeout) [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || die "--timeout needs seconds"; timeout="$2"; shift ;;
         --report-only) report_only=1 ;;
-        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
     shift
@@ -157,7 +158,7 @@ awk -F'\t' -v json="$out/results.json" -v machine="$out/machine.txt" -v dm="$out
             key = keys[k]; if (key !~ / threads=1$/ || key ~ /^op=fault_latency/) continue
             r = ratio(val["vhost-user", key, 6], val["builtin", key, 6]); if (r == "-") continue
             label = key; sub(/^op=/, "", label); sub(/ threads=1$/, "", label)
-            printf "1 thread, %s: p50 within 10%% of built-in: %s x -> %s\n", label, r, (r + 0 <= 1.10) ? "met" : "NOT met"
+            printf "1 thread, %s: p50 <= 1.10 x built-in: %s x -> %s\n", label, r, (r + 0 <= 1.10) ? "met" : "NOT met"
         }
 
         printf "{\n  \"machine\": [" > json
@@ -202,6 +203,120 @@ awk -F'\t' -v json="$out/results.json" -v machine="$out/machine.txt" -v dm="$out
         return sprintf("%s  %s / %s", fmt(val[dev, key, 9]), fmt(val[dev, key, 6]), fmt(val[dev, key, 7]))
     }' "$out/results.tsv" | tee "$out/comparison.txt"
 
+# The same tables in Markdown, for docs/benchmarks.md.
+awk -F'\t' '
+    function ratio(a, b) { return (a != "" && b != "" && b + 0 > 0) ? sprintf("%.2f", a / b) : "-" }
+    function n0(v) { return v == "" ? "-" : sprintf("%.0f", v) }
+    NR == 1 { next }
+    {
+        d = ($1 == "vhost-user") ? 1 : 2; key = $2
+        if (!(key in seen)) { seen[key] = 1; keys[++nk] = key }
+        ok[key, d] = ($10 == "ok"); na[key, d] = $10
+        avg[key, d] = $5; p50[key, d] = $6; p99[key, d] = $7; ops[key, d] = $9
+    }
+    function fig(key, d, what) {
+        if (!((key, d) in ok)) return "-"
+        if (!ok[key, d]) return "n/a"
+        if (what == "flush") return n0(ops[key, d]) " | " n0(p50[key, d]) " / " n0(p99[key, d])
+        return n0(avg[key, d]) " | " n0(p50[key, d]) " / " n0(p99[key, d])
+    }
+    END {
+        print "| op | threads | vhost-user-pmem ops/s | p50 / p99 us | QEMU built-in ops/s | p50 / p99 us | ops/s ratio | p50 ratio | p99 ratio |"
+        print "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        for (k = 1; k <= nk; k++) {
+            key = keys[k]; if (key ~ /^op=fault_latency/) continue
+            op = key; sub(/^op=/, "", op); th = op; sub(/ threads=.*/, "", op); sub(/.* threads=/, "", th)
+            if (na[key, 1] != "ok" && na[key, 2] != "ok") {
+                printf "| %s | %s | n/a | | n/a | | | | |\n", op, th; continue
+            }
+            printf "| %s | %s | %s | %s | %s | %s | %s |\n", op, th, fig(key, 1, "flush"), fig(key, 2, "flush"), \
+                ratio(ops[key, 1], ops[key, 2]), ratio(p50[key, 1], p50[key, 2]), ratio(p99[key, 1], p99[key, 2])
+        }
+        print ""
+        print "| file | load | mapping | vhost-user-pmem avg | p50 / p99 us | QEMU built-in avg | p50 / p99 us | p50 ratio | avg ratio |"
+        print "|---|---|---|---:|---:|---:|---:|---:|---:|"
+        for (k = 1; k <= nk; k++) {
+            key = keys[k]; if (key !~ /^op=fault_latency/) continue
+            split(key, f, " "); sub(/.*=/, "", f[2]); sub(/.*=/, "", f[3]); sub(/.*=/, "", f[4])
+            if (na[key, 1] != "ok" && na[key, 2] != "ok") {
+                printf "| %s | %s | %s | n/a (%s) | | n/a (%s) | | | |\n", f[2], f[3], f[4], substr(na[key, 1], 5), substr(na[key, 2], 5); continue
+            }
+            printf "| %s | %s | %s | %s | %s | %s | %s |\n", f[2], f[3], f[4], fig(key, 1, "fault"), fig(key, 2, "fault"), \
+                ratio(p50[key, 1], p50[key, 2]), ratio(avg[key, 1], avg[key, 2])
+        }
+    }' "$out/results.tsv" >"$out/comparison.md"
+
+# The plot: ops/s per flush kind and concurrency (top row), and the p50 of each fault
+# cell on a log scale (bottom row), both devices side by side.
+awk -F'\t' -v title="Guest flush throughput and fault latency: vhost-user-pmem vs QEMU built-in (TCG)" '
+    function esc(s) { gsub(/&/, "\\&amp;", s); gsub(/</, "\\&lt;", s); return s }
+    function bar(x, y, w, h, color, label) {
+        printf "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"%s\"/>\n", x, y, w, h, color
+        printf "<text x=\"%.1f\" y=\"%.1f\" font-size=\"9\" text-anchor=\"middle\">%s</text>\n", x + w / 2, y - 3, label
+    }
+    NR == 1 { next }
+    $10 != "ok" { next }
+    {
+        dev = ($1 == "vhost-user") ? 1 : 2; key = $2
+        if (key ~ /^op=fault_latency/) {
+            cell = key; sub(/^op=fault_latency /, "", cell); sub(/ threads=1$/, "", cell); gsub(/file=|load=|map=/, "", cell)
+            if (!(cell in fseen)) { fseen[cell] = 1; cells[++ncell] = cell }
+            fp50[cell, dev] = $6
+        } else {
+            op = key; sub(/^op=/, "", op); th = op; sub(/ threads=.*/, "", op); sub(/.* threads=/, "", th)
+            if (!(op in oseen)) { oseen[op] = 1; ops[++nop] = op }
+            if (!((op, th) in tseen)) { tseen[op, th] = 1; ths[op, ++nth[op]] = th }
+            ops_s[op, th, dev] = $9; if ($9 + 0 > omax[op]) omax[op] = $9 + 0
+        }
+    }
+    END {
+        color[1] = "#1f77b4"; color[2] = "#999999"
+        pw = 300; ph = 220; W = pw * (nop > 0 ? nop : 1); fh = 300
+        H = 70 + ph + 40 + fh + 40
+        if (W < 60 + 62 * ncell) W = 60 + 62 * ncell
+        printf "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" font-size=\"11\">\n", W, H
+        printf "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n"
+        printf "<text x=\"%d\" y=\"20\" font-size=\"14\" font-weight=\"bold\" text-anchor=\"middle\">%s</text>\n", W / 2, esc(title)
+        printf "<rect x=\"%d\" y=\"32\" width=\"12\" height=\"12\" fill=\"%s\"/><text x=\"%d\" y=\"42\">vhost-user-pmem</text>\n", W / 2 - 150, color[1], W / 2 - 134
+        printf "<rect x=\"%d\" y=\"32\" width=\"12\" height=\"12\" fill=\"%s\"/><text x=\"%d\" y=\"42\">QEMU built-in virtio-pmem</text>\n", W / 2 + 10, color[2], W / 2 + 26
+        top = 70
+        for (o = 1; o <= nop; o++) {
+            op = ops[o]; x0 = (o - 1) * pw + 40; base = top + ph - 30; inner = ph - 60
+            printf "<text x=\"%d\" y=\"%d\" font-weight=\"bold\" text-anchor=\"middle\">%s: ops/s by threads</text>\n", x0 + (pw - 50) / 2, top, op
+            printf "<line x1=\"%d\" y1=\"%d\" x2=\"%d\" y2=\"%d\" stroke=\"black\"/>\n", x0, base, x0 + pw - 50, base
+            gw = (pw - 50) / nth[op]
+            for (t = 1; t <= nth[op]; t++) {
+                th = ths[op, t]; gx = x0 + (t - 1) * gw
+                for (d = 1; d <= 2; d++) {
+                    if (!((op, th, d) in ops_s)) continue
+                    h = (omax[op] > 0) ? inner * ops_s[op, th, d] / omax[op] : 0
+                    bar(gx + 6 + (d - 1) * (gw - 12) / 2, base - h, (gw - 12) / 2 - 2, h, color[d], sprintf("%.0f", ops_s[op, th, d]))
+                }
+                printf "<text x=\"%.1f\" y=\"%d\" text-anchor=\"middle\">%s</text>\n", gx + gw / 2, base + 14, th
+            }
+        }
+        # Fault cells: p50 on a log axis from 10 us to 100 ms.
+        ftop = top + ph + 40; fbase = ftop + fh - 20; finner = fh - 50; lo = 1; hi = 5
+        printf "<text x=\"%d\" y=\"%d\" font-weight=\"bold\" text-anchor=\"middle\">write fault p50 per cell (us, log scale; MAP_SYNC cells are n/a on virtio-pmem)</text>\n", W / 2, ftop
+        for (e = lo; e <= hi; e++) {
+            y = fbase - finner * (e - lo) / (hi - lo)
+            printf "<line x1=\"50\" y1=\"%.1f\" x2=\"%d\" y2=\"%.1f\" stroke=\"#ddd\"/><text x=\"46\" y=\"%.1f\" text-anchor=\"end\">%d</text>\n", y, W - 10, y, y + 4, 10 ^ e
+        }
+        cw = (W - 60) / (ncell > 0 ? ncell : 1)
+        for (c = 1; c <= ncell; c++) {
+            cell = cells[c]; gx = 55 + (c - 1) * cw
+            for (d = 1; d <= 2; d++) {
+                if (!((cell, d) in fp50)) continue
+                v = fp50[cell, d] + 0; if (v < 10) v = 10
+                h = finner * (log(v) / log(10) - lo) / (hi - lo); if (h > finner) h = finner
+                bar(gx + 4 + (d - 1) * (cw - 8) / 2, fbase - h, (cw - 8) / 2 - 2, h, color[d], sprintf("%.0f", fp50[cell, d]))
+            }
+            n = split(cell, part, " ")
+            for (i = 1; i <= n; i++) printf "<text x=\"%.1f\" y=\"%d\" font-size=\"9\" text-anchor=\"middle\">%s</text>\n", gx + cw / 2, fbase + 12 * i, part[i]
+        }
+        printf "</svg>\n"
+    }' "$out/results.tsv" >"$out/guest-bench.svg"
+
 if [[ -s $out/vhost-user/daemon-metrics.json ]]; then
     # requests, fdatasyncs and coalesced as the daemon counted them over the whole boot.
     counters=$(tr -d ' \n' <"$out/vhost-user/daemon-metrics.json" | grep -o '"counters":{[^}]*}' || true)
@@ -210,4 +325,4 @@ if [[ -s $out/vhost-user/daemon-metrics.json ]]; then
 fi
 echo
 cat "$out/machine.txt"
-info "results in $out (comparison.txt, results.tsv, results.json; guest output in */guest-out.txt)"
+info "results in $out (comparison.txt and .md, results.tsv, results.json, guest-bench.svg; guest output in */guest-out.txt)"
