@@ -302,7 +302,7 @@ awk -F'\t' -v title="Guest flush throughput and fault latency: vhost-user-pmem v
             y = fbase - finner * (e - lo) / (hi - lo)
             printf "<line x1=\"50\" y1=\"%.1f\" x2=\"%d\" y2=\"%.1f\" stroke=\"#ddd\"/><text x=\"46\" y=\"%.1f\" text-anchor=\"end\">%d</text>\n", y, W - 10, y, y + 4, 10 ^ e
         }
-        cw = (W - 60) / (ncell > 0 ? ncell : 1)
+        cw = (W - 70) / (ncell > 0 ? ncell : 1)
         for (c = 1; c <= ncell; c++) {
             cell = cells[c]; gx = 55 + (c - 1) * cw
             for (d = 1; d <= 2; d++) {
