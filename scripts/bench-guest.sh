@@ -3,10 +3,12 @@
 # vhost-user-pmem daemon and once on QEMU's built-in virtio-pmem, each with a fresh image of
 # the same size, runs flush_latency (F20: every flush kind at each concurrency) and
 # fault_latency (F19: the 12-cell write-fault matrix), and prints the two devices side by
-# side with ratios. Results go to OUT: results.tsv (one row per device and measurement),
+# side with ratios. Results go to OUT: rounds.tsv (one row per round, device and measurement),
+# results.tsv (the same with each figure's median over the rounds),
 # results.json (the rows plus the ratios), comparison.txt (the printed tables),
-# comparison.md (the same in Markdown), guest-bench.svg (a plot of both), and each device's
-# run-vm logs (guest-out.txt has the cover-letter blocks and log2 buckets).
+# comparison.md (the same in Markdown, plus each round's ratios), guest-bench.svg (a plot of
+# the medians), and each round's run-vm logs (round*/*/guest-out.txt has the cover-letter
+# blocks and log2 buckets).
 #
 # Usage: scripts/bench-guest.sh [options]
 #   --samples N      timed ops per flush kind and concurrency, split over its threads
@@ -14,12 +16,16 @@
 #   --threads LIST   concurrencies, comma-separated (default 1,4,16,64)
 #   --suites LIST    latency, faultlat or both, comma-separated (default both)
 #   --size SIZE      pmem size for both devices (default 1G)
+#   --rounds N       boot both devices N times, alternating which goes first; the tables
+#                    show each figure's median over the rounds (default 3)
 #   --order ORDER    vhost-user,builtin (default) or builtin,vhost-user: which boots first
+#                    in the first round
 #   --out DIR        results directory (default .cache/bench-guest)
 #   --timeout SEC    per boot (default 900)
 #   --report-only    boot nothing: rebuild the tables and files from OUT's earlier run
-# About 3-4 minutes under TCG on 2 cores with the defaults. The figures are measurements,
-# not pass/fail; the script fails only if a guest run fails (an I/O error, a lost store).
+# About 3-4 minutes per round under TCG on 2 cores (10-12 with the default 3 rounds). The
+# figures are measurements, not pass/fail; the script fails only if a guest run fails (an I/O
+# error, a lost store).
 set -euo pipefail
 # shellcheck disable=SC2034  # read by lib.sh
 VUP_PROG=bench-guest
@@ -27,7 +33,7 @@ VUP_PROG=bench-guest
 source "$(dirname "$0")/lib.sh"
 cd "$VUP_ROOT"
 
-samples=1000 threads=1,4,16,64 suites=latency,faultlat size=1G order=vhost-user,builtin
+samples=1000 threads=1,4,16,64 suites=latency,faultlat size=1G order=vhost-user,builtin rounds=3
 out="$VUP_BUILD/bench-guest" timeout=900 report_only=0
 while (($#)); do
     case "$1" in
@@ -35,12 +41,13 @@ while (($#)); do
         --threads) [[ ${2:-} =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--threads needs a list like 1,4,16,64"; threads="$2"; shift ;;
         --suites) [[ ${2:-} =~ ^(latency|faultlat)(,(latency|faultlat))?$ ]] || die "--suites takes latency, faultlat or latency,faultlat"; suites="$2"; shift ;;
         --size) [[ $# -ge 2 ]] || die "--size needs a value"; size="$2"; shift ;;
+        --rounds) [[ ${2:-} =~ ^[1-9]$ ]] || die "--rounds needs a number from 1 to 9"; rounds="$2"; shift ;;
         --order) case "${2:-}" in vhost-user,builtin|builtin,vhost-user) order="$2" ;;
                      *) die "--order must be vhost-user,builtin or builtin,vhost-user" ;; esac; shift ;;
         --out) [[ $# -ge 2 ]] || die "--out needs a directory"; out="$2"; shift ;;
         --timeout) [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || die "--timeout needs seconds"; timeout="$2"; shift ;;
         --report-only) report_only=1 ;;
-        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
     shift
@@ -62,46 +69,62 @@ if [[ $report_only == 0 ]]; then
         echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
         echo "host: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), kernel $(uname -r)"
         echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-        echo "guest: --samples $samples --threads $threads, suites $suites, $size image, order $order"
+        echo "guest: --samples $samples --threads $threads, suites $suites, $size image, $rounds round(s), first order $order"
     } >"$out/machine.txt"
 
-    for dev in ${order//,/ }; do
-        extra=()
-        if [[ $dev == vhost-user ]]; then
-            # The daemon's own counters at exit: how many guest flushes one fdatasync answered.
-            extra=(--daemon-arg --metrics-path --daemon-arg "$out/vhost-user/daemon-metrics.json")
-            mkdir -p "$out/vhost-user"
-        fi
-        info "booting a guest on $dev with a fresh $size image (load average $(cut -d' ' -f1 /proc/loadavg))"
-        t0=$(now_ms)
-        if ! "$VUP_ROOT/scripts/run-vm.sh" --device "$dev" --image "$out/$dev.img" --size "$size" \
-            --initrd "$out/initrd.cpio.gz" --log-dir "$out/$dev" --timeout "$timeout" "${extra[@]}" \
-            --args "--mkfs --samples $samples --threads ${threads//,/:} ${suites//,/ }" \
-            >"$out/$dev.run.txt" 2>&1; then
-            tail -n 30 "$out/$dev.run.txt" >&2
-            die "the $dev guest failed; logs in $out/$dev"
-        fi
-        rm -f "$out/$dev.img"
-        secs=$(( ($(now_ms) - t0) / 1000 ))
-        echo "$dev: $secs s, $(tail -n 1 "$out/$dev.run.txt")" >>"$out/machine.txt"
-        info "$dev done in $secs s"
+    for ((r = 1; r <= rounds; r++)); do
+        # Alternate which device boots first, so that a load that rises or falls during the
+        # run does not always favour the same one.
+        devs=${order//,/ }
+        if ((r % 2 == 0)); then devs=$(echo "$devs" | awk '{ print $2, $1 }'); fi
+        rdir="$out/round$r"
+        mkdir -p "$rdir"
+        for dev in $devs; do
+            extra=()
+            if [[ $dev == vhost-user ]]; then
+                # The daemon's own counters at exit: how many guest flushes one fdatasync answered.
+                extra=(--daemon-arg --metrics-path --daemon-arg "$rdir/vhost-user/daemon-metrics.json")
+                mkdir -p "$rdir/vhost-user"
+            fi
+            info "round $r/$rounds: booting a guest on $dev with a fresh $size image (load average $(cut -d' ' -f1 /proc/loadavg))"
+            t0=$(now_ms)
+            if ! "$VUP_ROOT/scripts/run-vm.sh" --device "$dev" --image "$rdir/$dev.img" --size "$size" \
+                --initrd "$out/initrd.cpio.gz" --log-dir "$rdir/$dev" --timeout "$timeout" "${extra[@]}" \
+                --args "--mkfs --samples $samples --threads ${threads//,/:} ${suites//,/ }" \
+                >"$rdir/$dev.run.txt" 2>&1; then
+                tail -n 30 "$rdir/$dev.run.txt" >&2
+                die "the $dev guest failed; logs in $rdir/$dev"
+            fi
+            rm -f "$rdir/$dev.img"
+            secs=$(( ($(now_ms) - t0) / 1000 ))
+            echo "round $r, $dev: $secs s, load average $(cut -d' ' -f1 /proc/loadavg) after, $(tail -n 1 "$rdir/$dev.run.txt")" >>"$out/machine.txt"
+            info "round $r/$rounds: $dev done in $secs s"
+        done
     done
     echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$out/machine.txt"
 fi
-for dev in vhost-user builtin; do
-    [[ -s $out/$dev/metrics.txt ]] || die "no $out/$dev/metrics.txt: run without --report-only first"
+metrics=()
+for rdir in "$out"/round*/; do
+    for dev in vhost-user builtin; do
+        [[ -s $rdir$dev/metrics.txt ]] || die "no $rdir$dev/metrics.txt: run without --report-only first"
+        metrics+=("$rdir$dev/metrics.txt")
+    done
 done
+((${#metrics[@]})) || die "no rounds in $out: run without --report-only first"
 
-# One TSV row per device and measurement. A row's key is every field of its VUP-METRIC line
-# that is not a figure (op, the fault cell's labels, threads), so new labels need no change
-# here.
+# One TSV row per round, device and measurement (rounds.tsv). A row's key is every field of
+# its VUP-METRIC line that is not a figure (op, the fault cell's labels, threads), so new
+# labels need no change here.
 awk -v OFS='\t' '
     BEGIN {
         split("n min_us avg_us p50_us p99_us max_us ops_per_s status reason", f, " ")
         for (i in f) figure[f[i]] = 1
-        print "device", "key", "n", "min_us", "avg_us", "p50_us", "p99_us", "max_us", "ops_per_s", "status"
+        print "round", "device", "key", "n", "min_us", "avg_us", "p50_us", "p99_us", "max_us", "ops_per_s", "status"
     }
-    FNR == 1 { dev = FILENAME; sub(/\/metrics\.txt$/, "", dev); sub(/.*\//, "", dev) }
+    FNR == 1 {
+        dev = FILENAME; sub(/\/metrics\.txt$/, "", dev); round = dev
+        sub(/.*\//, "", dev); sub(/\/[^\/]*$/, "", round); sub(/.*round/, "", round)
+    }
     /^VUP-METRIC / {
         delete kv; key = ""
         for (i = 2; i <= NF; i++) {
@@ -109,12 +132,38 @@ awk -v OFS='\t' '
             if (!(k in figure)) key = key (key == "" ? "" : " ") k "=" v
         }
         status = ("status" in kv) ? kv["status"] ":" kv["reason"] : "ok"
-        print dev, key, kv["n"], kv["min_us"], kv["avg_us"], kv["p50_us"], kv["p99_us"], kv["max_us"], kv["ops_per_s"], status
-    }' "$out/vhost-user/metrics.txt" "$out/builtin/metrics.txt" >"$out/results.tsv"
+        print round, dev, key, kv["n"], kv["min_us"], kv["avg_us"], kv["p50_us"], kv["p99_us"], kv["max_us"], kv["ops_per_s"], status
+    }' "${metrics[@]}" >"$out/rounds.tsv"
+
+# results.tsv: each figure's median over the rounds (the lower middle one for an even
+# number), per device and measurement; n/a if any round said so.
+awk -F'\t' -v OFS='\t' '
+    NR == 1 { print "device", "key", "n", "min_us", "avg_us", "p50_us", "p99_us", "max_us", "ops_per_s", "status"; next }
+    {
+        id = $2 SUBSEP $3
+        if (!(id in seen)) { seen[id] = 1; ids[++nid] = id }
+        c = ++cnt[id]
+        for (i = 4; i <= 10; i++) v[id, i, c] = $i
+        if ($11 != "ok") st[id] = $11
+    }
+    function median(id, i,   n, a, j, k, t) {
+        n = cnt[id]
+        for (j = 1; j <= n; j++) a[j] = v[id, i, j]
+        for (j = 2; j <= n; j++) for (k = j; k > 1 && a[k - 1] + 0 > a[k] + 0; k--) { t = a[k]; a[k] = a[k - 1]; a[k - 1] = t }
+        return a[int((n + 1) / 2)]
+    }
+    END {
+        for (x = 1; x <= nid; x++) {
+            id = ids[x]; split(id, p, SUBSEP)
+            line = p[1] OFS p[2]
+            for (i = 4; i <= 10; i++) line = line OFS ((id in st) ? "" : median(id, i))
+            print line, ((id in st) ? st[id] : "ok")
+        }
+    }' "$out/rounds.tsv" >"$out/results.tsv"
 
 # The side-by-side tables, and results.json with the same rows and ratios
 # (ratio = vhost-user-pmem / built-in: above 1 is more ops/s, below 1 is lower latency).
-awk -F'\t' -v json="$out/results.json" -v machine="$out/machine.txt" -v dm="$out/vhost-user/daemon-metrics.json" '
+awk -F'\t' -v json="$out/results.json" -v machine="$out/machine.txt" -v dms="$(printf '%s\n' "$out"/round*/vhost-user/daemon-metrics.json)" -v rounds="$out/rounds.tsv" -v nrounds="${#metrics[@]}" '
     function ratio(a, b) { return (a != "" && b != "" && b + 0 > 0) ? sprintf("%.2f", a / b) : "-" }
     function fmt(v) { return v == "" ? "-" : sprintf("%.0f", v) }
     function jstr(s) { gsub(/\\/, "\\\\", s); gsub(/"/, "\\\"", s); return "\"" s "\"" }
@@ -128,7 +177,8 @@ awk -F'\t' -v json="$out/results.json" -v machine="$out/machine.txt" -v dm="$out
     }
     END {
         # flush_latency: op ... threads=N; fault_latency: op=fault_latency file= load= map= threads=1
-        printf "== flush_latency (catalogue F20): ops/s and p50 / p99 in us\n"
+        nrounds /= 2
+        printf "== flush_latency (catalogue F20): ops/s and p50 / p99 in us%s\n", (nrounds > 1 ? ", medians of " nrounds " rounds" : "")
         printf "%-30s %26s %26s %8s %8s %8s\n", "op x threads", "vhost-user-pmem", "QEMU built-in", "ops/s", "p50", "p99"
         printf "%-30s %26s %26s %8s %8s %8s\n", "", "ops/s  p50 / p99", "ops/s  p50 / p99", "ratio", "ratio", "ratio"
         for (k = 1; k <= nk; k++) {
@@ -153,12 +203,18 @@ awk -F'\t' -v json="$out/results.json" -v machine="$out/machine.txt" -v dm="$out
         t16 = "op=pwrite_fsync threads=16"
         r = ratio(val["vhost-user", t16, 9], val["builtin", t16, 9])
         printf "\n== targets\n"
-        printf "16 threads, 4 KiB pwrite + fsync: ops/s >= 2 x built-in: %s x -> %s\n", r, (r != "-" && r + 0 >= 2) ? "met" : "NOT met"
+        # Per round too: a median of ratios that disagree says little.
+        while ((getline line < rounds) > 0) {
+            split(line, c, "\t"); if (c[1] == "round") continue
+            if (!(c[1] in rseen)) { rseen[c[1]] = 1; rs[++nrs] = c[1] }
+            rv[c[1], c[2], c[3], "ops"] = c[10]; rv[c[1], c[2], c[3], "p50"] = c[7]
+        }
+        printf "16 threads, 4 KiB pwrite + fsync: ops/s >= 2 x built-in: %s x%s -> %s\n", r, per_round(t16, "ops"), (r != "-" && r + 0 >= 2) ? "met" : "NOT met"
         for (k = 1; k <= nk; k++) {
             key = keys[k]; if (key !~ / threads=1$/ || key ~ /^op=fault_latency/) continue
             r = ratio(val["vhost-user", key, 6], val["builtin", key, 6]); if (r == "-") continue
             label = key; sub(/^op=/, "", label); sub(/ threads=1$/, "", label)
-            printf "1 thread, %s: p50 <= 1.10 x built-in: %s x -> %s\n", label, r, (r + 0 <= 1.10) ? "met" : "NOT met"
+            printf "1 thread, %s: p50 <= 1.10 x built-in: %s x%s -> %s\n", label, r, per_round(key, "p50"), (r + 0 <= 1.10) ? "met" : "NOT met"
         }
 
         printf "{\n  \"machine\": [" > json
@@ -179,10 +235,22 @@ awk -F'\t' -v json="$out/results.json" -v machine="$out/machine.txt" -v dm="$out
             printf "%s    {\"key\": %s, \"ops_per_s\": %s, \"avg\": %s, \"p50\": %s, \"p99\": %s}", (m++ ? ",\n" : ""), jstr(key), \
                 jratio(9, key), jratio(5, key), jratio(6, key), jratio(7, key) > json
         }
-        printf "\n  ],\n  \"daemon_metrics\": " > json
-        d = ""
-        while ((getline line < dm) > 0) d = d line "\n"
-        printf "%s\n}\n", (d == "" ? "null" : d) > json
+        # The metrics file the daemon wrote at its exit, one per round.
+        printf "\n  ],\n  \"daemon_metrics_per_round\": [" > json
+        nf = split(dms, files, "\n"); m = 0
+        for (f = 1; f <= nf; f++) {
+            if (files[f] == "") continue
+            d = ""
+            while ((getline line < files[f]) > 0) d = d line
+            printf "%s\n    %s", (m++ ? "," : ""), (d == "" ? "null" : d) > json
+        }
+        printf "\n  ]\n}\n" > json
+    }
+    function per_round(key, what,   i, out) {
+        if (nrs < 2) return ""
+        out = " (rounds:"
+        for (i = 1; i <= nrs; i++) out = out " " ratio(rv[rs[i], "vhost-user", key, what], rv[rs[i], "builtin", key, what])
+        return out ")"
     }
     function jratio(i, key,   r) { r = ratio(val["vhost-user", key, i], val["builtin", key, i]); return r == "-" ? "null" : r }
     function cellfig(dev, key) {
@@ -245,6 +313,28 @@ awk -F'\t' '
                 ratio(p50[key, 1], p50[key, 2]), ratio(avg[key, 1], avg[key, 2])
         }
     }' "$out/results.tsv" >"$out/comparison.md"
+# With several rounds: each round's ratios, to show how far single runs scatter.
+awk -F'\t' '
+    function ratio(a, b) { return (a != "" && b + 0 > 0) ? sprintf("%.2f", a / b) : "-" }
+    NR == 1 || $3 ~ /^op=fault_latency/ || $11 != "ok" { next }
+    {
+        if (!($1 in rseen)) { rseen[$1] = 1; rs[++nr] = $1 }
+        if (!($3 in kseen)) { kseen[$3] = 1; ks[++nk] = $3 }
+        ops[$1, $2, $3] = $10; p50[$1, $2, $3] = $7
+    }
+    END {
+        if (nr < 2) exit
+        printf "\n| op | threads |"; for (r = 1; r <= nr; r++) printf " round %s ops/s ratio | p50 ratio |", rs[r]
+        printf "\n|---|---:|"; for (r = 1; r <= nr; r++) printf "---:|---:|"
+        printf "\n"
+        for (k = 1; k <= nk; k++) {
+            op = ks[k]; sub(/^op=/, "", op); th = op; sub(/ threads=.*/, "", op); sub(/.* threads=/, "", th)
+            printf "| %s | %s |", op, th
+            for (r = 1; r <= nr; r++)
+                printf " %s | %s |", ratio(ops[rs[r], "vhost-user", ks[k]], ops[rs[r], "builtin", ks[k]]), ratio(p50[rs[r], "vhost-user", ks[k]], p50[rs[r], "builtin", ks[k]])
+            printf "\n"
+        }
+    }' "$out/rounds.tsv" >>"$out/comparison.md"
 
 # The plot: ops/s per flush kind and concurrency (top row), and the p50 of each fault
 # cell on a log scale (bottom row), both devices side by side.
@@ -317,12 +407,14 @@ awk -F'\t' -v title="Guest flush throughput and fault latency: vhost-user-pmem v
         printf "</svg>\n"
     }' "$out/results.tsv" >"$out/guest-bench.svg"
 
-if [[ -s $out/vhost-user/daemon-metrics.json ]]; then
+echo | tee -a "$out/comparison.txt"
+for dm in "$out"/round*/vhost-user/daemon-metrics.json; do
+    [[ -s $dm ]] || continue
     # requests, fdatasyncs and coalesced as the daemon counted them over the whole boot.
-    counters=$(tr -d ' \n' <"$out/vhost-user/daemon-metrics.json" | grep -o '"counters":{[^}]*}' || true)
-    echo
-    echo "daemon counters over the whole vhost-user boot: ${counters:-not found}" | tee -a "$out/comparison.txt"
-fi
+    counters=$(tr -d ' \n' <"$dm" | grep -o '"counters":{[^}]*}' || true)
+    r=${dm%/vhost-user/*}; r=${r##*/}
+    echo "daemon counters over the whole vhost-user boot of $r: ${counters:-not found}" | tee -a "$out/comparison.txt"
+done
 echo
 cat "$out/machine.txt"
-info "results in $out (comparison.txt and .md, results.tsv, results.json, guest-bench.svg; guest output in */guest-out.txt)"
+info "results in $out (comparison.txt and .md, results.tsv, rounds.tsv, results.json, guest-bench.svg; guest output in round*/*/guest-out.txt)"
