@@ -47,7 +47,7 @@ while (($#)); do
         --out) [[ $# -ge 2 ]] || die "--out needs a directory"; out="$2"; shift ;;
         --timeout) [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || die "--timeout needs seconds"; timeout="$2"; shift ;;
         --report-only) report_only=1 ;;
-        -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
     shift
