@@ -24,7 +24,8 @@ const LEN: usize = FAULTS * PAGE;
 /// A cell takes a few seconds under TCG even with an fdatasync per page and the copy
 /// running; this only catches a hang.
 pub const LIMIT: Duration = Duration::from_secs(180);
-/// The copy's source: large enough that one pass outlasts a cell's idle cells.
+/// The copy's source. The copy loops over it, rewriting a new destination each pass, so
+/// its size only sets how often blocks are freed and allocated again.
 const COPY_SRC_LEN: usize = 16 << 20;
 const COPY_CHUNK: usize = 256 << 10;
 /// How long a cell waits for the background copy to have copied its first chunk.
