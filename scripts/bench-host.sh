@@ -5,25 +5,33 @@
 # .cache/bench/ (git-ignored). The backing file lives in .cache/bench/work, so the file system
 # measured is the clone's; give --dir to measure another.
 #
-# Usage: scripts/bench-host.sh [--quick] [--update-docs] [--out DIR] [PMEM-BENCH ARGS...]
+# Usage: scripts/bench-host.sh [--quick] [--update-docs] [--out DIR] [--sweep-pages LIST]
+#                              [PMEM-BENCH ARGS...]
 #   --quick        a run of a few seconds, to check that everything works
 #   --update-docs  copy latency.svg to docs/bench-host-latency.svg
 #   --out DIR      results there instead of .cache/bench
+#   --sweep-pages LIST  instead of one run: one run per number of pages dirtied per flush
+#                  (e.g. 1,4,16,64,128,256), at depth 16 unless --depths is given, into
+#                  OUT/pages-N, then a table of how group commit's gain depends on it
+#                  (about 2 minutes for 6 counts with --rounds 2 --flushes 300)
 #   other arguments go to pmem-bench (see target/release/pmem-bench --help), e.g.
 #   --depths 1,16 --pages 1 --rounds 3 --dir /mnt/other-fs
 # After the build it waits up to a minute for the load average to fall to 1.5, and warns if it
 # does not: the figures are then noisy, rerun when the machine is quiet.
 set -euo pipefail
+# shellcheck disable=SC2034  # read by lib.sh
 VUP_PROG=bench-host
+# shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 cd "$VUP_ROOT"
 
-update_docs=0 args=() out="$VUP_BUILD/bench"
+update_docs=0 args=() out="$VUP_BUILD/bench" sweep=""
 while (($#)); do
     case "$1" in
         --update-docs) update_docs=1 ;;
         --out) [[ $# -ge 2 ]] || die "--out needs a directory"; out="$2"; shift ;;
-        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --sweep-pages) [[ ${2:-} =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--sweep-pages needs a list like 1,16,64"; sweep="$2"; shift ;;
+        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) args+=("$1") ;;
     esac
     shift
@@ -37,6 +45,43 @@ high_load() { awk -v l="$(cut -d' ' -f1 /proc/loadavg)" 'BEGIN { exit !(l > 1.5)
 for _ in $(seq 12); do high_load || break; sleep 5; done
 if high_load; then
     warn "load average is $(cut -d' ' -f1 /proc/loadavg) (> 1.5): other work will show in the figures; rerun when quiet"
+fi
+if [[ -n $sweep ]]; then
+    [[ $update_docs == 0 ]] || die "--update-docs plots a single run; not with --sweep-pages"
+    depth_args=(--depths 16)
+    [[ " ${args[*]-} " == *" --depths "* ]] && depth_args=()
+    for p in ${sweep//,/ }; do
+        info "pages per flush: $p"
+        target/release/pmem-bench --daemon target/release/vhost-user-pmem --out "$out/pages-$p" \
+            --pages "$p" "${depth_args[@]+"${depth_args[@]}"}" ${args[@]+"${args[@]}"} >/dev/null
+    done
+    # From each run's summary.md: the raw fdatasync's p50, and flushes/s and fdatasyncs per
+    # request of every mode at each depth.
+    {
+        echo "| pages per flush | raw fdatasync p50 us | depth | serial flushes/s | parallel flushes/s | group flushes/s | group / serial | group / parallel | group fdatasyncs per request |"
+        echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        for p in ${sweep//,/ }; do
+            awk -F'|' -v p="$p" '
+                function t(s) { gsub(/^ +| +$/, "", s); return s }
+                t($2) == "raw fdatasync" { raw = t($7) }
+                t($2) ~ /^(group|serial|parallel)$/ && t($3) ~ /^[0-9]+$/ && NF > 11 {
+                    d = t($3); if (!(d in seen)) { seen[d] = 1; ds[++nd] = d }
+                    rate[t($2), d] = t($11); per[t($2), d] = t($12)
+                }
+                function r(a, b) { return (a != "" && b + 0 > 0) ? sprintf("%.2f", a / b) : "-" }
+                function v(x) { return x == "" ? "-" : x }
+                END {
+                    for (i = 1; i <= nd; i++) {
+                        d = ds[i]
+                        printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", p, raw, d, v(rate["serial", d]), \
+                            v(rate["parallel", d]), v(rate["group", d]), r(rate["group", d], rate["serial", d]), \
+                            r(rate["group", d], rate["parallel", d]), v(per["group", d])
+                    }
+                }' "$out/pages-$p/summary.md"
+        done
+    } | tee "$out/sweep.md"
+    info "results in $out/pages-*/ and $out/sweep.md"
+    exit 0
 fi
 target/release/pmem-bench --daemon target/release/vhost-user-pmem --out "$out" ${args[@]+"${args[@]}"}
 if [[ $update_docs == 1 ]]; then

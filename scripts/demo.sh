@@ -61,7 +61,7 @@ echo
 echo "== guest flush latency (µs, $iters timed operations each, ext4 -o dax on a $size device)"
 awk '
     FNR == 1 { dev = FILENAME; sub(/.*\/demo\//, "", dev); sub(/\/metrics.txt$/, "", dev); devs[++nd] = dev }
-    /^VUP-METRIC/ {
+    /^VUP-METRIC/ && !/ status=n\/a/ {
         delete kv
         for (i = 2; i <= NF; i++) { split($i, p, "="); kv[p[1]] = p[2] }
         key = kv["op"] " x" kv["threads"]

@@ -17,8 +17,13 @@ Suites:
              MAP_SYNC matrix, persistence generation 1
   persist    fsck, DAX mount, preconditions, check generation --expect-gen N,
              write generation N+1
-  latency    flush latency: pwrite+fdatasync, pwrite+fsync, mmap store+msync,
-             fdatasync of the block device, deep_flush
+  latency    catalogue F20 flush_latency: pwrite+fdatasync, pwrite+fsync, mmap
+             store+msync, fdatasync of the block device, deep_flush (n/a where the
+             region has none), at each --threads concurrency
+  faultlat   catalogue F19 fault_latency: 512 timed write faults per cell of
+             {preallocated, empty file} x {idle, background copy} x {MAP_SHARED,
+             MAP_SYNC (n/a where refused), MAP_SHARED + fdatasync per page}
+  bench      latency faultlat, in that order (what scripts/bench-guest.sh runs)
   faults     catalogue A: hole_then_write, hole_waiters, dio_mmap_buffers,
              stale_block_exposure, enospc_retry (the last two fill the filesystem)
   mapsync    catalogue B8: map_sync_fallback (prints VUP-FLUSHCOUNT for the host)
@@ -27,7 +32,7 @@ Suites:
              with --fs xfs)
   catalogue  faults mapsync truncate pmd, in that order
   flush      catalogue E16-E18: flush_reaches_host, flush_queue_full, flush_error_eio.
-             E16 and E17 talk to scripts/run-vm.sh over /dev/ttyS2; E17 needs the
+             E16 and E17 talk to scripts/run-vm.sh over the console (/dev/ttyS0); E17 needs the
              image on faultfs (run-vm.sh --faultfs) and leaves ext4's journal aborted
   selftest   proves the case runner in the guest: a hung case, a case stuck in D state
              (a write to a frozen filesystem, thawed after), a fatal signal and a
@@ -55,6 +60,8 @@ Options:
                      boot+N means N plus this boot's number inside one QEMU process
                      ($VUP_BOOT from init, 1 for the first boot), for reboot runs
   --iters N          measured iterations per thread (latency) [default: 200]
+  --samples N        instead of --iters: N measured operations per op and
+                     concurrency, split over its threads (at least 1 each)
   --threads LIST     concurrencies, separated by ',' ':' or spaces [default: 1]
   --stress DURATION  run each time-bounded case (hole_waiters rounds, the races,
                      flush_queue_full) for DURATION instead of its short TCG default:
@@ -71,6 +78,7 @@ pub enum Suite {
     E2e,
     Persist,
     Latency,
+    FaultLat,
     Faults,
     MapSync,
     Truncate,
@@ -90,6 +98,8 @@ impl Suite {
             "e2e" => vec![Suite::E2e],
             "persist" => vec![Suite::Persist],
             "latency" => vec![Suite::Latency],
+            "faultlat" => vec![Suite::FaultLat],
+            "bench" => vec![Suite::Latency, Suite::FaultLat],
             "faults" => vec![Suite::Faults],
             "mapsync" => vec![Suite::MapSync],
             "truncate" => vec![Suite::Truncate],
@@ -110,6 +120,7 @@ impl Suite {
             Suite::E2e => "e2e",
             Suite::Persist => "persist",
             Suite::Latency => "latency",
+            Suite::FaultLat => "faultlat",
             Suite::Faults => "faults",
             Suite::MapSync => "mapsync",
             Suite::Truncate => "truncate",
@@ -147,6 +158,8 @@ pub struct Args {
     pub mkfs: bool,
     pub expect_gen: Option<u64>,
     pub iters: usize,
+    /// --samples: measured ops per op and concurrency, split over the threads.
+    pub samples: Option<usize>,
     pub threads: Vec<usize>,
     pub suites: Vec<Suite>,
     pub crash_at_end: bool,
@@ -165,11 +178,23 @@ impl Default for Args {
             mkfs: false,
             expect_gen: None,
             iters: 200,
+            samples: None,
             threads: vec![1],
             suites: Vec::new(),
             crash_at_end: false,
             stress_secs: None,
             only: Vec::new(),
+        }
+    }
+}
+
+impl Args {
+    /// Measured ops per thread at `threads`: --samples split over the threads (rounded
+    /// up, at least 1), else --iters.
+    pub fn iters_per_thread(&self, threads: usize) -> usize {
+        match self.samples {
+            Some(n) => n.div_ceil(threads.max(1)).max(1),
+            None => self.iters,
         }
     }
 }
@@ -192,7 +217,7 @@ pub enum ArgError {
     },
     #[error("unknown option {0}")]
     UnknownOption(String),
-    #[error("unknown suite {0:?} (expected e2e, persist, latency, faults, mapsync, truncate, pmd, flush, catalogue, selftest, rebind, readonly, soak or fsyncloop)")]
+    #[error("unknown suite {0:?} (expected e2e, persist, latency, faultlat, bench, faults, mapsync, truncate, pmd, flush, catalogue, selftest, rebind, readonly, soak or fsyncloop)")]
     UnknownSuite(String),
     #[error("no suite given")]
     NoSuite,
@@ -339,6 +364,18 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Command, ArgErro
                     });
                 }
             }
+            "--samples" => {
+                let v = value(&mut it)?;
+                let n: usize = parse_number(&opt, &v)?;
+                if n == 0 {
+                    return Err(ArgError::BadValue {
+                        option: opt,
+                        value: v,
+                        why: "must be at least 1",
+                    });
+                }
+                args.samples = Some(n);
+            }
             "--stress" => {
                 let v = value(&mut it)?;
                 args.stress_secs = Some(parse_duration(&opt, &v)?);
@@ -483,6 +520,28 @@ mod tests {
             run("--threads=2 --threads 8 latency").unwrap().threads,
             vec![2, 8]
         );
+    }
+
+    #[test]
+    fn samples_split_over_threads() {
+        let a = run("--samples 1000 --threads 1:4:16:64 bench").unwrap();
+        assert_eq!(a.suites, vec![Suite::Latency, Suite::FaultLat]);
+        assert_eq!(a.samples, Some(1000));
+        let per: Vec<usize> = a.threads.iter().map(|&t| a.iters_per_thread(t)).collect();
+        assert_eq!(per, vec![1000, 250, 63, 16]);
+        assert_eq!(
+            run("--samples 2 --threads 8 latency")
+                .unwrap()
+                .iters_per_thread(8),
+            1
+        );
+        // Without --samples, --iters is per thread whatever the concurrency.
+        assert_eq!(run("--iters 7 latency").unwrap().iters_per_thread(64), 7);
+        assert!(matches!(
+            run("--samples 0 latency"),
+            Err(ArgError::BadValue { .. })
+        ));
+        assert_eq!(run("faultlat").unwrap().suites, vec![Suite::FaultLat]);
     }
 
     #[test]

@@ -12,7 +12,18 @@ use crate::sys::{self, Mapping};
 
 pub const FILE_LEN: usize = 64 << 20;
 pub const PAGE: usize = 4096;
+/// Untimed ops before the timed ones, per thread at one thread; see [`warmup_per_thread`].
 pub const WARMUP: usize = 20;
+/// Untimed ops before the timed ones, summed over the threads, at high concurrency.
+const WARMUP_TOTAL: usize = 64;
+
+/// Warm-up ops each thread makes before its timed ones: they fault in the lane's pages,
+/// start the threads and fill the device's queue, so the timed ops see the steady state.
+/// Every thread warms up at least twice, but the total stays near [`WARMUP_TOTAL`] at high
+/// concurrency, where every thread's ops are other threads' warm-up anyway.
+pub fn warmup_per_thread(threads: usize) -> usize {
+    (WARMUP_TOTAL / threads.max(1)).clamp(2, WARMUP)
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -177,10 +188,15 @@ struct LaneResult {
     ended: u64,
 }
 
-fn lane_loop(mut lane: Lane, seed: u64, iters: usize, start: &Barrier) -> Result<LaneResult> {
+fn lane_loop(
+    mut lane: Lane,
+    seed: u64,
+    (warmup, iters): (usize, usize),
+    start: &Barrier,
+) -> Result<LaneResult> {
     let mut rng = XorShift64::new(seed);
     let mut buf = pattern::seeded(seed, PAGE);
-    let warm = (0..WARMUP).try_for_each(|_| lane.run_once(&mut rng, &buf));
+    let warm = (0..warmup).try_for_each(|_| lane.run_once(&mut rng, &buf));
     // Always reach the barrier, or the other threads would wait forever.
     start.wait();
     warm?;
@@ -200,7 +216,8 @@ fn lane_loop(mut lane: Lane, seed: u64, iters: usize, start: &Barrier) -> Result
     })
 }
 
-/// Run `op` on `threads` threads, `iters` timed ops each after WARMUP untimed ones.
+/// Run `op` on `threads` threads, `iters` timed ops each after [`warmup_per_thread`]
+/// untimed ones.
 pub fn measure(op: Op, targets: &mut Targets, threads: usize, iters: usize) -> Result<Run> {
     let per_lane_bytes = (FILE_LEN / threads) / PAGE * PAGE;
     if per_lane_bytes == 0 {
@@ -255,7 +272,8 @@ pub fn measure(op: Op, targets: &mut Targets, threads: usize, iters: usize) -> R
             .enumerate()
             .map(|(t, lane)| {
                 let start = &start;
-                s.spawn(move || lane_loop(lane, 0x1000 + t as u64, iters, start))
+                let counts = (warmup_per_thread(threads), iters);
+                s.spawn(move || lane_loop(lane, 0x1000 + t as u64, counts, start))
             })
             .collect();
         handles
@@ -290,4 +308,18 @@ pub fn measure(op: Op, targets: &mut Targets, threads: usize, iters: usize) -> R
         samples_ns,
         wall_ns: ended.saturating_sub(began),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_shrinks_with_concurrency_but_never_below_two() {
+        let w: Vec<usize> = [1, 4, 16, 64, 1024]
+            .iter()
+            .map(|&t| warmup_per_thread(t))
+            .collect();
+        assert_eq!(w, vec![WARMUP, 16, 4, 2, 2]);
+    }
 }

@@ -75,6 +75,20 @@ pub fn log2_buckets(samples_ns: &[u64]) -> Vec<Bucket> {
         .collect()
 }
 
+/// A `VUP-METRIC` line for a measurement that cannot be made on this device (`n=0
+/// status=n/a`), so the runner can show it as n/a rather than as missing. `reason` is one
+/// word (an errno name, or words joined by `_`).
+pub fn format_na(op: &str, labels: Labels, threads: usize, reason: &str) -> String {
+    let reason: String = reason
+        .chars()
+        .map(|c| if c.is_whitespace() { '_' } else { c })
+        .collect();
+    format!(
+        "VUP-METRIC op={op}{} threads={threads} n=0 status=n/a reason={reason}",
+        label_text(labels)
+    )
+}
+
 pub fn ops_per_sec(ops: usize, wall_ns: u64) -> f64 {
     if wall_ns == 0 {
         return 0.0;
@@ -105,10 +119,50 @@ pub fn format_human(
     out
 }
 
-/// One `VUP-METRIC` line; fields are fixed so the runner can parse with a regex.
+/// The catalogue's cover-letter block for one cell, without the `# ` prefix:
+/// `File empty, background load, MAP_SHARED:`, `min=21 avg=23 max=67`, then the buckets.
+pub fn format_cover_letter(title: &str, s: &Summary, buckets: &[Bucket]) -> String {
+    let mut out = format!(
+        "{title}:\nmin={} avg={} max={}\n",
+        s.min_ns / 1000,
+        (s.avg_ns / 1000.0).round() as u64,
+        s.max_ns / 1000,
+    );
+    for b in buckets {
+        out.push_str(&format!("{} - {} us: {}\n", b.lo_us, b.hi_us, b.count));
+    }
+    out
+}
+
+/// `key=value` pairs that say which measurement a `VUP-METRIC` line is, beyond `op` and
+/// `threads` (the fault-latency cell, for example). Keys and values must be single words.
+pub type Labels<'a> = &'a [(&'a str, &'a str)];
+
+fn label_text(labels: Labels) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!(" {k}={v}"))
+        .collect::<String>()
+}
+
+/// One `VUP-METRIC` line: space-separated `key=value` fields. `op` comes first, then any
+/// labels, then `threads`, then the figures; readers key a row by every field that is not
+/// a figure, and must ignore fields they do not know.
 pub fn format_metric(op: &str, threads: usize, s: &Summary, ops_s: f64) -> String {
+    format_metric_labeled(op, &[], threads, s, ops_s)
+}
+
+/// [`format_metric`] with labels.
+pub fn format_metric_labeled(
+    op: &str,
+    labels: Labels,
+    threads: usize,
+    s: &Summary,
+    ops_s: f64,
+) -> String {
     format!(
-        "VUP-METRIC op={op} threads={threads} n={} min_us={:.1} avg_us={:.1} p50_us={:.1} p99_us={:.1} max_us={:.1} ops_per_s={ops_s:.1}",
+        "VUP-METRIC op={op}{} threads={threads} n={} min_us={:.1} avg_us={:.1} p50_us={:.1} p99_us={:.1} max_us={:.1} ops_per_s={ops_s:.1}",
+        label_text(labels),
         s.n,
         s.min_ns as f64 / 1000.0,
         s.avg_ns / 1000.0,
@@ -200,6 +254,34 @@ mod tests {
         assert_eq!(
             format_metric("deep_flush", 4, &s, 1234.56),
             "VUP-METRIC op=deep_flush threads=4 n=2 min_us=1.0 avg_us=1.5 p50_us=1.0 p99_us=2.0 max_us=2.0 ops_per_s=1234.6"
+        );
+    }
+
+    #[test]
+    fn labeled_and_na_lines() {
+        let s = summarize(&[21_000, 23_000, 67_000]).unwrap();
+        let labels = [("file", "empty"), ("load", "copy"), ("map", "map_shared")];
+        assert_eq!(
+            format_metric_labeled("fault_latency", &labels, 1, &s, 10.0),
+            "VUP-METRIC op=fault_latency file=empty load=copy map=map_shared threads=1 n=3 min_us=21.0 avg_us=37.0 p50_us=23.0 p99_us=67.0 max_us=67.0 ops_per_s=10.0"
+        );
+        assert_eq!(
+            format_na("deep_flush", &[], 4, "no deep_flush attribute"),
+            "VUP-METRIC op=deep_flush threads=4 n=0 status=n/a reason=no_deep_flush_attribute"
+        );
+        assert_eq!(
+            format_na("fault_latency", &labels[..1], 1, "EOPNOTSUPP"),
+            "VUP-METRIC op=fault_latency file=empty threads=1 n=0 status=n/a reason=EOPNOTSUPP"
+        );
+    }
+
+    #[test]
+    fn cover_letter_block() {
+        let ns = [21_000, 23_000, 67_000];
+        let s = summarize(&ns).unwrap();
+        assert_eq!(
+            format_cover_letter("File empty, background load, MAP_SHARED", &s, &log2_buckets(&ns)),
+            "File empty, background load, MAP_SHARED:\nmin=21 avg=37 max=67\n16 - 31 us: 2\n64 - 127 us: 1\n"
         );
     }
 

@@ -16,11 +16,18 @@ pub fn suite(ctx: &mut Ctx) {
             .filter(|p| p.exists());
         let t = latency::prepare(ctx.mnt(), &ctx.args.dev, deep_flush.as_deref())?;
         ctx.diag(&format!(
-            "latency.dat: {} MiB, written and synced; {} warm-up + {} timed ops per thread; threads {:?}",
+            "latency.dat: {} MiB, written and synced; per op and concurrency (threads: warm-up + timed ops per thread): {}",
             latency::FILE_LEN >> 20,
-            latency::WARMUP,
-            ctx.args.iters,
-            ctx.args.threads
+            ctx.args
+                .threads
+                .iter()
+                .map(|&n| format!(
+                    "{n}: {} + {}",
+                    latency::warmup_per_thread(n),
+                    ctx.args.iters_per_thread(n)
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
         if !t.has(Op::DevFdatasync) {
             ctx.diag(&format!("{} cannot be opened: dev_fdatasync skipped", ctx.args.dev.display()));
@@ -37,13 +44,15 @@ pub fn suite(ctx: &mut Ctx) {
                     return Ok(Verdict::Fail("latency targets were not prepared".into()));
                 };
                 if !t.has(op) {
-                    let why = match op {
-                        Op::DeepFlush => nd::NO_DEEP_FLUSH,
-                        _ => "block device cannot be opened",
+                    let (why, token) = match op {
+                        Op::DeepFlush => (nd::NO_DEEP_FLUSH, "no_deep_flush_attribute"),
+                        _ => ("block device cannot be opened", "no_block_device"),
                     };
+                    // The runner's table shows the op as n/a rather than leaving it out.
+                    ctx.raw(&stats::format_na(op.name(), &[], n, token));
                     return Ok(Verdict::Skip(why.into()));
                 }
-                let run = latency::measure(op, t, n, ctx.args.iters)?;
+                let run = latency::measure(op, t, n, ctx.args.iters_per_thread(n))?;
                 report(ctx, op, n, &run);
                 if !ctx.dax_ok {
                     return Ok(Verdict::Fail(

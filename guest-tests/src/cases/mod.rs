@@ -6,6 +6,7 @@ mod common;
 mod dax;
 mod device;
 mod dio;
+mod fault_latency;
 mod faults;
 mod flush;
 mod fsync_loop;
@@ -323,6 +324,7 @@ pub fn run_suite(ctx: &mut Ctx, suite: Suite) {
         Suite::E2e => e2e(ctx),
         Suite::Persist => persist_suite(ctx),
         Suite::Latency => latency::suite(ctx),
+        Suite::FaultLat => fault_latency_suite(ctx),
         Suite::Faults => faults_suite(ctx),
         Suite::MapSync => mapsync_suite(ctx),
         Suite::Truncate => truncate_suite(ctx),
@@ -405,6 +407,19 @@ fn faults_suite(ctx: &mut Ctx) {
         alloc::ENOSPC_LIMIT,
         alloc::enospc_retry,
     );
+}
+
+/// Catalogue F19: one isolated case per cell of the fault-latency matrix.
+fn fault_latency_suite(ctx: &mut Ctx) {
+    catalogue_setup(ctx);
+    for cell in fault_latency::cells() {
+        ctx.case_isolated(
+            &cell.case_name(),
+            NEEDS_DAX,
+            fault_latency::LIMIT,
+            move |child, env| fault_latency::run_cell(cell, child, env),
+        );
+    }
 }
 
 /// Catalogue B8 (B7 is part of e2e).
