@@ -134,8 +134,10 @@ for n in "${names[@]}"; do
         results+=("| $n | $target | ERROR | the mutated build failed (see $out/build.log) |"); killed_all=0; continue
     fi
     t0=$(now_ms)
+    # --seccomp=off: a mutated daemon may make calls outside the allow-list (e15 opens a file),
+    # and the case must fail on the property the patch breaks, not on the sandbox.
     "$VUP_ROOT/scripts/run-vm.sh" --size 1G --daemon "$daemon" --faultfs-bin "$work/base/faultfs" \
-        --initrd "$initrd" --log-dir "$out/vm" --timeout "$timeout_s" "${ra[@]}" >"$out/run-vm.log" 2>&1 \
+        --daemon-arg --seccomp=off --initrd "$initrd" --log-dir "$out/vm" --timeout "$timeout_s" "${ra[@]}" >"$out/run-vm.log" 2>&1 \
         && rc=0 || rc=$?
     secs=$(( ($(now_ms) - t0) / 1000 ))
     why=$(grep -E "^not ok [0-9]+ - $target( |$)" "$out/vm/tap.txt" 2>/dev/null | head -n 1 | sed 's/^not ok [0-9]* - //' || true)
