@@ -24,7 +24,7 @@ pub struct Args {
     /// Where to mount it (an existing, empty directory).
     #[arg(long)]
     pub mountpoint: PathBuf,
-    /// File holding `ok` or `fail-fsync`, read at every fsync; missing means `ok`. Keep it
+    /// File holding `ok`, `fail-fsync` or `hold-fsync`, read at every fsync; missing means `ok`. Keep it
     /// outside the mount.
     #[arg(long)]
     pub control: Option<PathBuf>,

@@ -18,6 +18,9 @@ pub enum Mode {
     Ok,
     /// Answer them with EIO without touching the source.
     FailFsync,
+    /// Keep them waiting until the mode changes, then do what the new mode says: lets a test
+    /// act while an fsync is certainly in progress.
+    HoldFsync,
 }
 
 impl Mode {
@@ -26,6 +29,7 @@ impl Mode {
         match self {
             Mode::Ok => "ok",
             Mode::FailFsync => "fail-fsync",
+            Mode::HoldFsync => "hold-fsync",
         }
     }
 }
@@ -37,7 +41,7 @@ impl fmt::Display for Mode {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("unknown faultfs mode {0:?} (expected \"ok\" or \"fail-fsync\")")]
+#[error("unknown faultfs mode {0:?} (expected \"ok\", \"fail-fsync\" or \"hold-fsync\")")]
 pub struct UnknownMode(pub String);
 
 impl FromStr for Mode {
@@ -49,6 +53,7 @@ impl FromStr for Mode {
             // lands; reading it as "ok" keeps that instant harmless.
             "" | "ok" => Ok(Mode::Ok),
             "fail-fsync" => Ok(Mode::FailFsync),
+            "hold-fsync" => Ok(Mode::HoldFsync),
             other => Err(UnknownMode(other.to_string())),
         }
     }

@@ -1,5 +1,6 @@
 //! The passthrough filesystem: every request is served from the source directory, except that
-//! FSYNC and FSYNCDIR fail with EIO while the control file says `fail-fsync`.
+//! FSYNC and FSYNCDIR fail with EIO while the control file says `fail-fsync`, and wait while
+//! it says `hold-fsync`.
 //!
 //! Data goes through the kernel's page cache (no `direct_io`), so files can be mmapped
 //! MAP_SHARED, and dirty pages reach this server as WRITE requests when the kernel writes
@@ -22,6 +23,9 @@ use crate::attr::file_attr;
 use crate::control::{Control, Mode};
 use crate::inodes::Inodes;
 use crate::sys;
+
+/// How often a held fsync looks at the control file again.
+const HOLD_POLL: Duration = Duration::from_millis(5);
 
 /// How long the kernel may trust what we tell it. Zero: the source directory may be changed
 /// behind the mount's back (tests read and write it directly), so every lookup and stat
@@ -183,7 +187,9 @@ impl FaultFs {
         self.attr(ino, fh)
     }
 
-    /// Serves an FSYNC or FSYNCDIR: the one place where faults are injected.
+    /// Serves an FSYNC or FSYNCDIR: the one place where faults are injected. A held fsync
+    /// blocks this session thread, and with it every other request to the mount, which is
+    /// what a stuck disk does too.
     pub(crate) fn sync(
         &self,
         what: &str,
@@ -193,7 +199,18 @@ impl FaultFs {
     ) -> Result<(), Errno> {
         let name = rel.display();
         let kind = if datasync { "fdatasync" } else { "fsync" };
-        match self.control.mode() {
+        let mut mode = self.control.mode();
+        if mode == Mode::HoldFsync {
+            // Logged before waiting, so that a test can see the fsync is in progress.
+            info!("{what} /{name} ({kind}): held");
+            while mode == Mode::HoldFsync {
+                std::thread::sleep(HOLD_POLL);
+                mode = self.control.mode();
+            }
+            info!("{what} /{name} ({kind}): released ({mode})");
+        }
+        match mode {
+            Mode::HoldFsync => unreachable!("the loop above waits until the hold ends"),
             Mode::FailFsync => {
                 // Logged before the reply, so that a test which saw the error can rely on
                 // finding the line.

@@ -8,6 +8,7 @@
 //! faultfs --source /srv/lower --mountpoint /mnt/faulty --control /run/faultfs.ctl &
 //! echo fail-fsync > /run/faultfs.ctl    # every fsync/fdatasync on /mnt/faulty now fails
 //! echo ok > /run/faultfs.ctl            # and passes again
+//! echo hold-fsync > /run/faultfs.ctl    # fsyncs wait (and block the mount) until it changes
 //! ```
 //!
 //! This is what a failing disk looks like to a program that fsyncs, including one that

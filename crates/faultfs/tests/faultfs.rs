@@ -105,6 +105,31 @@ fn fdatasync_fails_only_while_injected() {
 }
 
 #[test]
+fn a_held_fdatasync_waits_for_the_release_and_then_follows_the_new_mode() {
+    let m = mount();
+    let f = File::create(m.path("f")).unwrap();
+    for (release, want) in [(Mode::Ok, None), (Mode::FailFsync, Some(libc::EIO))] {
+        m.set_mode(Mode::HoldFsync).unwrap();
+        let g = f.try_clone().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || tx.send(errno(g.sync_data())).unwrap());
+        let held = std::time::Duration::from_millis(300);
+        assert!(
+            rx.recv_timeout(held).is_err(),
+            "fdatasync returned while held"
+        );
+        assert!(m.log().contains("(fdatasync): held"), "log:\n{}", m.log());
+        m.set_mode(release).unwrap();
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("fdatasync still held after the release");
+        assert_eq!(got, want, "fdatasync released to {release}");
+        t.join().unwrap();
+    }
+    m.set_mode(Mode::Ok).unwrap();
+}
+
+#[test]
 fn mmap_shared_writes_and_the_injected_failure() {
     const LEN: usize = 1 << 20;
     let m = mount();

@@ -308,3 +308,65 @@ fn refuses_to_start_on_a_new_image_it_cannot_sync() {
         "nothing may listen for a device that is not ready"
     );
 }
+
+/// A frontend that goes away while the fdatasync answering its flush is still running: the
+/// daemon must finish that fdatasync, drop the answer with the connection, and serve the next
+/// frontend with working flushes. faultfs holds the fdatasync, so the disconnect certainly
+/// lands inside it (not before the pop or after the answer).
+fn disconnect_during_fdatasync(mode: &str) {
+    let fs = mount();
+    let scratch = Scratch::new(&fs);
+    let d = scratch.start(&["--size", "2M", "--flush-mode", mode], "daemon.log");
+    let mut fe: Frontend = d.connect();
+    let map = fe.start().unwrap();
+    assert_eq!(fe.flush().unwrap(), 0);
+
+    fs.set_mode(Mode::HoldFsync).unwrap();
+    map.write(0, &pattern(64 << 10, 9)).unwrap();
+    fe.submit_request(0).unwrap();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !fs.log().contains("): held") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flush's fdatasync never reached faultfs"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // `map` stays alive until the hold ends: closing its descriptor sends FUSE a FLUSH, which
+    // would wait behind the held fsync in faultfs's single session thread.
+    fe.disconnect();
+    // The daemon notices the hang-up while its fdatasync is still held.
+    d.wait_log("frontend disconnected", 1);
+    fs.set_mode(Mode::Ok).unwrap();
+    drop(map);
+
+    let mut fe: Frontend = d.connect();
+    let map = fe.start().unwrap();
+    map.write(0, &pattern(64 << 10, 10)).unwrap();
+    assert_eq!(fe.flush().unwrap(), 0, "flush on the next connection");
+    assert!(
+        fs.log().contains("): released (ok)"),
+        "the held fdatasync was released"
+    );
+    let log = d.log();
+    assert!(
+        !log.contains(" ERROR "),
+        "the daemon logged an error:\n{log}"
+    );
+    fe.disconnect();
+}
+
+#[test]
+fn disconnect_during_fdatasync_group() {
+    disconnect_during_fdatasync("group");
+}
+
+#[test]
+fn disconnect_during_fdatasync_serial() {
+    disconnect_during_fdatasync("serial");
+}
+
+#[test]
+fn disconnect_during_fdatasync_parallel() {
+    disconnect_during_fdatasync("parallel");
+}
