@@ -548,7 +548,10 @@ while kill -0 "$qpid" 2>/dev/null; do
         info "marker '$dkill_marker' seen: daemon killed with SIGKILL after $kill_ms ms; watching QEMU for $observe_s s"
         deadline=$(( $(now_ms) + observe_s * 1000 ))
     fi
-    if (( daemon_killed )) && (( $(now_ms) > deadline )); then
+    # One clock reading per round: with two, the observation window could end between the
+    # check just below and the timeout check, and a normal end would read as a timeout.
+    now=$(now_ms)
+    if (( daemon_killed )) && (( now > deadline )); then
         kill -KILL "$qpid" 2>/dev/null || true
         observed=1
         break
@@ -559,7 +562,7 @@ while kill -0 "$qpid" 2>/dev/null; do
         info "marker '$marker' seen: QEMU killed with SIGKILL after $(( $(now_ms) - t0 )) ms"
         break
     fi
-    if (( $(now_ms) > deadline )); then
+    if (( ! daemon_killed && now > deadline )); then
         kill -KILL "$qpid" 2>/dev/null || true
         timed_out=1
         break
