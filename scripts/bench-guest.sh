@@ -58,12 +58,7 @@ out=$(realpath -m "$out")
 if [[ $report_only == 0 ]]; then
     rm -rf "$out"; mkdir -p "$out"
     info "building the daemon and the guest, fetching QEMU and the kernel (cached after the first run)"
-    cargo build --release -p vhost-user-pmem >&2
-    "$VUP_ROOT/scripts/fetch-qemu.sh" >/dev/null
-    "$VUP_ROOT/scripts/fetch-kernel.sh" >/dev/null
-    "$VUP_ROOT/scripts/fetch-guest-tools.sh" >/dev/null
-    guest_bin=$("$VUP_ROOT/scripts/build-guest.sh")
-    "$VUP_ROOT/scripts/build-initramfs.sh" --guest-bin "$guest_bin" --out "$out/initrd.cpio.gz" >/dev/null
+    build_vm_inputs "$out/initrd.cpio.gz"
 
     {
         echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"

@@ -30,12 +30,7 @@ done
 
 rm -rf "$out"; mkdir -p "$out"
 out="$(cd "$out" && pwd)"
-cargo build --release -p vhost-user-pmem >&2
-"$VUP_ROOT/scripts/fetch-qemu.sh" >/dev/null
-"$VUP_ROOT/scripts/fetch-kernel.sh" >/dev/null
-"$VUP_ROOT/scripts/fetch-guest-tools.sh" >/dev/null
-guest_bin=$("$VUP_ROOT/scripts/build-guest.sh")
-"$VUP_ROOT/scripts/build-initramfs.sh" --guest-bin "$guest_bin" --out "$out/initrd.cpio.gz" >/dev/null
+build_vm_inputs "$out/initrd.cpio.gz"
 
 sockdir=$(mktemp -d /tmp/vup-loop.XXXXXX)
 sock="$sockdir/pmem0.sock"

@@ -32,12 +32,7 @@ done
 out="$VUP_BUILD/demo"
 rm -rf "$out"; mkdir -p "$out"
 info "building the daemon and the guest, fetching QEMU and the kernel (cached after the first run)"
-cargo build --release -p vhost-user-pmem >&2
-"$VUP_ROOT/scripts/fetch-qemu.sh" >/dev/null
-"$VUP_ROOT/scripts/fetch-kernel.sh" >/dev/null
-"$VUP_ROOT/scripts/fetch-guest-tools.sh" >/dev/null
-guest_bin=$("$VUP_ROOT/scripts/build-guest.sh")
-"$VUP_ROOT/scripts/build-initramfs.sh" --guest-bin "$guest_bin" --out "$out/initrd.cpio.gz" >/dev/null
+build_vm_inputs "$out/initrd.cpio.gz"
 
 for dev in $devices; do
     info "booting a guest on $dev with a fresh $size image"

@@ -301,3 +301,16 @@ parse_size() {
         die "invalid size '$s' (use e.g. 512M, 1G, 2GiB, or plain bytes)"
     fi
 }
+
+# build_vm_inputs INITRD: everything a VM run needs, built or fetched (cached after the first
+# run): the release daemon, QEMU, the guest kernel and tools, the guest binary, and an
+# initramfs written to INITRD.
+build_vm_inputs() {
+    cargo build --release -p vhost-user-pmem >&2
+    "$VUP_ROOT/scripts/fetch-qemu.sh" >/dev/null
+    "$VUP_ROOT/scripts/fetch-kernel.sh" >/dev/null
+    "$VUP_ROOT/scripts/fetch-guest-tools.sh" >/dev/null
+    local guest_bin
+    guest_bin=$("$VUP_ROOT/scripts/build-guest.sh")
+    "$VUP_ROOT/scripts/build-initramfs.sh" --guest-bin "$guest_bin" --out "$1" >/dev/null
+}

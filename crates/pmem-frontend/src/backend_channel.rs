@@ -238,24 +238,8 @@ impl BackendChannel {
 
     /// Waits until at least `count` SHMEM_MAP requests have been refused.
     pub fn wait_refused(&self, count: usize, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        let mut received = self.recorder.received.lock().unwrap();
-        while received.refused < count {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Error::Timeout {
-                    what: "a SHMEM_MAP to refuse",
-                    timeout,
-                });
-            }
-            received = self
-                .recorder
-                .changed
-                .wait_timeout(received, left)
-                .unwrap()
-                .0;
-        }
-        Ok(())
+        self.wait_for("a SHMEM_MAP to refuse", timeout, |r| r.refused >= count)
+            .map(drop)
     }
 
     /// All SHMEM_UNMAP requests received so far.
@@ -266,15 +250,25 @@ impl BackendChannel {
     /// Waits until at least `count` SHMEM_MAP requests have arrived and returns the
     /// `count`-th one.
     pub fn wait_map(&self, count: usize, timeout: Duration) -> Result<Arc<ShmemMapping>> {
+        let received = self.wait_for("SHMEM_MAP from the backend", timeout, |r| {
+            r.maps.len() >= count
+        })?;
+        Ok(received.maps[count - 1].clone())
+    }
+
+    /// Waits until `done` holds for what was received, or `timeout` passes.
+    fn wait_for(
+        &self,
+        what: &'static str,
+        timeout: Duration,
+        done: impl Fn(&Received) -> bool,
+    ) -> Result<std::sync::MutexGuard<'_, Received>> {
         let deadline = Instant::now() + timeout;
         let mut received = self.recorder.received.lock().unwrap();
-        while received.maps.len() < count {
+        while !done(&received) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(Error::Timeout {
-                    what: "SHMEM_MAP from the backend",
-                    timeout,
-                });
+                return Err(Error::Timeout { what, timeout });
             }
             received = self
                 .recorder
@@ -283,7 +277,7 @@ impl BackendChannel {
                 .unwrap()
                 .0;
         }
-        Ok(received.maps[count - 1].clone())
+        Ok(received)
     }
 }
 

@@ -10,11 +10,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use common::{pattern, Daemon, MIB, TIMEOUT};
 use faultfs::harness::{run_if_child, FaultFsMount, FsyncCounts, Launcher};
 use faultfs::Mode;
-use pmem_frontend::Frontend;
+
+use pmem_frontend::{Frontend, ShmemMapping};
 
 /// See [`faultfs_server_process`].
 const SERVER_ENTRY: &str = "faultfs_server_process";
@@ -70,6 +72,32 @@ impl Scratch {
             &self.socket(),
             &self.dir.path().join(log),
         )
+    }
+}
+
+/// A daemon in flush mode `mode` serving an image on faultfs, and a started frontend whose
+/// first flush passed.
+struct Running {
+    fs: FaultFsMount,
+    _scratch: Scratch,
+    d: Daemon,
+    fe: Frontend,
+    map: Arc<ShmemMapping>,
+}
+
+fn running(mode: &str) -> Running {
+    let fs = mount();
+    let scratch = Scratch::new(&fs);
+    let d = scratch.start(&["--size", "2M", "--flush-mode", mode], "daemon.log");
+    let mut fe: Frontend = d.connect();
+    let map = fe.start().unwrap();
+    assert_eq!(fe.flush().unwrap(), 0);
+    Running {
+        fs,
+        _scratch: scratch,
+        d,
+        fe,
+        map,
     }
 }
 
@@ -242,12 +270,13 @@ fn every_flush_in_flight_gets_the_error_parallel() {
 
 fn every_flush_in_flight_gets_the_error(mode: &str) {
     const N: usize = 16;
-    let fs = mount();
-    let scratch = Scratch::new(&fs);
-    let d = scratch.start(&["--size", "2M", "--flush-mode", mode], "daemon.log");
-    let mut fe: Frontend = d.connect();
-    let map = fe.start().unwrap();
-    assert_eq!(fe.flush().unwrap(), 0);
+    let Running {
+        fs,
+        _scratch,
+        d,
+        mut fe,
+        map,
+    } = running(mode);
 
     fs.set_mode(Mode::FailFsync).unwrap();
     let passed_before = fs.fsyncs().passed;
@@ -314,12 +343,13 @@ fn refuses_to_start_on_a_new_image_it_cannot_sync() {
 /// frontend with working flushes. faultfs holds the fdatasync, so the disconnect certainly
 /// lands inside it (not before the pop or after the answer).
 fn disconnect_during_fdatasync(mode: &str) {
-    let fs = mount();
-    let scratch = Scratch::new(&fs);
-    let d = scratch.start(&["--size", "2M", "--flush-mode", mode], "daemon.log");
-    let mut fe: Frontend = d.connect();
-    let map = fe.start().unwrap();
-    assert_eq!(fe.flush().unwrap(), 0);
+    let Running {
+        fs,
+        _scratch,
+        d,
+        mut fe,
+        map,
+    } = running(mode);
 
     fs.set_mode(Mode::HoldFsync).unwrap();
     map.write(0, &pattern(64 << 10, 9)).unwrap();
