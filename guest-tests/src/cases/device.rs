@@ -67,11 +67,26 @@ pub fn pmem0_present(ctx: &mut Ctx) -> Result<Verdict> {
 
 pub fn mkfs(ctx: &mut Ctx) -> Result<Verdict> {
     let dev = ctx.args.dev.to_string_lossy().into_owned();
+    // A 2 MiB stripe (512 blocks of 4 KiB) makes ext4's allocator align large allocations
+    // to 2 MiB, as su=2m does for xfs. Without it a large fallocate is aligned only when
+    // the free space happens to be: after the A-C cases had churned the file system, one
+    // CI run got a single 64 MiB extent at a 0x0e0000 offset, with no PMD-capable window.
+    let ext4_opts = [
+        "-F",
+        "-q",
+        "-b",
+        "4096",
+        "-E",
+        "stride=512,stripe_width=512",
+    ];
     let out = match ctx.args.fs {
         FsType::Ext4 if tools::exists("mkfs.ext4") => {
-            tools::run("mkfs.ext4", &["-F", "-q", "-b", "4096", &dev])?
+            tools::run("mkfs.ext4", &[&ext4_opts[..], &[dev.as_str()]].concat())?
         }
-        FsType::Ext4 => tools::run("mke2fs", &["-t", "ext4", "-F", "-q", "-b", "4096", &dev])?,
+        FsType::Ext4 => tools::run(
+            "mke2fs",
+            &[&["-t", "ext4"][..], &ext4_opts[..], &[dev.as_str()]].concat(),
+        )?,
         // 2 MiB stripe unit so data extents can be PMD-aligned; no reflink (DAX excludes it).
         FsType::Xfs => tools::run(
             "mkfs.xfs",
