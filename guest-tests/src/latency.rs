@@ -82,13 +82,7 @@ impl Targets {
 /// conversion.
 pub fn prepare(dir: &Path, dev: &Path, deep_flush: Option<&Path>) -> Result<Targets> {
     let path = dir.join("latency.dat");
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .ctx(format!("create {}", path.display()))?;
+    let file = crate::cases::common::create(&path)?;
     sys::fallocate(&file, 0, FILE_LEN as u64).ctx("fallocate 64 MiB")?;
     let chunk = pattern::seeded(0x4c41_5445_4e43_5900, 1 << 20);
     for i in 0..FILE_LEN / chunk.len() {

@@ -1,10 +1,9 @@
 //! DAX preconditions and the basic data-path cases (catalogue "Preconditions" and A1).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 
-use super::{Ctx, Verdict};
+use super::{common, Ctx, Verdict};
 use crate::error::{fail, Context, Result};
 use crate::meminfo;
 use crate::pattern;
@@ -37,32 +36,11 @@ pub fn precond_dax(ctx: &mut Ctx) -> Result<Verdict> {
     )))
 }
 
-fn create(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .ctx(format!("create {}", path.display()))
-}
-
-fn compare(what: &str, got: &[u8], want: &[u8]) -> Result<()> {
-    if let Some(at) = pattern::first_difference(got, want) {
-        fail!(
-            "{what}: data differs at byte {at} (got {:#04x?}, want {:#04x?})",
-            got.get(at),
-            want.get(at)
-        );
-    }
-    Ok(())
-}
-
 /// pwrite, fsync, fdatasync, read back. Any flush error (EIO from the device) fails it.
 pub fn write_fsync(ctx: &mut Ctx) -> Result<Verdict> {
     let path = ctx.mnt().join("write_fsync.dat");
     let want = pattern::seeded(0x5752_4954_4553_594e, 1 << 20);
-    let f = create(&path)?;
+    let f = common::create(&path)?;
     f.write_all_at(&want, 0).ctx("pwrite 1 MiB")?;
     f.sync_all().ctx("fsync")?;
     f.sync_data().ctx("fdatasync")?;
@@ -71,7 +49,7 @@ pub fn write_fsync(ctx: &mut Ctx) -> Result<Verdict> {
     let f = File::open(&path).ctx(format!("open {}", path.display()))?;
     let mut got = vec![0u8; want.len()];
     f.read_exact_at(&mut got, 0).ctx("read back")?;
-    compare("read after fsync", &got, &want)?;
+    common::compare("read after fsync", &got, &want)?;
     let _ = std::fs::remove_file(&path);
     Ok(Verdict::Pass)
 }
@@ -82,7 +60,7 @@ const PTE_FILE_LEN: usize = 16 << 20;
 /// cache (ndctl's mmap.c).
 pub fn pte_rw_basic(ctx: &mut Ctx) -> Result<Verdict> {
     let path = ctx.mnt().join("pte_rw_basic.dat");
-    let f = create(&path)?;
+    let f = common::create(&path)?;
     sys::fallocate(&f, 0, PTE_FILE_LEN as u64).ctx("fallocate 16 MiB")?;
     let want = pattern::seeded(0x5054_455f_5257, PTE_FILE_LEN);
 
@@ -115,7 +93,7 @@ pub fn pte_rw_basic(ctx: &mut Ctx) -> Result<Verdict> {
         PTE_FILE_LEN / 4096,
         PTE_FILE_LEN >> 21
     ));
-    compare("read(2) after msync", &got, &want)?;
+    common::compare("read(2) after msync", &got, &want)?;
     let _ = std::fs::remove_file(&path);
     if growth >= limit {
         fail!(

@@ -4,14 +4,13 @@
 //! pause. The main thread prints a line every 5 s while an fsync is outstanding, so a hang shows
 //! as a growing `pending_ms`.
 
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{Ctx, Verdict};
-use crate::error::{describe, fail, Context, Result};
+use super::{common, Ctx, Verdict};
+use crate::error::{describe, fail, Result};
 use crate::pattern;
 
 /// After this many good fsyncs the loop prints the marker the host waits for.
@@ -31,13 +30,7 @@ pub(super) fn line(text: &str) {
 pub fn fsync_loop(ctx: &mut Ctx) -> Result<Verdict> {
     let secs = ctx.args.stress_secs.unwrap_or(DEFAULT_SECS);
     let path = ctx.mnt().join("fsync_loop.dat");
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .ctx(format!("create {}", path.display()))?;
+    let f = common::create(&path)?;
     let origin = Instant::now();
     let ms = |t: Instant| t.duration_since(origin).as_millis() as u64;
     let (ok, errors) = (AtomicU64::new(0), AtomicU64::new(0));

@@ -2,9 +2,7 @@
 //! region, so the kernel must refuse MAP_SYNC, which promises that CPU stores are durable
 //! once the page fault that allowed them returned.
 
-use std::fs::OpenOptions;
-
-use super::{Ctx, Verdict};
+use super::{common, Ctx, Verdict};
 use crate::error::{describe, fail, Context, Result};
 use crate::sys::{self, Mapping, MAP_PRIVATE, MAP_SHARED, MAP_SHARED_VALIDATE, MAP_SYNC};
 
@@ -17,13 +15,7 @@ fn try_map(file: &std::fs::File, flags: i32) -> std::io::Result<Mapping> {
 
 pub fn matrix(ctx: &mut Ctx) -> Result<Verdict> {
     let path = ctx.mnt().join("map_sync.dat");
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .ctx(format!("create {}", path.display()))?;
+    let f = common::create(&path)?;
     sys::fallocate(&f, 0, LEN as u64).ctx("fallocate 2 MiB")?;
 
     // The assertion: MAP_SYNC through the validating flag type must be refused.
@@ -86,13 +78,7 @@ fn block_flushes(dev_name: &str) -> Option<u64> {
 pub fn fallback(child: &super::Child, env: &super::Env) -> Result<Verdict> {
     use std::os::unix::fs::FileExt;
     let path = env.mnt.join("map_sync_fallback.dat");
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .ctx(format!("create {}", path.display()))?;
+    let f = common::create(&path)?;
     sys::fallocate(&f, 0, LEN as u64).ctx("fallocate 2 MiB")?;
     match try_map(&f, MAP_SHARED_VALIDATE | MAP_SYNC) {
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {

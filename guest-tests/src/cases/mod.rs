@@ -2,7 +2,7 @@
 //! preconditions held, which persistence generation is on disk).
 
 mod alloc;
-mod common;
+pub(crate) mod common;
 mod dax;
 mod device;
 mod dio;
