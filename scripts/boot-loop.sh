@@ -32,14 +32,9 @@ rm -rf "$out"; mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 build_vm_inputs "$out/initrd.cpio.gz"
 
-sockdir=$(mktemp -d /tmp/vup-loop.XXXXXX)
-sock="$sockdir/pmem0.sock"
-RUST_LOG="${RUST_LOG:-info}" "$VUP_ROOT/target/release/vhost-user-pmem" \
-    --socket-path "$sock" --file "$out/pmem0.img" --size "$size" </dev/null >"$out/daemon.log" 2>&1 &
-dpid=$!
+start_daemon "$out" "$size"
 trap 'kill -TERM $dpid 2>/dev/null || true; rm -rf "$sockdir"' EXIT
-for ((i = 0; i < 100; i++)); do [[ -S $sock ]] && break; sleep 0.1; done
-[[ -S $sock ]] || { cat "$out/daemon.log" >&2; die "the daemon did not start"; }
+wait_daemon_socket "$out/daemon.log"
 
 passed=0 failed=0
 t0=$(now_ms)

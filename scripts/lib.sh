@@ -314,3 +314,23 @@ build_vm_inputs() {
     guest_bin=$("$VUP_ROOT/scripts/build-guest.sh")
     "$VUP_ROOT/scripts/build-initramfs.sh" --guest-bin "$guest_bin" --out "$1" >/dev/null
 }
+
+# start_daemon OUT SIZE: starts the release daemon in the background on OUT/pmem0.img (created
+# or extended to SIZE), listening on a socket in a fresh directory under /tmp (sun_path is
+# short). Sets sockdir, sock and dpid; the caller traps cleanup, then calls wait_daemon_socket.
+start_daemon() {
+    sockdir=$(mktemp -d "/tmp/vup-$VUP_PROG.XXXXXX")
+    sock="$sockdir/pmem0.sock"
+    RUST_LOG="${RUST_LOG:-info}" "$VUP_ROOT/target/release/vhost-user-pmem" \
+        --socket-path "$sock" --file "$1/pmem0.img" --size "$2" </dev/null >"$1/daemon.log" 2>&1 &
+    dpid=$!
+}
+
+# wait_daemon_socket LOG: waits up to 10 s for $sock; dies with the daemon's LOG if it never
+# appears.
+wait_daemon_socket() {
+    local i
+    for ((i = 0; i < 100; i++)); do [[ -S $sock ]] && return 0; sleep 0.1; done
+    cat "$1" >&2
+    die "the daemon did not start"
+}

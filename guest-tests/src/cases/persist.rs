@@ -100,22 +100,31 @@ pub fn fsync_persists(ctx: &mut Ctx, expect: Option<u64>) -> Result<Verdict> {
             e.logical, e.physical, e.length, e.flags
         ));
     }
-    let segments = match fiemap::segments(&extents, data.len() as u64) {
-        Ok(s) => s,
-        Err(why) => fail!("cannot locate persist.dat on the device: {why}"),
-    };
     ctx.persisted_gen = Some(next);
     ctx.diag(&format!(
         "persist.dat now holds generation {next} (fsync file + rename + fsync dir returned)"
     ));
+    host_check(ctx, "VUP-HOSTCHECK", &f, &data)?;
+    Ok(Verdict::Pass)
+}
+
+/// Print a `TAG offset=.. len=.. sha256=..` line (TAG: VUP-HOSTCHECK for run-vm.sh) for every
+/// device extent of `file`, whose first `data.len()` bytes must be `data`, so the host can
+/// compare them with the image.
+pub fn host_check(ctx: &mut Ctx, tag: &str, file: &File, data: &[u8]) -> Result<()> {
+    let extents = fiemap::extents(file).ctx("FIEMAP")?;
+    let segments = match fiemap::segments(&extents, data.len() as u64) {
+        Ok(s) => s,
+        Err(why) => fail!("cannot locate the file on the device: {why}"),
+    };
     for s in &segments {
         let bytes = &data[s.file_offset as usize..(s.file_offset + s.len) as usize];
         ctx.raw(&format!(
-            "VUP-HOSTCHECK offset={} len={} sha256={}",
+            "{tag} offset={} len={} sha256={}",
             s.dev_offset,
             s.len,
             sha256::hex_digest(bytes)
         ));
     }
-    Ok(Verdict::Pass)
+    Ok(())
 }

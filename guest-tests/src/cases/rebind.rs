@@ -7,11 +7,9 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{common, Ctx, Verdict};
+use super::{common, persist, Ctx, Verdict};
 use crate::error::{fail, Context, Result};
-use crate::fiemap;
 use crate::pattern;
-use crate::sha256;
 use crate::sys::{self, Mapping};
 
 const DRIVER: &str = "/sys/bus/virtio/drivers/virtio_pmem";
@@ -23,27 +21,6 @@ const MMAP_LEN: usize = 2 << 20;
 /// The seed of rebind.dat's contents: new for every generation, so a stale copy is caught.
 fn mmap_seed(ctx: &Ctx) -> u64 {
     0x5245_4249_4e44_0000 ^ ctx.args.expect_gen.unwrap_or(0)
-}
-
-/// Print a `TAG offset=.. len=.. sha256=..` line (TAG: VUP-HOSTCHECK for run-vm.sh) for every
-/// device extent of `file`, whose first `data.len()` bytes must be `data`, so the host can
-/// compare them with the image.
-pub fn host_check(ctx: &mut Ctx, tag: &str, file: &File, data: &[u8]) -> Result<()> {
-    let extents = fiemap::extents(file).ctx("FIEMAP")?;
-    let segments = match fiemap::segments(&extents, data.len() as u64) {
-        Ok(s) => s,
-        Err(why) => fail!("cannot locate the file on the device: {why}"),
-    };
-    for s in &segments {
-        let bytes = &data[s.file_offset as usize..(s.file_offset + s.len) as usize];
-        ctx.raw(&format!(
-            "{tag} offset={} len={} sha256={}",
-            s.dev_offset,
-            s.len,
-            sha256::hex_digest(bytes)
-        ));
-    }
-    Ok(())
 }
 
 /// Stores through a MAP_SHARED DAX mapping (no write(2)), msync, fsync: the bytes live only in
@@ -69,7 +46,7 @@ pub fn mmap_write(ctx: &mut Ctx) -> Result<Verdict> {
     File::open(ctx.mnt())
         .and_then(|d| d.sync_all())
         .ctx("fsync the directory")?;
-    host_check(ctx, "VUP-HOSTCHECK", &f, &want)?;
+    persist::host_check(ctx, "VUP-HOSTCHECK", &f, &want)?;
     Ok(Verdict::Pass)
 }
 

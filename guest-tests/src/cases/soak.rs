@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{common, rebind, Ctx, Verdict};
+use super::{common, persist, Ctx, Verdict};
 use crate::error::{describe, fail, Context, Result};
 use crate::pattern::{self, XorShift64};
 use crate::sys::{self, Mapping};
@@ -322,12 +322,12 @@ pub fn soak_load(ctx: &mut Ctx) -> Result<Verdict> {
         let path = d.join(format!("w{w}.dat"));
         let f = File::open(&path).ctx(format!("open {}", path.display()))?;
         let data = std::fs::read(&path).ctx(format!("read {}", path.display()))?;
-        rebind::host_check(ctx, SOAKCHECK, &f, &data)?;
+        persist::host_check(ctx, SOAKCHECK, &f, &data)?;
     }
     let f = File::open(d.join("trunc.dat")).ctx("open trunc.dat")?;
     let data = common::read_at(&f, 0, f.metadata().ctx("stat trunc.dat")?.len() as usize)?;
     if !data.is_empty() {
-        rebind::host_check(ctx, SOAKCHECK, &f, &data)?;
+        persist::host_check(ctx, SOAKCHECK, &f, &data)?;
     }
     Ok(Verdict::Pass)
 }
