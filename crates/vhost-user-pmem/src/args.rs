@@ -18,7 +18,8 @@ use crate::size::ByteSize;
 ///   -object memory-backend-memfd,id=mem0,size=1G,share=on -machine q35,memory-backend=mem0
 ///   -chardev socket,id=pmem0,path=SOCKET
 ///   -device vhost-user-test-device-pci,chardev=pmem0,virtio-id=27,num_vqs=1,vq_size=256,config_size=16
-/// or, with --connect SOCKET, let QEMU listen: -chardev socket,id=pmem0,path=SOCKET,server=on,wait=off
+/// or, with --connect SOCKET, let QEMU listen: -chardev socket,id=pmem0,path=SOCKET,server=on,wait=on
+/// (wait=on is needed: with wait=off QEMU 11.1 sets the device up before the daemon connects)
 ///
 /// Once the file is open and the socket is ready, the daemon confines itself with a seccomp
 /// allow-list (see --seccomp and docs/security.md).
@@ -72,7 +73,9 @@ pub struct Args {
     #[arg(long, value_name = "SIZE")]
     pub size: Option<ByteSize>,
 
-    /// Open the file read-only and map it into the guest without write permission.
+    /// Open the file read-only and map it into the guest without write permission. Every
+    /// flush is answered with an error, since nothing the guest writes can become durable.
+    /// QEMU 11.1 cannot map a read-only file (the guest then sees zeros; see docs/qemu.md).
     #[arg(long)]
     pub read_only: bool,
 
