@@ -28,6 +28,10 @@ pub struct Args {
     /// outside the mount.
     #[arg(long)]
     pub control: Option<PathBuf>,
+    /// Write each file's fsync outcomes (passed, injected, held, failed) to this JSON file
+    /// after every fsync. Keep it outside the mount.
+    #[arg(long)]
+    pub counts: Option<PathBuf>,
     /// Do not ask for the kernel's writeback cache: write(2) then reaches the source at once
     /// (mmapped writes are cached either way).
     #[arg(long)]
@@ -83,6 +87,7 @@ pub fn run(args: Args) -> Result<(), Error> {
         source: source.clone(),
         control: Control::new(args.control.clone()),
         writeback_cache: !args.no_writeback_cache,
+        counts: args.counts.clone(),
     });
     let mut config = Config::default();
     config.mount_options = vec![

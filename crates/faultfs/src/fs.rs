@@ -21,6 +21,7 @@ use log::{info, warn};
 
 use crate::attr::file_attr;
 use crate::control::{Control, Mode};
+use crate::counts::{CountsFile, Outcome};
 use crate::inodes::Inodes;
 use crate::sys;
 
@@ -41,6 +42,8 @@ pub struct FsOptions {
     /// Ask the kernel for FUSE_WRITEBACK_CACHE, so that write(2) is cached like on a disk
     /// filesystem and only fsync or writeback pushes it here.
     pub writeback_cache: bool,
+    /// Where to count each file's fsync outcomes (see `counts.rs`).
+    pub counts: Option<PathBuf>,
 }
 
 pub struct FaultFs {
@@ -50,6 +53,7 @@ pub struct FaultFs {
     pub(crate) inodes: Mutex<Inodes>,
     pub(crate) files: Mutex<HashMap<u64, Arc<File>>>,
     next_fh: AtomicU64,
+    counts: Option<CountsFile>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -76,6 +80,13 @@ impl FaultFs {
             inodes: Mutex::new(Inodes::default()),
             files: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            counts: options.counts.map(CountsFile::new),
+        }
+    }
+
+    fn count(&self, rel: &Path, outcome: Outcome) {
+        if let Some(c) = &self.counts {
+            c.record(rel, outcome);
         }
     }
 
@@ -203,6 +214,7 @@ impl FaultFs {
         if mode == Mode::HoldFsync {
             // Logged before waiting, so that a test can see the fsync is in progress.
             info!("{what} /{name} ({kind}): held");
+            self.count(rel, Outcome::Held);
             while mode == Mode::HoldFsync {
                 std::thread::sleep(HOLD_POLL);
                 mode = self.control.mode();
@@ -215,15 +227,18 @@ impl FaultFs {
                 // Logged before the reply, so that a test which saw the error can rely on
                 // finding the line.
                 info!("{what} /{name} ({kind}): EIO injected");
+                self.count(rel, Outcome::Injected);
                 Err(Errno::EIO)
             }
             Mode::Ok => match run() {
                 Ok(()) => {
                     info!("{what} /{name} ({kind}): ok");
+                    self.count(rel, Outcome::Passed);
                     Ok(())
                 }
                 Err(e) => {
                     warn!("{what} /{name} ({kind}): the source failed: {e}");
+                    self.count(rel, Outcome::Failed);
                     Err(e.into())
                 }
             },

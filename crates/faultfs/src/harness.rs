@@ -22,6 +22,7 @@ use clap::Parser;
 
 use crate::cli::{run, Args};
 use crate::control::{set_mode, Mode};
+use crate::counts::{Counts, FileCounts};
 use crate::mounts::is_fuse_mounted;
 use crate::sys;
 
@@ -133,14 +134,17 @@ pub struct FaultFsMount {
     source: PathBuf,
     mountpoint: PathBuf,
     control: PathBuf,
+    counts: PathBuf,
     log: PathBuf,
-    /// Removed after the unmount (fields drop after `Drop::drop`).
-    _dir: tempfile::TempDir,
+    /// The temporary directory of [`FaultFsMount::start`], removed after the unmount (fields
+    /// drop after `Drop::drop`).
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl FaultFsMount {
-    /// Starts the server and waits until the filesystem is mounted. Fails (never skips) if it
-    /// cannot be mounted, with the server's log in the error.
+    /// Starts the server over a fresh source directory in a temporary directory, and waits
+    /// until the filesystem is mounted. Fails (never skips) if it cannot be mounted, with the
+    /// server's log in the error.
     pub fn start(launcher: &Launcher) -> Result<Self, HarnessError> {
         let dir = tempfile::Builder::new()
             .prefix("faultfs")
@@ -150,12 +154,39 @@ impl FaultFsMount {
             .path()
             .canonicalize()
             .map_err(io_err("canonicalize the temporary directory"))?;
-        let (source, mountpoint) = (base.join("source"), base.join("mnt"));
-        for d in [&source, &mountpoint] {
-            std::fs::create_dir(d).map_err(io_err(format!("create {}", d.display())))?;
+        let source = base.join("source");
+        std::fs::create_dir(&source).map_err(io_err(format!("create {}", source.display())))?;
+        let mut m = Self::start_in(launcher, &source, &base)?;
+        m._dir = Some(dir);
+        Ok(m)
+    }
+
+    /// Starts the server over the existing directory `source`, with the mount point
+    /// (`faultfs.mnt`), control file, counts file and log in `work`, which must not be inside
+    /// `source`. Nothing is removed afterwards but the mount point.
+    pub fn start_in(launcher: &Launcher, source: &Path, work: &Path) -> Result<Self, HarnessError> {
+        let source = source
+            .canonicalize()
+            .map_err(io_err(format!("canonicalize {}", source.display())))?;
+        let work = work
+            .canonicalize()
+            .map_err(io_err(format!("canonicalize {}", work.display())))?;
+        let mountpoint = work.join("faultfs.mnt");
+        if is_fuse_mounted(&mountpoint).map_err(io_err("read the mount table"))? {
+            return Err(HarnessError::Io {
+                what: format!("mount on {}", mountpoint.display()),
+                source: io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "still mounted from an earlier run (umount -l it)",
+                ),
+            });
         }
-        let control = base.join("control");
-        let log = base.join("faultfs.log");
+        std::fs::create_dir_all(&mountpoint)
+            .map_err(io_err(format!("create {}", mountpoint.display())))?;
+        let control = work.join("faultfs.control");
+        let counts = work.join("faultfs.counts.json");
+        let log = work.join("faultfs.log");
+        let _ = std::fs::remove_file(&counts);
         set_mode(&control, Mode::Ok).map_err(io_err("write the control file"))?;
         let log_file = File::create(&log).map_err(io_err("create the log file"))?;
 
@@ -166,6 +197,8 @@ impl FaultFsMount {
             mountpoint.clone().into(),
             "--control".into(),
             control.clone().into(),
+            "--counts".into(),
+            counts.clone().into(),
         ];
         let mut command = launcher.command(&args);
         // SAFETY: the closure runs in the forked child before exec and calls only prctl(2),
@@ -182,8 +215,7 @@ impl FaultFsMount {
             });
         }
         let child = command
-            // The fsync lines the tests count are at info level, whatever the caller's
-            // environment says.
+            // Every fsync at info level in the log, for whoever reads it after a failure.
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -195,8 +227,9 @@ impl FaultFsMount {
             source,
             mountpoint,
             control,
+            counts,
             log,
-            _dir: dir,
+            _dir: None,
         };
         m.wait_mounted()?;
         Ok(m)
@@ -251,17 +284,24 @@ impl FaultFsMount {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// FSYNC/FSYNCDIR requests the server has answered so far, by outcome.
-    pub fn fsyncs(&self) -> FsyncCounts {
-        let log = self.log();
-        let lines = || {
-            log.lines()
-                .filter(|l| l.contains("fsync /") || l.contains("fsyncdir /"))
-        };
-        FsyncCounts {
-            passed: lines().filter(|l| l.ends_with("): ok")).count(),
-            injected: lines().filter(|l| l.ends_with(": EIO injected")).count(),
-        }
+    /// FSYNC/FSYNCDIR requests the server has answered so far, by file and outcome.
+    pub fn counts(&self) -> io::Result<Counts> {
+        Counts::read(&self.counts)
+    }
+
+    /// The counts file the server writes (see [`crate::counts`]).
+    pub fn counts_path(&self) -> &Path {
+        &self.counts
+    }
+
+    /// FSYNC/FSYNCDIR requests the server has answered so far, all files together.
+    pub fn fsyncs(&self) -> FileCounts {
+        self.counts().map(|c| c.total()).unwrap_or_default()
+    }
+
+    /// The server's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Stops the server with SIGTERM (SIGKILL after a grace period) and makes sure nothing
@@ -306,13 +346,4 @@ impl Drop for FaultFsMount {
             );
         }
     }
-}
-
-/// See [`FaultFsMount::fsyncs`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FsyncCounts {
-    /// Passed through to the source, which succeeded.
-    pub passed: usize,
-    /// Answered with an injected EIO.
-    pub injected: usize,
 }

@@ -22,6 +22,7 @@
 mod attr;
 mod cli;
 mod control;
+pub mod counts;
 mod error;
 mod fs;
 pub mod harness;

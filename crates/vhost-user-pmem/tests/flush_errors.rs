@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::{pattern, Daemon, MIB, TIMEOUT};
-use faultfs::harness::{run_if_child, FaultFsMount, FsyncCounts, Launcher};
+use faultfs::counts::FileCounts;
+use faultfs::harness::{run_if_child, FaultFsMount, Launcher};
 use faultfs::Mode;
 
 use pmem_frontend::{Frontend, ShmemMapping};
@@ -134,9 +135,10 @@ fn faultfs_makes_fdatasync_fail_on_command() {
     f.sync_data().unwrap();
     assert_eq!(
         fs.fsyncs(),
-        FsyncCounts {
+        FileCounts {
             passed: 2,
-            injected: 1
+            injected: 1,
+            ..FileCounts::default()
         }
     );
 }
