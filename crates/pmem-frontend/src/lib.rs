@@ -23,6 +23,7 @@
 //! ```
 
 mod backend_channel;
+pub mod daemon;
 mod error;
 mod frontend;
 mod memory;
