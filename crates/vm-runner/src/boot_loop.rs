@@ -1,0 +1,185 @@
+//! `vmrun boot-loop`: QEMU boots again and again on one image behind ONE daemon. Every boot
+//! must find the mapped region — the file system mounts and holds what the previous boot
+//! wrote and fsynced, and the bytes are in the host file where the guest's FIEMAP says — and
+//! the daemon's metrics must count one connection per QEMU and one accepted SHMEM_MAP per
+//! good boot. This is the evidence for QEMU pitfall 3 (docs/qemu.md): the map is sent from
+//! another thread after SET_FEATURES, so a guest could otherwise see an unmapped region.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use pmem_frontend::daemon::{DaemonCommand, Side};
+
+use crate::cli::{AccelArg, DeviceArg, EndArg, RunArgs};
+use crate::run;
+
+#[derive(Args, Debug)]
+pub struct BootLoopArgs {
+    /// Number of boots.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub boots: u32,
+    /// Device size.
+    #[arg(long, default_value = "1G")]
+    pub size: String,
+    /// Where the logs go (emptied first; default $VUP_BUILD/boot-loop).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The initramfs to boot.
+    #[arg(long)]
+    pub initrd: PathBuf,
+    /// Daemon binary (default: vhost-user-pmem beside vmrun).
+    #[arg(long)]
+    pub daemon: Option<PathBuf>,
+    /// qemu-system-x86_64 (default $QEMU, else the fetched one).
+    #[arg(long)]
+    pub qemu: Option<PathBuf>,
+    /// The guest kernel (default $KERNEL, else the fetched one).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    pub accel: Option<AccelArg>,
+    /// Per-boot timeout in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+}
+
+fn info(msg: impl AsRef<str>) {
+    eprintln!("boot-loop: {}", msg.as_ref());
+}
+
+pub fn main(a: BootLoopArgs, d: &crate::cli::Defaults) -> i32 {
+    match boot_loop(a, d) {
+        Ok((passed, failed)) => {
+            println!("boot-loop: {passed} passed, {failed} failed");
+            i32::from(failed > 0)
+        }
+        Err(e) => {
+            eprintln!("boot-loop: error: {e}");
+            println!("boot-loop: 0 passed, 1 failed");
+            1
+        }
+    }
+}
+
+fn boot_loop(a: BootLoopArgs, d: &crate::cli::Defaults) -> Result<(usize, usize), String> {
+    let out = a.out.clone().unwrap_or_else(|| d.build.join("boot-loop"));
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).map_err(|e| format!("create {}: {e}", out.display()))?;
+    let out = out.canonicalize().map_err(|e| e.to_string())?;
+    let sockdir = tempfile::Builder::new()
+        .prefix("vmrun-boot-loop.")
+        .tempdir_in("/tmp")
+        .map_err(|e| format!("create a socket directory: {e}"))?;
+    let socket = sockdir.path().join("pmem0.sock");
+    let image = out.join("pmem0.img");
+    let bin = a
+        .daemon
+        .clone()
+        .unwrap_or_else(|| d.exe_dir.join("vhost-user-pmem"));
+    let cmd = DaemonCommand::new(bin, Side::Listen(socket.clone()), &image)
+        .size(&a.size)
+        .metrics(out.join("daemon-metrics.json"))
+        .log(out.join("daemon.log"))
+        .rust_log(d.rust_log.clone().unwrap_or_else(|| "info".into()))
+        .die_with_parent(libc::SIGTERM);
+    info(format!("starting daemon: {}", cmd.display()));
+    let mut daemon = cmd.spawn().map_err(|e| e.to_string())?;
+    daemon
+        .wait_socket(Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+
+    let (mut passed, mut failed, mut tried) = (0usize, 0usize, 0usize);
+    let t0 = Instant::now();
+    for b in 1..=a.boots {
+        if let Some(sig) = crate::children::stop_requested() {
+            return Err(format!("interrupted by signal {sig}"));
+        }
+        let args = if b == 1 {
+            "--mkfs e2e".to_string()
+        } else {
+            format!("--expect-gen {} persist", b - 1)
+        };
+        let run_args = RunArgs {
+            device: Some(DeviceArg::VhostUser),
+            image: Some(image.clone()),
+            size: a.size.clone(),
+            external_socket: Some(socket.clone()),
+            args,
+            end: EndArg::Poweroff,
+            kernel: a.kernel.clone(),
+            initrd: Some(a.initrd.clone()),
+            memory: "1G".into(),
+            smp: 2,
+            qemu: a.qemu.clone(),
+            accel: a.accel,
+            timeout: a.timeout,
+            log_dir: Some(out.join(format!("boot{b}"))),
+            ..RunArgs::default()
+        };
+        let spec = run_args.spec(d).map_err(|e| e.to_string())?;
+        tried += 1;
+        match run::run(&spec) {
+            Ok(o) if o.ok() => {
+                passed += 1;
+                info(format!("boot {b}/{}: ok ({})", a.boots, o.summary_line()));
+            }
+            Ok(o) => {
+                failed += 1;
+                info(format!("boot {b}/{}: FAILED ({})", a.boots, o.summary_line()));
+            }
+            Err(e) => {
+                failed += 1;
+                info(format!("boot {b}/{}: FAILED: {e}", a.boots));
+            }
+        }
+        if !daemon.is_running() {
+            failed += (a.boots - b) as usize + 1;
+            info("the daemon died");
+            break;
+        }
+    }
+    let elapsed = t0.elapsed().as_secs();
+    match daemon.stop(Duration::from_secs(15)) {
+        Ok(st) if st.success() => {}
+        Ok(st) => {
+            failed += 1;
+            info(format!("the daemon exited with {st} after SIGTERM"));
+        }
+        Err(e) => {
+            failed += 1;
+            info(e.to_string());
+        }
+    }
+    match daemon.metrics() {
+        Ok(Some(m)) => {
+            let c = m.counters;
+            let l = m.map_latency_us;
+            info(format!(
+                "{tried} boots in {elapsed} s on one daemon: {} connections, {} SHMEM_MAPs \
+                 (after SET_FEATURES: min {} us, median {} us, max {} us)",
+                c.connections, c.maps, l.min, l.p50, l.max
+            ));
+            if (c.maps as usize) < passed {
+                failed += 1;
+                info(format!("fewer maps ({}) than good boots ({passed})", c.maps));
+            }
+            if c.connections as usize != tried {
+                failed += 1;
+                info(format!(
+                    "the daemon counted {} connections for {tried} QEMU runs",
+                    c.connections
+                ));
+            }
+        }
+        Ok(None) => {
+            failed += 1;
+            info("the daemon wrote no metrics at exit");
+        }
+        Err(e) => {
+            failed += 1;
+            info(e.to_string());
+        }
+    }
+    Ok((passed, failed))
+}

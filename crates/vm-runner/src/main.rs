@@ -1,0 +1,47 @@
+//! `vmrun`: one guest run (see `vmrun --help`), or a boot loop (`vmrun boot-loop --help`).
+
+use clap::Parser;
+
+use vm_runner::cli::{Cli, Command, Defaults};
+use vm_runner::{boot_loop, children, hostlink, run};
+
+fn main() {
+    let cli = Cli::parse();
+    if cli.list_actions {
+        print!("{}", hostlink::list_actions());
+        return;
+    }
+    if let Err(e) = children::install_signal_handlers() {
+        eprintln!("vmrun: error: cannot install signal handlers: {e}");
+        std::process::exit(1);
+    }
+    let defaults = Defaults::from_env();
+    let code = match cli.command {
+        Some(Command::BootLoop(args)) => boot_loop::main(args, &defaults),
+        None => {
+            let spec = match cli.run.spec(&defaults) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("vmrun: error: {e}");
+                    std::process::exit(2);
+                }
+            };
+            match run::run(&spec) {
+                Ok(outcome) => {
+                    println!("{}", outcome.summary_line());
+                    i32::from(!outcome.ok())
+                }
+                Err(run::RunError::Interrupted(sig)) => {
+                    eprintln!("vmrun: interrupted by signal {sig}; every child stopped");
+                    128 + sig
+                }
+                Err(e) => {
+                    eprintln!("vmrun: error: {e}");
+                    println!("{}: 0 passed, 1 failed", spec.device_name());
+                    1
+                }
+            }
+        }
+    };
+    std::process::exit(code);
+}
