@@ -7,44 +7,15 @@
 mod common;
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{pattern, Daemon, Env, MIB, TIMEOUT};
 use pmem_frontend::Frontend;
-use serde_json::Value;
+use pmem_metrics::Metrics;
 
-/// Lines of the daemon's stderr that are metrics JSON (log lines start with `[`).
-fn json_lines(log: &str) -> Vec<String> {
-    log.lines()
-        .filter(|l| l.starts_with('{'))
-        .map(str::to_string)
-        .collect()
-}
-
-/// Sends SIGUSR1 and returns the JSON the daemon prints on stderr for it.
-fn metrics(d: &Daemon) -> Value {
-    let before = json_lines(&d.log()).len();
-    // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
-    assert_eq!(unsafe { libc::kill(d.pid(), libc::SIGUSR1) }, 0);
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let lines = json_lines(&d.log());
-        if lines.len() > before {
-            return serde_json::from_str(&lines[before]).expect("metrics line is JSON");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no metrics JSON on stderr after SIGUSR1; log:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn counter(m: &Value, name: &str) -> u64 {
-    m["counters"][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("counter {name} missing in {m}"))
+/// A fresh report from a daemon started with [`Env::start_with_metrics`].
+fn metrics(env: &Env, d: &Daemon) -> Metrics {
+    d.report(&env.metrics_path())
 }
 
 /// Keeps `depth` flushes outstanding until `total` have completed, dirtying a page of the
@@ -73,7 +44,7 @@ fn run_load(fe: &mut Frontend, depth: usize, total: usize) -> usize {
 
 fn answers_flushes(mode: &str) {
     let env = Env::new();
-    let d = env.start(&["--size", "4M", "--flush-mode", mode]);
+    let d = env.start_with_metrics(&["--size", "4M", "--flush-mode", mode]);
     let mut fe = d.connect();
     let map = fe.start().unwrap();
 
@@ -114,27 +85,25 @@ fn answers_flushes(mode: &str) {
     }
     assert_eq!(answered, heads);
 
-    let m = metrics(&d);
+    let m = metrics(&env, &d);
     let requests = (1 + done + N) as u64;
-    assert_eq!(m["flush_mode"], mode);
-    assert_eq!(counter(&m, "requests"), requests, "{m}");
-    assert_eq!(counter(&m, "errors"), 0);
-    assert_eq!(counter(&m, "order_violations"), 0);
-    let syncs = counter(&m, "fdatasyncs");
-    assert_eq!(syncs + counter(&m, "coalesced"), requests, "{m}");
+    let c = m.counters;
+    assert_eq!(m.flush_mode, mode);
+    assert_eq!(c.requests, requests, "{m:?}");
+    assert_eq!(c.errors, 0);
+    assert_eq!(c.order_violations, 0);
+    assert_eq!(c.fdatasyncs + c.coalesced, requests, "{m:?}");
     if mode == "group" {
-        assert!(syncs <= requests);
+        assert!(c.fdatasyncs <= requests);
+        assert!(m.largest_batch >= 1 && m.largest_batch <= N as u64, "{m:?}");
     } else {
-        assert_eq!(syncs, requests, "{mode}: one fdatasync per request");
+        assert_eq!(c.fdatasyncs, requests, "{mode}: one fdatasync per request");
+        assert_eq!(m.largest_batch, 1, "{mode}: one request per fdatasync");
     }
-    assert_eq!(m["request_latency_us"]["count"], requests);
-    assert_eq!(m["fdatasync_latency_us"]["count"], syncs);
-    let buckets: u64 = m["request_latency_log2_us"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["count"].as_u64().unwrap())
-        .sum();
+    assert_eq!(m.connection.map(|c| c.requests), Some(requests));
+    assert_eq!(m.request_latency_us.count, requests);
+    assert_eq!(m.fdatasync_latency_us.count, c.fdatasyncs);
+    let buckets: u64 = m.request_latency_log2_us.iter().map(|b| b.count).sum();
     assert_eq!(buckets, requests);
 }
 
@@ -156,8 +125,8 @@ fn parallel_answers_flushes() {
 #[test]
 fn group_is_the_default() {
     let env = Env::new();
-    let d = env.start(&["--size", "2M"]);
-    assert_eq!(metrics(&d)["flush_mode"], "group");
+    let d = env.start_with_metrics(&["--size", "2M"]);
+    assert_eq!(metrics(&env, &d).flush_mode, "group");
 }
 
 /// One debug line per fdatasync: `fdatasync #N (mode) started at S us, took T us, answered
@@ -197,23 +166,29 @@ fn sync_lines(log: &str) -> Vec<SyncLine> {
 #[test]
 fn group_commit_never_acks_with_an_fdatasync_that_started_before_the_pop() {
     let env = Env::new();
-    let d = env.start(&["--size", "4M", "--flush-mode", "group"]);
+    let d = env.start_with_metrics(&["--size", "4M", "--flush-mode", "group"]);
     let mut fe = d.connect();
     fe.start().unwrap();
     // Deep queue, refilled at once: requests keep arriving while fdatasyncs run.
     let done = run_load(&mut fe, 64, 2000);
 
-    let m = metrics(&d);
-    assert_eq!(counter(&m, "requests"), done as u64);
-    assert_eq!(counter(&m, "order_violations"), 0, "{m}");
+    let m = metrics(&env, &d);
+    assert_eq!(m.counters.requests, done as u64);
+    assert_eq!(m.counters.order_violations, 0, "{m:?}");
     assert!(
-        counter(&m, "coalesced") > 0,
-        "64 requests in flight should share fdatasyncs: {m}"
+        m.counters.coalesced > 0,
+        "64 requests in flight should share fdatasyncs: {m:?}"
     );
+    assert!(m.largest_batch >= 2, "{m:?}");
 
     let lines = sync_lines(&d.log());
-    assert_eq!(lines.len() as u64, counter(&m, "fdatasyncs"));
+    assert_eq!(lines.len() as u64, m.counters.fdatasyncs);
     assert_eq!(lines.iter().map(|l| l.count).sum::<u64>(), done as u64);
+    assert_eq!(
+        lines.iter().map(|l| l.count).max(),
+        Some(m.largest_batch),
+        "largest_batch is the largest batch an fdatasync answered"
+    );
     let mut popped_during_previous = 0;
     for (i, l) in lines.iter().enumerate() {
         assert!(

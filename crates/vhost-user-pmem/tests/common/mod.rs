@@ -13,6 +13,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use pmem_frontend::{Frontend, FrontendListener, Options};
+use pmem_metrics::Metrics;
 
 /// The daemon under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-pmem");
@@ -57,6 +58,30 @@ impl Env {
         ];
         v.extend(extra.iter().map(|s| s.to_string()));
         v
+    }
+
+    /// Where [`Self::metrics_args`] has the daemon write its metrics.
+    pub fn metrics_path(&self) -> PathBuf {
+        self.path("metrics.json")
+    }
+
+    /// `--metrics-path` [`Self::metrics_path`], written only at start, on SIGUSR1 and at exit,
+    /// so that every file a test sees is one it asked for.
+    pub fn metrics_args(&self) -> Vec<String> {
+        vec![
+            "--metrics-path".to_string(),
+            self.metrics_path().display().to_string(),
+            "--metrics-interval".to_string(),
+            "0".to_string(),
+        ]
+    }
+
+    /// [`Self::start`] with [`Self::metrics_args`] before `extra`.
+    pub fn start_with_metrics(&self, extra: &[&str]) -> Daemon {
+        let mut args = self.args(&[]);
+        args.extend(self.metrics_args());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Daemon::start(&args, &self.socket, &self.path("daemon.log"))
     }
 
     /// Starts a daemon with [`Self::args`] and waits until it listens.
@@ -191,6 +216,42 @@ impl Daemon {
         }
     }
 
+    pub fn sigusr1(&self) {
+        // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
+        assert_eq!(unsafe { libc::kill(self.pid(), libc::SIGUSR1) }, 0);
+    }
+
+    /// Waits up to [`TIMEOUT`] for the metrics file at `path` to hold a report numbered above
+    /// `seq`, and returns it.
+    pub fn wait_metrics_seq_above(&self, path: &Path, seq: u64) -> Metrics {
+        self.wait_metrics(path, |m| m.seq > seq)
+    }
+
+    /// Waits up to [`TIMEOUT`] for the metrics file at `path` to satisfy `pred`.
+    pub fn wait_metrics(&self, path: &Path, pred: impl Fn(&Metrics) -> bool) -> Metrics {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let m = read_metrics(path);
+            if let Some(m) = m.as_ref().filter(|m| pred(m)) {
+                return m.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never matched within {TIMEOUT:?}; last: {m:?}; log:\n{}",
+                path.display(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Asks for a fresh report (SIGUSR1) in the metrics file at `path` and returns it.
+    pub fn report(&self, path: &Path) -> Metrics {
+        let seq = read_metrics(path).map_or(0, |m| m.seq);
+        self.sigusr1();
+        self.wait_metrics_seq_above(path, seq)
+    }
+
     /// The daemon's threads' `Seccomp:` mode from /proc (0 none, 2 filter), by thread name.
     pub fn seccomp_modes(&self) -> Vec<(String, u32)> {
         let tasks = format!("/proc/{}/task", self.pid());
@@ -310,6 +371,20 @@ impl Drop for Daemon {
                 self.log()
             );
         }
+    }
+}
+
+/// The metrics file at `path`, if there is one yet. The daemon renames each file into place
+/// whole, so one that exists always parses.
+pub fn read_metrics(path: &Path) -> Option<Metrics> {
+    match Metrics::read(path) {
+        Ok(m) => Some(m),
+        Err(pmem_metrics::ReadError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            None
+        }
+        Err(e) => panic!("{e}"),
     }
 }
 
