@@ -30,7 +30,6 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::{Device, PmemBackend};
 use crate::config::Endpoint;
-use crate::stats::Stats;
 
 /// First and longest wait between attempts to reach a frontend again in client mode: quick
 /// enough for a frontend that restarts at once, and at most one attempt (and log line) every
@@ -88,7 +87,7 @@ fn connect_once(device: &Arc<Device>, conn_id: u64, path: &str) -> Result<Connec
         d.backend.signal_exit();
         return Err(format!("cannot connect to {path}: {e}"));
     }
-    Stats::add(&device.stats.connections, 1);
+    device.stats.connection_made(conn_id);
     Ok(d)
 }
 
@@ -147,7 +146,7 @@ fn serve_listening(device: Arc<Device>, mut listener: Listener) -> ! {
             continue;
         }
         last_id = conn_id;
-        Stats::add(&device.stats.connections, 1);
+        device.stats.connection_made(conn_id);
         info!("frontend connected (connection {conn_id})");
         run_connection(&device, conn_id, d);
     }
@@ -218,7 +217,7 @@ pub fn prepare(config: &config::Config) -> Result<(Arc<Device>, Connection), Err
                 path: path.as_str().into(),
                 reason: e.to_string(),
             })?;
-        Stats::add(&device.stats.connections, 1);
+        device.stats.connection_made(1);
         *first = Some(d);
     }
     info!(

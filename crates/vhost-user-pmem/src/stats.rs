@@ -37,9 +37,10 @@ pub struct Stats {
     pub order_violations: AtomicU64,
     /// The most requests one fdatasync has answered.
     pub largest_batch: AtomicU64,
-    /// The connection being served (or the last one). Behind a lock so that a count for an
-    /// older connection, whose flush finishes after the next one began, is told apart.
-    connection: Mutex<Option<ConnectionCounters>>,
+    /// The connection being served (or the last one), and the one being set up. Behind a lock
+    /// so that a count for an older connection, whose flush finishes after the next one
+    /// began, is told apart.
+    connection: Mutex<Connections>,
     /// Time taken by each fdatasync (or refusal), in microseconds.
     pub sync_latency: Mutex<Histogram<u64>>,
     /// Time from a flush request being taken off the queue to its answer, in microseconds.
@@ -50,6 +51,14 @@ pub struct Stats {
     pub epoch: Instant,
     /// The daemon's process id, taken here because getpid is not on the seccomp allow-list.
     pub pid: u32,
+}
+
+#[derive(Debug, Default)]
+struct Connections {
+    /// Shown in the metrics.
+    current: Option<ConnectionCounters>,
+    /// Being accepted or connected: counted from before its first message, shown once made.
+    next: Option<ConnectionCounters>,
 }
 
 /// Which per-connection counter [`Stats::add_for`] moves.
@@ -79,7 +88,7 @@ impl Default for Stats {
             connections: AtomicU64::new(0),
             order_violations: AtomicU64::new(0),
             largest_batch: AtomicU64::new(0),
-            connection: Mutex::new(None),
+            connection: Mutex::new(Connections::default()),
             sync_latency: Mutex::new(histogram()),
             request_latency: Mutex::new(histogram()),
             map_latency: Mutex::new(histogram()),
@@ -129,18 +138,36 @@ impl Stats {
         counter.load(Ordering::Relaxed)
     }
 
-    /// Makes `conn_id` the current connection, with its counts at 0. Called before the
-    /// connection can send anything, so none of its work is counted for the one before.
+    /// Starts counting for connection `conn_id`, with its counts at 0. Called before the
+    /// accept or connect, since the connection's first message can be served before
+    /// `start()` returns; the metrics go on showing the previous connection until
+    /// [`Self::connection_made`].
     pub fn begin_connection(&self, conn_id: u64) {
-        *lock(&self.connection) = Some(ConnectionCounters {
+        lock(&self.connection).next = Some(ConnectionCounters {
             id: conn_id,
             ..ConnectionCounters::default()
         });
     }
 
-    /// Adds `n` to the `which` count of connection `conn_id`, if it is still the current one.
+    /// Connection `conn_id` (begun with [`Self::begin_connection`]) is accepted or made.
+    pub fn connection_made(&self, conn_id: u64) {
+        Self::add(&self.connections, 1);
+        let mut c = lock(&self.connection);
+        if c.next.is_some_and(|n| n.id == conn_id) {
+            c.current = c.next.take();
+        }
+    }
+
+    /// Adds `n` to the `which` count of connection `conn_id`, if it is the current one or the
+    /// one being set up.
     pub fn add_for(&self, conn_id: u64, which: PerConnection, n: u64) {
-        if let Some(c) = lock(&self.connection).as_mut().filter(|c| c.id == conn_id) {
+        let mut guard = lock(&self.connection);
+        let Connections { current, next } = &mut *guard;
+        let matching = next
+            .as_mut()
+            .filter(|c| c.id == conn_id)
+            .or(current.as_mut().filter(|c| c.id == conn_id));
+        if let Some(c) = matching {
             let field = match which {
                 PerConnection::Requests => &mut c.requests,
                 PerConnection::Errors => &mut c.errors,
@@ -151,7 +178,7 @@ impl Stats {
     }
 
     pub fn connection(&self) -> Option<ConnectionCounters> {
-        *lock(&self.connection)
+        lock(&self.connection).current
     }
 
     /// Records that one fdatasync answered `n` requests.
@@ -283,11 +310,15 @@ mod tests {
         assert_eq!(s.connection(), None, "nothing before the first connection");
         s.begin_connection(1);
         s.add_for(1, PerConnection::Requests, 3);
+        s.connection_made(1);
         s.add_for(1, PerConnection::Maps, 1);
         s.begin_connection(2);
+        s.add_for(2, PerConnection::Errors, 2);
+        assert_eq!(s.connection().map(|c| (c.id, c.maps)), Some((1, 1)));
+        s.connection_made(2);
         // A late answer for connection 1 is not connection 2's.
         s.add_for(1, PerConnection::Errors, 1);
-        s.add_for(2, PerConnection::Errors, 2);
+        assert_eq!(Stats::get(&s.connections), 2);
         assert_eq!(
             s.connection(),
             Some(ConnectionCounters {
