@@ -111,6 +111,16 @@ impl Env {
     }
 }
 
+impl Env {
+    /// [`Self::start_in`] with [`Self::metrics_args`] before `extra`.
+    pub fn start_in_with_metrics(&self, mode: Mode, extra: &[&str], log: &str) -> Daemon {
+        let metrics = self.metrics_args();
+        let mut all: Vec<&str> = metrics.iter().map(String::as_str).collect();
+        all.extend_from_slice(extra);
+        self.start_in(mode, &all, log)
+    }
+}
+
 /// Which side of the socket the daemon is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -196,23 +206,6 @@ impl Daemon {
             child: Some(child),
             socket: socket.to_path_buf(),
             log: log.to_path_buf(),
-        }
-    }
-
-    /// Waits up to [`TIMEOUT`] until the daemon's log contains `needle` (at least `count`
-    /// times); returns the log.
-    pub fn wait_log(&self, needle: &str, count: usize) -> String {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let log = self.log();
-            if log.matches(needle).count() >= count {
-                return log;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{needle:?} not {count} times in the daemon log after {TIMEOUT:?}:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
