@@ -88,13 +88,14 @@ fn client_mode_reconnects_with_backoff_until_a_frontend_listens_again() {
     fe.start().unwrap();
     assert_eq!(fe.flush().unwrap(), 0);
     let m = d.report(&env.metrics_path());
-    assert_eq!(
-        m.counters.connections, 2,
-        "failed attempts are not connections"
-    );
+    // The immediate reconnect may reach the old listener before its socket goes away (a
+    // connection made, then dropped with the listener); attempts that found no socket are
+    // not connections.
+    let n = m.counters.connections;
+    assert!((2..=3).contains(&n), "{m:?}");
     assert_eq!(
         m.connection.map(|c| (c.id, c.requests)),
-        Some((2, 1)),
+        Some((n, 1)),
         "the new connection counts from 0"
     );
 }
