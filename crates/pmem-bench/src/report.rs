@@ -19,8 +19,8 @@ pub struct Summary {
 }
 
 /// `count` latencies in `from..=to` microseconds, bucketed exactly as the daemon's metrics.
-pub use vhost_user_pmem::metrics::Bucket;
-use vhost_user_pmem::metrics::{buckets_from_counts, log2_index};
+pub use pmem_metrics::Bucket;
+use pmem_metrics::{buckets_from_counts, log2_index};
 
 fn us(ns: u64) -> f64 {
     // One decimal: sub-100 ns differences are below what the clock and scheduler resolve.

@@ -34,7 +34,8 @@ use crate::queue::{complete, notify, GuestMemory, Vring};
 use crate::ratelimit::RateLimit;
 use crate::request::{self, Request};
 use crate::shmem::ShmemMapper;
-use crate::stats::Stats;
+use crate::stats::{PerConnection, Stats};
+use crate::sync::{lock, unpoison};
 
 /// State that outlives a connection: the file and its flush worker.
 pub struct Device {
@@ -89,7 +90,7 @@ impl PmemBackend {
         conn_id: u64,
         mem: GuestMemoryAtomic<GuestMemory>,
     ) -> io::Result<Self> {
-        let mapper = ShmemMapper::new(device.backing.clone(), device.stats.clone())?;
+        let mapper = ShmemMapper::new(device.backing.clone(), device.stats.clone(), conn_id)?;
         Ok(PmemBackend {
             device,
             conn_id,
@@ -150,8 +151,11 @@ impl PmemBackend {
                     // (QEMU maps it read-only, or not at all) or when the frontend refused the
                     // map, so answering 0 would tell the guest that writes it made are durable
                     // when they are not.
-                    Stats::add(&self.device.stats.requests, 1);
-                    Stats::add(&self.device.stats.errors, 1);
+                    let stats = &self.device.stats;
+                    Stats::add(&stats.requests, 1);
+                    Stats::add(&stats.errors, 1);
+                    stats.add_for(self.conn_id, PerConnection::Requests, 1);
+                    stats.add_for(self.conn_id, PerConnection::Errors, 1);
                     if let Some(n) = self.bad_input_log.check() {
                         let why = if self.device.backing.read_only() {
                             "on a read-only device"
@@ -227,10 +231,6 @@ fn check_memory_files(mem: &GuestMemory) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Drop for PmemBackend {
@@ -313,9 +313,7 @@ impl VhostUserBackend for PmemBackend {
             // vhost-user-backend installs the table before calling us. A region that reaches
             // past the end of its file would raise SIGBUS at the first touch (the library itself
             // reads the rings on SET_VRING_ADDR), so take the table away again and refuse it.
-            mem.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .replace(GuestMemory::new());
+            unpoison(mem.lock()).replace(GuestMemory::new());
             error!("refusing the frontend's memory table: {e}");
             return Err(e);
         }

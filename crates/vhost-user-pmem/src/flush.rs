@@ -21,7 +21,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,8 @@ use vm_memory::GuestAddress;
 use crate::backing::{BackingFile, FlushFailure};
 use crate::device::{RESP_ERR, RESP_OK};
 use crate::queue::{complete, notify, MemGuard, Vring};
-use crate::stats::Stats;
+use crate::stats::{PerConnection, Stats};
+use crate::sync::{lock, unpoison};
 
 /// Workers of the `parallel` mode. QEMU's thread pool allows 64; 16 is plenty to keep a disk's
 /// queue busy, and bounds what a guest with a deep queue can make the host do at once.
@@ -148,10 +149,6 @@ struct Shared<J> {
     idle: Condvar,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 pub struct FlushEngine<S: Syncer = BackingFile, J: Job = FlushJob> {
     mode: FlushMode,
     shared: Arc<Shared<J>>,
@@ -225,6 +222,10 @@ impl<S: Syncer, J: Job> FlushEngine<S, J> {
         state.in_flight += n;
         // Counted before any worker can see them, so no answer precedes its count.
         Stats::add(&self.stats.requests, n as u64);
+        for e in state.queue.iter().skip(before) {
+            self.stats
+                .add_for(e.job.queue_id(), PerConnection::Requests, 1);
+        }
         drop(state);
         // One worker per request, as far as there are workers; waking more would only have
         // them find the queue empty.
@@ -243,11 +244,8 @@ impl<S: Syncer, J: Job> FlushEngine<S, J> {
         let mut state = lock(&self.shared.state);
         let start = Instant::now();
         while state.in_flight > 0 {
-            let (s, timeout) = self
-                .shared
-                .idle
-                .wait_timeout(state, Duration::from_secs(5))
-                .unwrap_or_else(|e| e.into_inner());
+            let (s, timeout) =
+                unpoison(self.shared.idle.wait_timeout(state, Duration::from_secs(5)));
             state = s;
             if timeout.timed_out() && state.in_flight > 0 {
                 warn!(
@@ -302,11 +300,7 @@ impl<S: Syncer, J: Job> Worker<S, J> {
             if state.closed {
                 return false;
             }
-            state = self
-                .shared
-                .work
-                .wait(state)
-                .unwrap_or_else(|e| e.into_inner());
+            state = unpoison(self.shared.work.wait(state));
         }
     }
 
@@ -326,11 +320,16 @@ impl<S: Syncer, J: Job> Worker<S, J> {
         }
         Stats::add(&self.stats.fdatasyncs, 1);
         Stats::add(&self.stats.coalesced, n as u64 - 1);
+        self.stats.record_batch(n);
         self.stats.record_sync(took);
         let code = match &result {
             Ok(()) => RESP_OK,
             Err(_) => {
                 Stats::add(&self.stats.errors, n as u64);
+                for e in batch.iter() {
+                    self.stats
+                        .add_for(e.job.queue_id(), PerConnection::Errors, 1);
+                }
                 RESP_ERR
             }
         };

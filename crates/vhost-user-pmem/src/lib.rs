@@ -8,6 +8,7 @@ pub mod backing;
 pub mod config;
 pub mod device;
 pub mod flush;
+pub mod logging;
 pub mod metrics;
 pub mod queue;
 pub mod ratelimit;
@@ -17,6 +18,7 @@ pub mod shmem;
 pub mod size;
 pub mod socket;
 pub mod stats;
+pub mod sync;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,11 +81,13 @@ fn new_daemon(device: &Arc<Device>, conn_id: u64) -> Result<ConnectedDaemon, Str
 /// Connects to the frontend at `path` with a fresh handler.
 fn connect_once(device: &Arc<Device>, conn_id: u64, path: &str) -> Result<ConnectedDaemon, String> {
     let mut d = new_daemon(device, conn_id)?;
+    device.stats.begin_connection(conn_id);
     if let Err(e) = d.daemon.start_client(path) {
         // The handler's vring threads were started by `new`; stop them with this attempt.
         d.backend.signal_exit();
         return Err(format!("cannot connect to {path}: {e}"));
     }
+    device.stats.connection_made(conn_id);
     Ok(d)
 }
 
@@ -119,9 +123,10 @@ pub fn serve(device: Arc<Device>, connection: Connection) -> ! {
 }
 
 fn serve_listening(device: Arc<Device>, mut listener: Listener) -> ! {
-    let mut conn_id = 0u64;
+    let mut last_id = 0u64;
     loop {
-        conn_id += 1;
+        // A failed accept uses up no id, so the ids of the connections served count 1, 2, ..
+        let conn_id = last_id + 1;
         let mut d = match new_daemon(&device, conn_id) {
             Ok(d) => d,
             Err(e) => {
@@ -131,12 +136,17 @@ fn serve_listening(device: Arc<Device>, mut listener: Listener) -> ! {
             }
         };
         info!("waiting for a frontend");
+        // Before the accept: the handler thread serves the connection's first message at
+        // once, and its work must be counted for it.
+        device.stats.begin_connection(conn_id);
         if let Err(e) = d.daemon.start(&mut listener) {
             error!("cannot accept a frontend: {e}; retrying in 1 s");
             d.backend.signal_exit();
             std::thread::sleep(Duration::from_secs(1));
             continue;
         }
+        last_id = conn_id;
+        device.stats.connection_made(conn_id);
         info!("frontend connected (connection {conn_id})");
         run_connection(&device, conn_id, d);
     }
@@ -200,12 +210,14 @@ pub fn prepare(config: &config::Config) -> Result<(Arc<Device>, Connection), Err
     if let Connection::Client { path, first } = &mut connection {
         // Unlike a reconnect, the first attempt is not retried: a wrong path fails at start.
         let mut d = new_daemon(&device, 1).map_err(|e| Error::Threads(std::io::Error::other(e)))?;
+        device.stats.begin_connection(1);
         d.daemon
             .start_client(path)
             .map_err(|e| socket::SocketError::Connect {
                 path: path.as_str().into(),
                 reason: e.to_string(),
             })?;
+        device.stats.connection_made(1);
         *first = Some(d);
     }
     info!(

@@ -10,7 +10,8 @@ use log::{debug, error, info, warn};
 use vhost_user_pmem::args::Args;
 use vhost_user_pmem::backend::Device;
 use vhost_user_pmem::config::{Config, Endpoint, MetricsFile};
-use vhost_user_pmem::metrics::{self, Metrics};
+use vhost_user_pmem::logging;
+use vhost_user_pmem::metrics::{self, Reporter};
 use vhost_user_pmem::sandbox::{self, SeccompMode};
 use vhost_user_pmem::socket::SocketFile;
 
@@ -70,8 +71,8 @@ fn next_signal(set: &libc::sigset_t, deadline: Option<Instant>) -> Option<libc::
 }
 
 /// Writes the metrics file, logging rather than failing: a full disk must not stop flushes.
-fn write_metrics(device: &Device, file: &MetricsFile) {
-    match metrics::write_file(&file.path, &Metrics::of(device)) {
+fn write_metrics(reporter: &mut Reporter, device: &Device, file: &MetricsFile) {
+    match reporter.write(device, &file.path) {
         Ok(()) => debug!("metrics written to {}", file.path.display()),
         Err(e) => warn!("{e}"),
     }
@@ -87,6 +88,7 @@ fn signal_loop(
     device: Arc<Device>,
     socket: Option<SocketFile>,
     metrics_file: Option<MetricsFile>,
+    mut reporter: Reporter,
 ) {
     let period = metrics_file.as_ref().and_then(|m| m.interval);
     let mut next = period.map(|p| Instant::now() + p);
@@ -94,7 +96,7 @@ fn signal_loop(
         match next_signal(&set, next) {
             None => {
                 if let (Some(file), Some(p)) = (&metrics_file, period) {
-                    write_metrics(&device, file);
+                    write_metrics(&mut reporter, &device, file);
                     // Keep the period steady; after a long stall (a suspended machine) start
                     // afresh rather than write several times in a row.
                     let mut n = next.unwrap_or_else(Instant::now) + p;
@@ -106,11 +108,11 @@ fn signal_loop(
             }
             Some(libc::SIGUSR1) => match &metrics_file {
                 Some(file) => {
-                    write_metrics(&device, file);
+                    write_metrics(&mut reporter, &device, file);
                     info!("SIGUSR1: metrics written to {}", file.path.display());
                 }
                 // One line of JSON on stderr, outside the logger so that RUST_LOG cannot hide it.
-                None => eprintln!("{}", Metrics::of(&device).to_json()),
+                None => eprintln!("{}", reporter.line(&device)),
             },
             Some(sig) => break sig,
         }
@@ -130,7 +132,7 @@ fn signal_loop(
         }
     }
     if let Some(file) = &metrics_file {
-        write_metrics(&device, file);
+        write_metrics(&mut reporter, &device, file);
     }
     info!("final stats: {}", device.stats.report());
     match synced {
@@ -147,7 +149,9 @@ fn signal_loop(
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    if let Err(e) = logging::init() {
+        return fail(format!("cannot install the logger: {e}"));
+    }
 
     let config = match Config::try_from(args) {
         Ok(c) => c,
@@ -173,10 +177,11 @@ fn main() -> ExitCode {
         Ok(v) => v,
         Err(e) => return fail(e),
     };
+    let mut reporter = Reporter::default();
     if let Some(file) = &config.metrics {
         // Written once before serving, so that a reader finds the file as soon as the socket
         // is there.
-        write_metrics(&device, file);
+        write_metrics(&mut reporter, &device, file);
         if let Some(p) = file.interval {
             info!(
                 "metrics go to {} every {} s",
@@ -218,7 +223,7 @@ fn main() -> ExitCode {
     let metrics_file = config.metrics.clone();
     if let Err(e) = std::thread::Builder::new()
         .name("pmem-signals".into())
-        .spawn(move || signal_loop(set, d, socket, metrics_file))
+        .spawn(move || signal_loop(set, d, socket, metrics_file, reporter))
     {
         return fail(format!("cannot start the signal thread: {e}"));
     }

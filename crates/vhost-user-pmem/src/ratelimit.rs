@@ -3,6 +3,8 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::sync::lock;
+
 /// Lets `burst` events through per `period`, and reports how many were held back so that a
 /// flood stays visible without filling the log.
 #[derive(Debug)]
@@ -39,7 +41,7 @@ impl RateLimit {
     }
 
     fn check_at(&self, now: Instant) -> Option<u64> {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = lock(&self.state);
         let expired = s
             .window_start
             .is_none_or(|start| now.duration_since(start) >= self.period);

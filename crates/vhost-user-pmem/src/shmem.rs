@@ -22,7 +22,8 @@ use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 
 use crate::backing::BackingFile;
 use crate::device::SHMEM_REGION_ID;
-use crate::stats::Stats;
+use crate::stats::{PerConnection, Stats};
+use crate::sync::{lock, unpoison};
 
 struct MapJob {
     channel: Backend,
@@ -56,22 +57,23 @@ impl Drop for ShmemMapper {
     fn drop(&mut self) {
         // The thread ends once it is idle; one stuck in a send ends when the frontend closes
         // the channel, which it does when it goes away.
-        self.pending
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .closed = true;
+        lock(&self.pending.state).closed = true;
         self.pending.wake.notify_one();
     }
 }
 
 impl ShmemMapper {
-    pub fn new(backing: Arc<BackingFile>, stats: Arc<Stats>) -> std::io::Result<Self> {
+    /// A mapper for connection `conn_id`, whose maps it counts.
+    pub fn new(
+        backing: Arc<BackingFile>,
+        stats: Arc<Stats>,
+        conn_id: u64,
+    ) -> std::io::Result<Self> {
         let pending = Arc::new(Pending::default());
         let p = pending.clone();
         thread::Builder::new()
             .name("pmem-shmem-map".into())
-            .spawn(move || run(&p, &backing, &stats))?;
+            .spawn(move || run(&p, &backing, &stats, conn_id))?;
         Ok(ShmemMapper { pending })
     }
 
@@ -79,7 +81,7 @@ impl ShmemMapper {
     /// whose device is starting.
     pub fn request(&self, channel: Backend) {
         self.pending.failed.store(false, Ordering::SeqCst);
-        let mut state = self.pending.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = lock(&self.pending.state);
         state.job = Some(MapJob {
             channel,
             requested: Instant::now(),
@@ -110,11 +112,11 @@ pub fn map_message(backing: &BackingFile) -> VhostUserMMap {
     }
 }
 
-fn run(pending: &Pending, backing: &BackingFile, stats: &Stats) {
+fn run(pending: &Pending, backing: &BackingFile, stats: &Stats, conn_id: u64) {
     let msg = map_message(backing);
     loop {
         let job = {
-            let mut guard = pending.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut guard = lock(&pending.state);
             loop {
                 if let Some(job) = guard.job.take() {
                     break job;
@@ -122,13 +124,16 @@ fn run(pending: &Pending, backing: &BackingFile, stats: &Stats) {
                 if guard.closed {
                     return;
                 }
-                guard = pending.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
+                guard = unpoison(pending.wake.wait(guard));
             }
         };
         match job.channel.shmem_map(&msg, backing.file()) {
             Ok(_) => {
+                let took = job.requested.elapsed();
                 pending.failed.store(false, Ordering::SeqCst);
+                stats.record_map(took);
                 Stats::add(&stats.maps, 1);
+                stats.add_for(conn_id, PerConnection::Maps, 1);
                 info!(
                     "mapped {} ({}, {}) into shared-memory region {} in {} us",
                     backing.path().display(),
@@ -139,11 +144,12 @@ fn run(pending: &Pending, backing: &BackingFile, stats: &Stats) {
                         "writable"
                     },
                     SHMEM_REGION_ID,
-                    job.requested.elapsed().as_micros()
+                    took.as_micros()
                 );
             }
             Err(e) => {
                 pending.failed.store(true, Ordering::SeqCst);
+                Stats::add(&stats.map_refusals, 1);
                 error!(
                     "SHMEM_MAP of {} failed: {e}; the guest will see a region of zeros and \
                      every flush is answered -1 until the device restarts",

@@ -178,7 +178,7 @@ mod tests {
 
     #[test]
     fn replaces_stale_refuses_live_and_files() {
-        let _turn = UMASK.lock().unwrap_or_else(|e| e.into_inner());
+        let _turn = crate::sync::lock(&UMASK);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.sock");
         let live = listen(&path, 0o600).unwrap();
@@ -201,7 +201,7 @@ mod tests {
     #[test]
     fn the_socket_gets_the_mode_asked_for_and_the_umask_is_restored() {
         use std::os::unix::fs::PermissionsExt;
-        let _turn = UMASK.lock().unwrap_or_else(|e| e.into_inner());
+        let _turn = crate::sync::lock(&UMASK);
         let dir = tempfile::tempdir().unwrap();
         // SAFETY: umask(2) only; this test puts back what it found.
         let before = unsafe { libc::umask(0o022) };
@@ -218,7 +218,7 @@ mod tests {
 
     #[test]
     fn socket_file_removes_through_its_directory() {
-        let _turn = UMASK.lock().unwrap_or_else(|e| e.into_inner());
+        let _turn = crate::sync::lock(&UMASK);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.sock");
         let _l = listen(&path, 0o600).unwrap();

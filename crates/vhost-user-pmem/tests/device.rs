@@ -208,12 +208,17 @@ fn read_only_maps_without_writable_and_leaves_the_file_alone() {
 fn flushes_fail_while_the_frontend_refuses_the_map() {
     let env = Env::new();
     env.create_file(2 * MIB);
-    let d = env.start(&[]);
+    let path = env.metrics_path();
+    let d = env.start_with_metrics(&[]);
     let mut fe = d.connect();
     fe.refuse_shmem_maps(true);
     fe.start_no_wait().unwrap();
     fe.wait_shmem_refusals(1).unwrap();
-    d.wait_log("SHMEM_MAP of", 1);
+    // The daemon has seen the refusal once it counts it.
+    d.sigusr1();
+    let m = d.wait_metrics(&path, |m| m.counters.map_refusals == 1);
+    assert_eq!((m.counters.maps, m.map_latency_us.count), (0, 0));
+    assert_eq!(m.counters.log_errors, 1, "the refused map is an error");
     assert_eq!(fe.flush().unwrap(), -1, "flush after a refused map");
     assert_eq!(fe.flush().unwrap(), -1, "second flush after a refused map");
 
@@ -223,6 +228,11 @@ fn flushes_fail_while_the_frontend_refuses_the_map() {
     let map = fe.start().unwrap();
     map.write(0, b"mapped again").unwrap();
     assert_eq!(fe.flush().unwrap(), 0, "flush after a successful map");
+    let m = d.report(&path);
+    assert_eq!((m.counters.maps, m.counters.map_refusals), (1, 1));
+    assert_eq!(m.map_latency_us.count, 1);
+    let c = m.connection.unwrap();
+    assert_eq!((c.requests, c.errors, c.maps), (3, 2, 1));
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! passthrough whose fsync fails with EIO on command, and the real daemon serves it.
 //!
 //! What is checked: a failed fdatasync answers the flush with -1 and is logged at error
-//! level; every later flush is refused without another fdatasync, even once the filesystem
+//! level (counted in the metrics' `log_errors`); every later flush is refused without another fdatasync, even once the filesystem
 //! works again (the kernel may have dropped the dirty pages, so a later success proves
 //! nothing); the daemon keeps serving meanwhile; and only a restart clears the state. All of
 //! it in every flush mode.
@@ -12,10 +12,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{pattern, Daemon, MIB, TIMEOUT};
+use common::{pattern, read_metrics, Daemon, MIB, TIMEOUT};
 use faultfs::counts::FileCounts;
 use faultfs::harness::{run_if_child, FaultFsMount, Launcher};
 use faultfs::Mode;
+use pmem_metrics::Metrics;
 
 use pmem_frontend::{Frontend, ShmemMapping};
 
@@ -66,13 +67,27 @@ impl Scratch {
         v
     }
 
-    /// Starts a daemon; `log` names its log file, so that each run keeps its own.
+    /// The metrics file of the daemons [`Self::start`] starts.
+    fn metrics_path(&self) -> PathBuf {
+        self.dir.path().join("metrics.json")
+    }
+
+    /// Starts a daemon that writes its metrics (at start, on SIGUSR1, at exit) to
+    /// [`Self::metrics_path`]; `log` names its log file, so that each run keeps its own.
     fn start(&self, extra: &[&str], log: &str) -> Daemon {
-        Daemon::start(
-            &self.args(extra),
-            &self.socket(),
-            &self.dir.path().join(log),
-        )
+        let mut args = self.args(extra);
+        args.extend([
+            "--metrics-path".to_string(),
+            self.metrics_path().display().to_string(),
+            "--metrics-interval".to_string(),
+            "0".to_string(),
+        ]);
+        Daemon::start(&args, &self.socket(), &self.dir.path().join(log))
+    }
+
+    /// A fresh report from the running daemon.
+    fn report(&self, d: &Daemon) -> Metrics {
+        d.report(&self.metrics_path())
     }
 }
 
@@ -80,7 +95,7 @@ impl Scratch {
 /// first flush passed.
 struct Running {
     fs: FaultFsMount,
-    _scratch: Scratch,
+    scratch: Scratch,
     d: Daemon,
     fe: Frontend,
     map: Arc<ShmemMapping>,
@@ -95,18 +110,11 @@ fn running(mode: &str) -> Running {
     assert_eq!(fe.flush().unwrap(), 0);
     Running {
         fs,
-        _scratch: scratch,
+        scratch,
         d,
         fe,
         map,
     }
-}
-
-/// Lines of `log` at error level that contain `needle`.
-fn error_lines<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
-    log.lines()
-        .filter(|l| l.contains(" ERROR ") && l.contains(needle))
-        .collect()
 }
 
 /// Bytes of `path` at `offset`, read from the source directory under the mount, so that
@@ -187,18 +195,15 @@ fn flush_failure_is_sticky_until_restart(mode: &str) {
         "the -1 must come from the injected fault; faultfs log:\n{}",
         fs.log()
     );
-    let log = d.log();
-    let latched = error_lines(&log, "until the daemon is restarted");
-    assert_eq!(
-        latched.len(),
-        1,
-        "one error line about the latch; log:\n{log}"
-    );
+    let m = scratch.report(&d);
+    let failure = m.flush_failure.clone().expect("the failure is latched");
     assert!(
-        latched[0].contains("Input/output error"),
-        "the line should name the cause: {}",
-        latched[0]
+        failure.contains("Input/output error"),
+        "the failure should name the cause: {failure}"
     );
+    // The latch, and the refused flush (rate-limited, but the first one always passes).
+    assert_eq!(m.counters.log_errors, 2, "log:\n{}", d.log());
+    assert_eq!(m.counters.errors, 1);
 
     // The filesystem works again, but the daemon must not believe it.
     fs.set_mode(Mode::Ok).unwrap();
@@ -210,12 +215,14 @@ fn flush_failure_is_sticky_until_restart(mode: &str) {
         after_failure,
         "a refused flush must not even try fdatasync"
     );
-    let refused = error_lines(&d.log(), "with an error").len();
-    assert!(
-        refused >= 2,
+    let m = scratch.report(&d);
+    assert_eq!(
+        m.counters.log_errors,
+        3,
         "the refusal after recovery must be logged at error level too; log:\n{}",
         d.log()
     );
+    assert_eq!(m.counters.errors, 2);
 
     // Still serving: more flushes, an unknown request, config space, a device restart,
     // and a new connection all get answers, and flushes stay refused throughout.
@@ -242,6 +249,8 @@ fn flush_failure_is_sticky_until_restart(mode: &str) {
     drop(d);
 
     // A restarted daemon starts from a clean slate on the same file.
+    let first_run = read_metrics(&scratch.metrics_path()).expect("the last report");
+    assert!(first_run.flush_failure.is_some());
     let d = scratch.start(&["--flush-mode", mode], "daemon2.log");
     let mut fe = d.connect();
     let map = fe.start().unwrap();
@@ -252,7 +261,9 @@ fn flush_failure_is_sticky_until_restart(mode: &str) {
     assert_eq!(fe.flush().unwrap(), 0, "flush after a restart");
     assert_eq!(fs.fsyncs().passed, after_failure.passed + 1);
     assert_eq!(read_at(&source_image, 12288, 4096), pattern(4096, 4));
-    assert!(error_lines(&d.log(), "").is_empty(), "log:\n{}", d.log());
+    let m = scratch.report(&d);
+    assert_eq!(m.flush_failure, None, "a restart starts from a clean slate");
+    assert_eq!(m.counters.log_errors, 0, "log:\n{}", d.log());
 }
 
 #[test]
@@ -274,7 +285,7 @@ fn every_flush_in_flight_gets_the_error(mode: &str) {
     const N: usize = 16;
     let Running {
         fs,
-        _scratch,
+        scratch,
         d,
         mut fe,
         map,
@@ -315,12 +326,21 @@ fn every_flush_in_flight_gets_the_error(mode: &str) {
         passed_before,
         "no fdatasync passed once the fault was on"
     );
-    assert!(d.log().contains("until the daemon is restarted"));
-    assert_eq!(
-        d.log().matches("until the daemon is restarted").count(),
-        1,
-        "the latch is logged once, however many fdatasyncs failed"
+    let m = scratch.report(&d);
+    assert!(m.flush_failure.is_some(), "{m:?}");
+    assert_eq!(m.counters.errors, N as u64);
+    assert_eq!(m.connection.map(|c| c.errors), Some(N as u64));
+    // The latch once, however many fdatasyncs failed, and the refusals: at least one line,
+    // at most the rate limit's three per 10 s.
+    assert!(
+        (2..=4).contains(&m.counters.log_errors),
+        "{} error records; log:\n{}",
+        m.counters.log_errors,
+        d.log()
     );
+    if mode != "parallel" {
+        assert!(m.largest_batch >= 1);
+    }
 }
 
 #[test]
@@ -347,7 +367,7 @@ fn refuses_to_start_on_a_new_image_it_cannot_sync() {
 fn disconnect_during_fdatasync(mode: &str) {
     let Running {
         fs,
-        _scratch,
+        scratch,
         d,
         mut fe,
         map,
@@ -367,12 +387,16 @@ fn disconnect_during_fdatasync(mode: &str) {
     // `map` stays alive until the hold ends: closing its descriptor sends FUSE a FLUSH, which
     // would wait behind the held fsync in faultfs's single session thread.
     fe.disconnect();
-    // The daemon notices the hang-up while its fdatasync is still held.
-    d.wait_log("frontend disconnected", 1);
+    // The daemon notices the hang-up while its fdatasync is still held: it accepts the next
+    // frontend (connection 3, after the readiness probe and the first), with the flush still
+    // in flight.
+    let mut fe: Frontend = d.connect();
+    let m = scratch.report(&d);
+    assert_eq!(m.counters.connections, 3, "{m:?}");
+    assert_eq!(m.in_flight, 1, "the held flush is still in flight: {m:?}");
     fs.set_mode(Mode::Ok).unwrap();
     drop(map);
 
-    let mut fe: Frontend = d.connect();
     let map = fe.start().unwrap();
     map.write(0, &pattern(64 << 10, 10)).unwrap();
     assert_eq!(fe.flush().unwrap(), 0, "flush on the next connection");
@@ -380,11 +404,9 @@ fn disconnect_during_fdatasync(mode: &str) {
         fs.log().contains("): released (ok)"),
         "the held fdatasync was released"
     );
-    let log = d.log();
-    assert!(
-        !log.contains(" ERROR "),
-        "the daemon logged an error:\n{log}"
-    );
+    let m = scratch.report(&d);
+    assert_eq!(m.counters.log_errors, 0, "log:\n{}", d.log());
+    assert_eq!(m.connection.map(|c| (c.id, c.requests)), Some((3, 1)));
     fe.disconnect();
 }
 

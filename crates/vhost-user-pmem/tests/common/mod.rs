@@ -13,6 +13,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use pmem_frontend::{Frontend, FrontendListener, Options};
+use pmem_metrics::Metrics;
 
 /// The daemon under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-pmem");
@@ -59,6 +60,30 @@ impl Env {
         v
     }
 
+    /// Where [`Self::metrics_args`] has the daemon write its metrics.
+    pub fn metrics_path(&self) -> PathBuf {
+        self.path("metrics.json")
+    }
+
+    /// `--metrics-path` [`Self::metrics_path`], written only at start, on SIGUSR1 and at exit,
+    /// so that every file a test sees is one it asked for.
+    pub fn metrics_args(&self) -> Vec<String> {
+        vec![
+            "--metrics-path".to_string(),
+            self.metrics_path().display().to_string(),
+            "--metrics-interval".to_string(),
+            "0".to_string(),
+        ]
+    }
+
+    /// [`Self::start`] with [`Self::metrics_args`] before `extra`.
+    pub fn start_with_metrics(&self, extra: &[&str]) -> Daemon {
+        let mut args = self.args(&[]);
+        args.extend(self.metrics_args());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Daemon::start(&args, &self.socket, &self.path("daemon.log"))
+    }
+
     /// Starts a daemon with [`Self::args`] and waits until it listens.
     pub fn start(&self, extra: &[&str]) -> Daemon {
         Daemon::start(&self.args(extra), &self.socket, &self.path("daemon.log"))
@@ -83,6 +108,16 @@ impl Env {
             Mode::Listen => Daemon::start(&self.args(extra), &self.socket, &self.path(log)),
             Mode::Client => Daemon::spawn(&self.client_args(extra), &self.socket, &self.path(log)),
         }
+    }
+}
+
+impl Env {
+    /// [`Self::start_in`] with [`Self::metrics_args`] before `extra`.
+    pub fn start_in_with_metrics(&self, mode: Mode, extra: &[&str], log: &str) -> Daemon {
+        let metrics = self.metrics_args();
+        let mut all: Vec<&str> = metrics.iter().map(String::as_str).collect();
+        all.extend_from_slice(extra);
+        self.start_in(mode, &all, log)
     }
 }
 
@@ -174,21 +209,40 @@ impl Daemon {
         }
     }
 
-    /// Waits up to [`TIMEOUT`] until the daemon's log contains `needle` (at least `count`
-    /// times); returns the log.
-    pub fn wait_log(&self, needle: &str, count: usize) -> String {
+    pub fn sigusr1(&self) {
+        // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
+        assert_eq!(unsafe { libc::kill(self.pid(), libc::SIGUSR1) }, 0);
+    }
+
+    /// Waits up to [`TIMEOUT`] for the metrics file at `path` to hold a report numbered above
+    /// `seq`, and returns it.
+    pub fn wait_metrics_seq_above(&self, path: &Path, seq: u64) -> Metrics {
+        self.wait_metrics(path, |m| m.seq > seq)
+    }
+
+    /// Waits up to [`TIMEOUT`] for the metrics file at `path` to satisfy `pred`.
+    pub fn wait_metrics(&self, path: &Path, pred: impl Fn(&Metrics) -> bool) -> Metrics {
         let deadline = Instant::now() + TIMEOUT;
         loop {
-            let log = self.log();
-            if log.matches(needle).count() >= count {
-                return log;
+            let m = read_metrics(path);
+            if let Some(m) = m.as_ref().filter(|m| pred(m)) {
+                return m.clone();
             }
             assert!(
                 Instant::now() < deadline,
-                "{needle:?} not {count} times in the daemon log after {TIMEOUT:?}:\n{log}"
+                "{} never matched within {TIMEOUT:?}; last: {m:?}; log:\n{}",
+                path.display(),
+                self.log()
             );
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Asks for a fresh report (SIGUSR1) in the metrics file at `path` and returns it.
+    pub fn report(&self, path: &Path) -> Metrics {
+        let seq = read_metrics(path).map_or(0, |m| m.seq);
+        self.sigusr1();
+        self.wait_metrics_seq_above(path, seq)
     }
 
     /// The daemon's threads' `Seccomp:` mode from /proc (0 none, 2 filter), by thread name.
@@ -310,6 +364,20 @@ impl Drop for Daemon {
                 self.log()
             );
         }
+    }
+}
+
+/// The metrics file at `path`, if there is one yet. The daemon renames each file into place
+/// whole, so one that exists always parses.
+pub fn read_metrics(path: &Path) -> Option<Metrics> {
+    match Metrics::read(path) {
+        Ok(m) => Some(m),
+        Err(pmem_metrics::ReadError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            None
+        }
+        Err(e) => panic!("{e}"),
     }
 }
 
