@@ -26,14 +26,12 @@ Libraries are resolved with the unpacked tree's own loader (--list), falling bac
 host's copies. Each tool is run once (-V) as a check. Nothing is installed.
 A second run with a full cache uses no network.
 
-  --force    download and unpack again even if the cache is complete
+  --force    download (the .deb files too) and unpack again, even if the cache is complete
   -h, --help this text
 
 Environment: VUP_CACHE (now $VUP_CACHE), VUP_DEBIAN_MIRROR.
 USAGE
 }
-
-parse_fetch_args "$@"
 
 # find_in_tree ROOT NAME: path of an executable NAME under ROOT's usual bin dirs
 find_in_tree() {
@@ -75,26 +73,14 @@ collect_libs() {
     rm -f "$outlib/.list"
 }
 
-fetch() {
-    local dir="$VUP_CACHE/guest-tools" t0 root out loader b p
-    if [[ $force == 0 && -f $dir/.complete ]]; then
-        info "cached: $(paste -sd';' "$dir/versions" | sed 's/;/; /g')"
-        printf '%s\n' "$dir/out"
-        return 0
-    fi
-    need_cmd apt-get dpkg-deb flock
-    t0=$(now_ms)
-    rm -f "$dir/.complete"
-    apt_root_init bookworm bookworm bookworm-backports
-    apt_priv_update bookworm
+fetch_build() {
+    local stage="$1" debs="$2" root out loader b p
     info "downloading ${TOOL_PKGS[*]} with their dependency closure"
-    apt_priv_fetch bookworm "$VUP_CACHE/debs/guest-tools" "$dir.list" "${TOOL_PKGS[@]}"
+    apt_priv_fetch bookworm "$debs" "$stage/packages.list" "${TOOL_PKGS[@]}"
 
-    root="$dir/root"; out="$dir/out.new"
-    rm -rf "$root" "$out"
-    info "unpacking $(wc -l < "$dir.list") packages"
-    unpack_debs "$dir.list" "$root"
-    mv -f "$dir.list" "$dir/packages.list"
+    root="$stage/root"; out="$stage/out"
+    info "unpacking $(wc -l < "$stage/packages.list") packages"
+    unpack_debs "$stage/packages.list" "$root"
     mkdir -p "$out/bin" "$out/lib" "$out/etc"
 
     loader="$root/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
@@ -133,15 +119,13 @@ fetch() {
         "$out/lib/ld-linux-x86-64.so.2" --library-path "$out/lib" --verify "$out/bin/$b" >/dev/null 2>&1 \
             || die "$b is not a valid dynamic executable"
     done
-    printf '%s\n' "${vers[@]}" > "$dir/versions"
-
-    rm -rf "$dir/out"
-    mv "$out" "$dir/out"
-    rm -rf "$root"   # the .deb files stay in $VUP_CACHE/debs/guest-tools
-    touch "$dir/.complete"
-    info "ready in $(( ($(now_ms) - t0) / 1000 )) s: $(paste -sd';' "$dir/versions" | sed 's/;/; /g') ($(du -sh "$dir/out" | cut -f1))"
-    printf '%s\n' "$dir/out"
+    printf '%s\n' "${vers[@]}" > "$stage/versions"
+    rm -rf "$root"   # the .deb files stay in $debs
 }
 
-mkdir -p "$VUP_CACHE/guest-tools"
-with_lock guest-tools fetch
+fetch_verify() {
+    [[ -x $1/out/bin/busybox && -s $1/versions ]] || return 1
+    paste -sd';' "$1/versions" | sed 's/;/; /g'
+}
+
+fetch_main guest-tools out bookworm bookworm bookworm-backports -- "$@"

@@ -27,14 +27,12 @@ is taken instead, with a warning. A second run with a full cache uses no network
 With KERNEL=/path/to/bzImage (and optionally KERNEL_MODULES=/path/lib/modules/<version>)
 the other scripts use your kernel instead and never call this one.
 
-  --force    download and unpack again even if the cache is complete
+  --force    download (the .deb files too) and unpack again, even if the cache is complete
   -h, --help this text
 
 Environment: VUP_CACHE (now $VUP_CACHE), VUP_DEBIAN_MIRROR, VUP_KERNEL_PKG.
 USAGE
 }
-
-parse_fetch_args "$@"
 
 # kernel_version_ok VERSION: 6.8 or later
 kernel_version_ok() {
@@ -44,19 +42,8 @@ kernel_version_ok() {
     (( maj > 6 || (maj == 6 && min >= 8) ))
 }
 
-fetch() {
-    local dir="$VUP_CACHE/kernel" t0 pkg ver cand k
-    if [[ $force == 0 && -f $dir/.complete ]]; then
-        info "cached: kernel $(cat "$dir/version")"
-        printf '%s\n' "$dir/vmlinuz"
-        return 0
-    fi
-    need_cmd apt-get dpkg-deb flock
-    t0=$(now_ms)
-    rm -f "$dir/.complete"
-    apt_root_init bookworm bookworm bookworm-backports
-    apt_priv_update bookworm
-
+fetch_build() {
+    local stage="$1" debs="$2" pkg ver cand k deb
     pkg="$VUP_KERNEL_PKG"
     cand="$(apt_priv bookworm apt-cache policy "$pkg" 2>/dev/null | awk '/Candidate:/ {print $2}')"
     if [[ -z $cand || $cand == "(none)" ]]; then
@@ -69,46 +56,48 @@ fetch() {
     fi
 
     info "downloading $pkg"
-    mkdir -p "$VUP_CACHE/debs/kernel"
-    ( cd "$VUP_CACHE/debs/kernel" && apt_priv bookworm apt-get -q download "$pkg" ) \
-        >"$VUP_CACHE/debs/kernel/download.log" 2>&1 \
-        || { tail -n 20 "$VUP_CACHE/debs/kernel/download.log" >&2; die "downloading $pkg failed"; }
-    local deb
-    deb="$(ls -t "$VUP_CACHE/debs/kernel/${pkg}_"*.deb | head -n 1)"
+    ( cd "$debs" && apt_priv bookworm apt-get -q download "$pkg" ) >"$debs/download.log" 2>&1 \
+        || { tail -n 20 "$debs/download.log" >&2; die "downloading $pkg failed"; }
+    # The package name carries its version, so this is the one file apt-get just wrote.
+    local found=("$debs/${pkg}_"*.deb)
+    deb="${found[0]}"
+    [[ -f $deb ]] || die "apt-get download left no ${pkg}_*.deb in $debs"
 
     info "downloading kmod (for depmod)"
-    apt_priv_fetch bookworm "$VUP_CACHE/debs/kmod" "$dir.kmod.list" kmod
+    apt_priv_fetch bookworm "$debs/kmod" "$stage/kmod.list" kmod
 
     info "unpacking $(basename "$deb")"
-    rm -rf "$dir/root" "$dir/kmod"
-    dpkg-deb -x "$deb" "$dir/root" || die "dpkg -x $deb failed"
-    unpack_debs "$dir.kmod.list" "$dir/kmod"
-    rm -f "$dir.kmod.list"
+    dpkg-deb -x "$deb" "$stage/root" || die "dpkg -x $deb failed"
+    unpack_debs "$stage/kmod.list" "$stage/kmod"
+    rm -f "$stage/kmod.list"
 
-    ver="$(ls "$dir/root/lib/modules" | head -n 1)"
-    [[ -n $ver && -d $dir/root/lib/modules/$ver ]] || die "no lib/modules/<version> in $deb"
-    k="$dir/root/boot/vmlinuz-$ver"
+    local mods=("$stage/root/lib/modules"/*)
+    ver="${mods[0]##*/}"
+    [[ $ver != '*' && -d $stage/root/lib/modules/$ver ]] || die "no lib/modules/<version> in $deb"
+    k="$stage/root/boot/vmlinuz-$ver"
     [[ -f $k ]] || die "no boot/vmlinuz-$ver in $deb"
     kernel_version_ok "$ver" || die "kernel $ver is older than 6.8 (virtio-pmem shared memory needs 6.8+)"
 
     info "depmod $ver"
-    local T="$dir/kmod"
+    local T="$stage/kmod"
     "$T/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" \
         --library-path "$T/lib/x86_64-linux-gnu:$T/usr/lib/x86_64-linux-gnu" \
-        --argv0 depmod "$T/bin/kmod" -b "$dir/root" "$ver" \
+        --argv0 depmod "$T/bin/kmod" -b "$stage/root" "$ver" \
         || die "depmod failed"
-    [[ -s $dir/root/lib/modules/$ver/modules.dep ]] || die "depmod wrote no modules.dep"
-    grep -q 'virtio_pmem' "$dir/root/lib/modules/$ver/modules.dep" \
+    [[ -s $stage/root/lib/modules/$ver/modules.dep ]] || die "depmod wrote no modules.dep"
+    grep -q 'virtio_pmem' "$stage/root/lib/modules/$ver/modules.dep" \
         || die "kernel $ver has no virtio_pmem module"
 
-    ln -sfn "root/boot/vmlinuz-$ver" "$dir/vmlinuz"
-    ln -sfn "root/lib/modules/$ver" "$dir/modules"
-    printf '%s\n' "$ver" > "$dir/version"
-    printf '%s\n' "$pkg" > "$dir/package"
-    touch "$dir/.complete"
-    info "ready in $(( ($(now_ms) - t0) / 1000 )) s: kernel $ver ($(du -sh "$deb" | cut -f1) download)"
-    printf '%s\n' "$dir/vmlinuz"
+    # Relative links, so they still hold once the stage is moved into place.
+    ln -sfn "root/boot/vmlinuz-$ver" "$stage/vmlinuz"
+    ln -sfn "root/lib/modules/$ver" "$stage/modules"
+    printf '%s\n' "$ver" > "$stage/version"
+    printf '%s\n' "$pkg" > "$stage/package"
 }
 
-mkdir -p "$VUP_CACHE/kernel"
-with_lock kernel fetch
+fetch_verify() {
+    [[ -f $1/vmlinuz && -d $1/modules && -s $1/version ]] || return 1
+    printf 'kernel %s\n' "$(cat "$1/version")"
+}
+
+fetch_main kernel vmlinuz bookworm bookworm bookworm-backports -- "$@"

@@ -23,48 +23,29 @@ Prints the QEMU version line; fails unless it is QEMU $VUP_QEMU_MIN_MAJOR.x or l
 A second run with a full cache uses no network. With QEMU=/path/to/qemu-system-x86_64
 set, the other scripts use that QEMU instead and never call this one.
 
-  --force    download and unpack again even if the cache is complete
+  --force    download (the .deb files too) and unpack again, even if the cache is complete
   -h, --help this text
 
 Environment: VUP_CACHE (now $VUP_CACHE), VUP_DEBIAN_MIRROR, VUP_QEMU_SUITE.
 USAGE
 }
 
-parse_fetch_args "$@"
-
-fetch() {
-    local dir="$VUP_CACHE/qemu" t0 ver
-    if [[ $force == 0 && -f $dir/.complete && -d $dir/root ]]; then
-        qemu_write_launcher "$dir/root"
-        if ver="$(qemu_version_ok "$VUP_QEMU_LAUNCHER")"; then
-            info "cached: $ver"
-            printf '%s\n' "$VUP_QEMU_LAUNCHER"
-            return 0
-        fi
-        warn "cached QEMU does not run; fetching it again"
-    fi
-    need_cmd apt-get dpkg-deb flock
-    t0=$(now_ms)
-    rm -f "$dir/.complete"
-    apt_root_init trixie trixie trixie-backports
-    apt_priv_update trixie
+fetch_build() {
+    local stage="$1" debs="$2"
     info "downloading $VUP_QEMU_PKG from $VUP_QEMU_SUITE with its dependency closure"
-    apt_priv_fetch trixie "$VUP_CACHE/debs/qemu" "$dir.list" -t "$VUP_QEMU_SUITE" "$VUP_QEMU_PKG"
-    info "unpacking $(wc -l < "$dir.list") packages ($(xargs du -ch < "$dir.list" | tail -n1 | cut -f1) of .deb files)"
-    rm -rf "$dir/root.new"
-    unpack_debs "$dir.list" "$dir/root.new"
-    rm -rf "$dir/root"
-    mv "$dir/root.new" "$dir/root"
-    mv -f "$dir.list" "$dir/packages.list"
-    [[ -x $dir/root/usr/bin/qemu-system-x86_64 ]] || die "no usr/bin/qemu-system-x86_64 in the unpacked packages"
-    [[ -e $dir/root/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 ]] || die "no dynamic loader in the unpacked packages"
-    qemu_write_launcher "$dir/root"
-    ver="$(qemu_version_ok "$VUP_QEMU_LAUNCHER")" \
-        || die "the unpacked QEMU is not QEMU $VUP_QEMU_MIN_MAJOR.x or later, or does not run (see above)"
-    touch "$dir/.complete"
-    info "ready in $(( ($(now_ms) - t0) / 1000 )) s: $ver ($(du -sh "$dir/root" | cut -f1) unpacked)"
-    printf '%s\n' "$VUP_QEMU_LAUNCHER"
+    apt_priv_fetch trixie "$debs" "$stage/packages.list" -t "$VUP_QEMU_SUITE" "$VUP_QEMU_PKG"
+    info "unpacking $(wc -l < "$stage/packages.list") packages ($(xargs du -ch < "$stage/packages.list" | tail -n1 | cut -f1) of .deb files)"
+    unpack_debs "$stage/packages.list" "$stage/root"
+    [[ -x $stage/root/usr/bin/qemu-system-x86_64 ]] || die "no usr/bin/qemu-system-x86_64 in the unpacked packages"
+    [[ -e $stage/root/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 ]] || die "no dynamic loader in the unpacked packages"
 }
 
-mkdir -p "$VUP_CACHE/qemu"
-with_lock qemu fetch
+# The launcher names the tree by its final path, so it is written here, after the publish
+# (and again on every cache hit, which also repairs a launcher deleted by hand).
+fetch_verify() {
+    qemu_write_launcher "$1/root"
+    qemu_version_ok "$VUP_QEMU_LAUNCHER" \
+        || { warn "the unpacked QEMU is not QEMU $VUP_QEMU_MIN_MAJOR.x or later, or does not run"; return 1; }
+}
+
+fetch_main qemu "${VUP_QEMU_LAUNCHER#"$VUP_CACHE/qemu/"}" trixie trixie trixie-backports -- "$@"

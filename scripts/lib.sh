@@ -169,6 +169,60 @@ unpack_debs() {
     done < "$1"
 }
 
+# fetch_main NAME RESULT APT_ROOT SUITE... -- SCRIPT_ARGS...: the whole of a fetch script.
+# Takes --force and --help (the caller's `usage`), then, under the lock NAME, either reuses a
+# complete $VUP_CACHE/NAME or builds it again, and prints $VUP_CACHE/NAME/RESULT on stdout.
+# The caller defines two functions:
+#   fetch_build STAGE DEBS  download through the private apt root APT_ROOT (already updated,
+#                           serving the SUITEs) into DEBS and build the result in the empty
+#                           directory STAGE; die on any failure
+#   fetch_verify DIR        check the published result in DIR and print one line saying what
+#                           it holds; fail if it is not usable (a cached one is then rebuilt)
+fetch_main() {
+    local name="$1" result="$2" apt=()
+    shift 2
+    while [[ $# -gt 0 && $1 != -- ]]; do apt+=("$1"); shift; done
+    [[ $# -gt 0 ]] && shift
+    parse_fetch_args "$@"
+    mkdir -p "$VUP_CACHE"
+    with_lock "$name" fetch_locked "$name" "$result" "${apt[@]}"
+}
+
+# fetch_locked NAME RESULT APT_ROOT SUITE...: fetch_main's work, with the lock held.
+# The result is built beside the cache entry and swapped in whole, and .complete is written
+# only after it verified, so a reader never takes a half-built or mixed entry for complete.
+fetch_locked() {
+    local name="$1" result="$2"; shift 2
+    local dir="$VUP_CACHE/$name" debs="$VUP_CACHE/debs/$name" t0 desc
+    if [[ $force == 0 && -f $dir/.complete ]]; then
+        if desc="$(fetch_verify "$dir")"; then
+            info "cached: $desc"
+            printf '%s
+' "$dir/$result"
+            return 0
+        fi
+        warn "the cached $name in $dir is not usable; fetching it again"
+    fi
+    need_cmd apt-get dpkg-deb flock
+    t0=$(now_ms)
+    # --force promises a fresh download, and apt would reuse any .deb already there.
+    if [[ $force == 1 ]]; then rm -rf "$debs"; fi
+    mkdir -p "$debs"
+    apt_root_init "$@"
+    apt_priv_update "$1"
+    rm -rf "$dir.new" "$dir.old"
+    mkdir -p "$dir.new"
+    fetch_build "$dir.new" "$debs"
+    if [[ -e $dir ]]; then rm -f "$dir/.complete"; mv "$dir" "$dir.old"; fi
+    mv "$dir.new" "$dir"
+    rm -rf "$dir.old"
+    desc="$(fetch_verify "$dir")" || die "the $name just built in $dir does not work (see above)"
+    touch "$dir/.complete"
+    info "ready in $(( ($(now_ms) - t0) / 1000 )) s: $desc ($(du -sh "$dir" | cut -f1))"
+    printf '%s
+' "$dir/$result"
+}
+
 # ---------------------------------------------------------------------------
 # Resolvers
 # ---------------------------------------------------------------------------

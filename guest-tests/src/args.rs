@@ -6,47 +6,20 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-pub const USAGE: &str = "\
+use crate::cases::suites::{self, SuiteDef};
+
+/// Before the suites in `--help`.
+const USAGE_HEAD: &str = "\
 usage: pmem-guest-tests [OPTIONS] SUITE...
 
 Runs each SUITE in order inside the guest and prints one TAP stream on stdout.
 Exit status 0 iff every case is ok.
 
 Suites:
-  e2e        device, (mkfs,) DAX mount, preconditions, data and mmap cases,
-             MAP_SYNC matrix, persistence generation 1
-  persist    fsck, DAX mount, preconditions, check generation --expect-gen N,
-             write generation N+1
-  latency    catalogue F20 flush_latency: pwrite+fdatasync, pwrite+fsync, mmap
-             store+msync, fdatasync of the block device, deep_flush (n/a where the
-             region has none), at each --threads concurrency
-  faultlat   catalogue F19 fault_latency: 512 timed write faults per cell of
-             {preallocated, empty file} x {idle, background copy} x {MAP_SHARED,
-             MAP_SYNC (n/a where refused), MAP_SHARED + fdatasync per page}
-  bench      latency faultlat, in that order (what scripts/bench-guest.sh runs)
-  faults     catalogue A: hole_then_write, hole_waiters, dio_mmap_buffers,
-             stale_block_exposure, enospc_retry (the last two fill the filesystem)
-  mapsync    catalogue B8: map_sync_fallback (prints VUP-FLUSHCOUNT for the host)
-  truncate   catalogue C: sigbus_rules, truncate_fault_race, dio_collision
-  pmd        catalogue D: pmd_fault, pmd_fallback, pmd_ops (run it with --fs ext4 and
-             with --fs xfs)
-  catalogue  faults mapsync truncate pmd, in that order
-  flush      catalogue E16-E18: flush_reaches_host, flush_queue_full, flush_error_eio.
-             E16 and E17 talk to scripts/run-vm.sh over the console (/dev/ttyS0); E17 needs the
-             image on faultfs (run-vm.sh --faultfs) and leaves ext4's journal aborted
-  selftest   proves the case runner in the guest: a hung case, a case stuck in D state
-             (a write to a frozen filesystem, thawed after), a fatal signal and a
-             kernel WARNING line must each fail the case they happen in
-  rebind     persist generation N+1 and a file stored through a DAX mapping, unbind
-             and bind virtio_pmem through sysfs, mount again, find both, write N+2
-  readonly   for a daemon run with --read-only: mount read-only, find generation
-             --expect-gen N, try writes (file system, remount, block device)
-  soak       check the previous soak boot's acknowledged writes (--expect-gen N:
-             the previous boot; 0 on a fresh file system), then --threads writers
-             (largest value) plus a truncator for --stress SECS (default 20)
-  fsyncloop  pwrite + fsync every 100 ms for --stress SECS (default 120), one line per
-             result, VUP-FSYNC-STEADY after 20: for killing the daemon under it
+";
 
+/// After the suites in `--help`.
+const USAGE_TAIL: &str = "
 Each case of faults/mapsync/truncate/pmd runs in a forked child with a deadline: a hang
 is reported as `not ok N - name # hung after Xs` and the suite goes on. Every case fails
 if the kernel log gains a WARNING:/BUG:/Oops/hung-task/general protection line.
@@ -73,66 +46,9 @@ Options:
   -h, --help         print this help
 ";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Suite {
-    E2e,
-    Persist,
-    Latency,
-    FaultLat,
-    Faults,
-    MapSync,
-    Truncate,
-    Pmd,
-    Selftest,
-    Flush,
-    Rebind,
-    Readonly,
-    Soak,
-    FsyncLoop,
-}
-
-impl Suite {
-    /// One suite name, or an alias naming several.
-    fn parse(s: &str) -> Option<Vec<Suite>> {
-        Some(match s {
-            "e2e" => vec![Suite::E2e],
-            "persist" => vec![Suite::Persist],
-            "latency" => vec![Suite::Latency],
-            "faultlat" => vec![Suite::FaultLat],
-            "bench" => vec![Suite::Latency, Suite::FaultLat],
-            "faults" => vec![Suite::Faults],
-            "mapsync" => vec![Suite::MapSync],
-            "truncate" => vec![Suite::Truncate],
-            "pmd" => vec![Suite::Pmd],
-            "selftest" => vec![Suite::Selftest],
-            "flush" => vec![Suite::Flush],
-            "rebind" => vec![Suite::Rebind],
-            "readonly" => vec![Suite::Readonly],
-            "soak" => vec![Suite::Soak],
-            "fsyncloop" => vec![Suite::FsyncLoop],
-            "catalogue" => vec![Suite::Faults, Suite::MapSync, Suite::Truncate, Suite::Pmd],
-            _ => return None,
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Suite::E2e => "e2e",
-            Suite::Persist => "persist",
-            Suite::Latency => "latency",
-            Suite::FaultLat => "faultlat",
-            Suite::Faults => "faults",
-            Suite::MapSync => "mapsync",
-            Suite::Truncate => "truncate",
-            Suite::Pmd => "pmd",
-            Suite::Selftest => "selftest",
-            Suite::Flush => "flush",
-            Suite::Rebind => "rebind",
-            Suite::Readonly => "readonly",
-            Suite::Soak => "soak",
-            Suite::FsyncLoop => "fsyncloop",
-        }
-    }
+/// `--help`: the suites come from the table that parsing uses, so it cannot miss one.
+pub fn usage() -> String {
+    format!("{USAGE_HEAD}{}{USAGE_TAIL}", suites::help_text())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,7 +77,8 @@ pub struct Args {
     /// --samples: measured ops per op and concurrency, split over the threads.
     pub samples: Option<usize>,
     pub threads: Vec<usize>,
-    pub suites: Vec<Suite>,
+    /// In run order, aliases expanded.
+    pub suites: Vec<&'static SuiteDef>,
     pub crash_at_end: bool,
     /// --stress: how long each time-bounded case runs, instead of its default.
     pub stress_secs: Option<u64>,
@@ -217,7 +134,7 @@ pub enum ArgError {
     },
     #[error("unknown option {0}")]
     UnknownOption(String),
-    #[error("unknown suite {0:?} (expected e2e, persist, latency, faultlat, bench, faults, mapsync, truncate, pmd, flush, catalogue, selftest, rebind, readonly, soak or fsyncloop)")]
+    #[error("unknown suite {0:?} (expected {expected})", expected = suites::names_in_words())]
     UnknownSuite(String),
     #[error("no suite given")]
     NoSuite,
@@ -388,8 +305,8 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Command, ArgErro
                 }
             }
             o if o.starts_with('-') => return Err(ArgError::UnknownOption(arg)),
-            _ => match Suite::parse(&arg) {
-                Some(s) => args.suites.extend(s),
+            _ => match suites::find(&arg) {
+                Some(entry) => args.suites.extend(entry.suites()),
                 None => return Err(ArgError::UnknownSuite(arg)),
             },
         }
@@ -406,6 +323,10 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Command, ArgErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn names(a: &Args) -> Vec<&'static str> {
+        a.suites.iter().map(|s| s.name).collect()
+    }
 
     fn run(line: &str) -> Result<Args, ArgError> {
         match parse(line.split_whitespace().map(String::from))? {
@@ -424,7 +345,7 @@ mod tests {
         assert_eq!(a.expect_gen, None);
         assert_eq!(a.iters, 200);
         assert_eq!(a.threads, vec![1]);
-        assert_eq!(a.suites, vec![Suite::E2e]);
+        assert_eq!(names(&a), ["e2e"]);
         assert!(!a.crash_at_end);
         assert_eq!(a.stress_secs, None);
         assert!(a.only.is_empty());
@@ -433,27 +354,13 @@ mod tests {
     #[test]
     fn catalogue_suites_and_options() {
         let a = run("--stress 60 --only hole_waiters --only=pmd_ops catalogue e2e").unwrap();
-        assert_eq!(
-            a.suites,
-            vec![
-                Suite::Faults,
-                Suite::MapSync,
-                Suite::Truncate,
-                Suite::Pmd,
-                Suite::E2e
-            ]
-        );
+        assert_eq!(names(&a), ["faults", "mapsync", "truncate", "pmd", "e2e"]);
         assert_eq!(a.stress_secs, Some(60));
         assert_eq!(a.only, vec!["hole_waiters", "pmd_ops"]);
-        assert_eq!(run("--fs xfs pmd").unwrap().suites, vec![Suite::Pmd]);
+        assert_eq!(names(&run("--fs xfs pmd").unwrap()), ["pmd"]);
         assert_eq!(
-            run("rebind readonly soak fsyncloop").unwrap().suites,
-            vec![
-                Suite::Rebind,
-                Suite::Readonly,
-                Suite::Soak,
-                Suite::FsyncLoop
-            ]
+            names(&run("rebind readonly soak fsyncloop").unwrap()),
+            ["rebind", "readonly", "soak", "fsyncloop"]
         );
         assert!(matches!(
             run("--stress 0 faults"),
@@ -483,7 +390,7 @@ mod tests {
                 "{bad:?}"
             );
         }
-        assert_eq!(run("flush").unwrap().suites, vec![Suite::Flush]);
+        assert_eq!(names(&run("flush").unwrap()), ["flush"]);
         assert_eq!(
             run("faults --only"),
             Err(ArgError::MissingValue("--only".into()))
@@ -504,7 +411,7 @@ mod tests {
         assert_eq!(a.expect_gen, Some(3));
         assert_eq!(a.iters, 50);
         assert_eq!(a.threads, vec![1, 4, 16]);
-        assert_eq!(a.suites, vec![Suite::E2e, Suite::Latency, Suite::Persist]);
+        assert_eq!(names(&a), ["e2e", "latency", "persist"]);
         assert!(a.crash_at_end);
     }
 
@@ -525,7 +432,7 @@ mod tests {
     #[test]
     fn samples_split_over_threads() {
         let a = run("--samples 1000 --threads 1:4:16:64 bench").unwrap();
-        assert_eq!(a.suites, vec![Suite::Latency, Suite::FaultLat]);
+        assert_eq!(names(&a), ["latency", "faultlat"]);
         assert_eq!(a.samples, Some(1000));
         let per: Vec<usize> = a.threads.iter().map(|&t| a.iters_per_thread(t)).collect();
         assert_eq!(per, vec![1000, 250, 63, 16]);
@@ -541,7 +448,7 @@ mod tests {
             run("--samples 0 latency"),
             Err(ArgError::BadValue { .. })
         ));
-        assert_eq!(run("faultlat").unwrap().suites, vec![Suite::FaultLat]);
+        assert_eq!(names(&run("faultlat").unwrap()), ["faultlat"]);
     }
 
     #[test]

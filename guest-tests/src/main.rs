@@ -6,9 +6,9 @@ mod cases;
 mod crash;
 mod error;
 mod fiemap;
+mod flush_timer;
 mod isolate;
 mod kmsg;
-mod latency;
 mod meminfo;
 mod mounts;
 mod nd;
@@ -27,13 +27,13 @@ fn main() {
     let args = match args::parse(std::env::args().skip(1)) {
         Ok(Command::Run(a)) => a,
         Ok(Command::Help) => {
-            print!("{}", args::USAGE);
+            print!("{}", args::usage());
             return;
         }
         Err(e) => {
             // On stdout too, as TAP: in the guest, the console is all the runner sees.
             println!("Bail out! pmem-guest-tests: bad arguments: {e}");
-            eprintln!("pmem-guest-tests: error: {e}\n\n{}", args::USAGE);
+            eprintln!("pmem-guest-tests: error: {e}\n\n{}", args::usage());
             std::process::exit(2);
         }
     };
@@ -48,11 +48,11 @@ fn main() {
         args.fs.name(),
         args.suites
             .iter()
-            .map(|s| s.name())
+            .map(|s| s.name)
             .collect::<Vec<_>>()
             .join(",")
     ));
-    for &suite in &args.suites {
+    for suite in &args.suites {
         cases::run_suite(&mut ctx, suite);
     }
     if args.crash_at_end {

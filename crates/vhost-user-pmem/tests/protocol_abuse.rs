@@ -163,6 +163,13 @@ fn single_region(r: &Region) -> Vec<u8> {
     v
 }
 
+/// A header whose size field says `size`, followed by `len` zero bytes of payload.
+fn zeros_after(request: u32, flags: u32, size: u32, len: usize) -> Vec<u8> {
+    let mut m = header(request, flags, size).to_vec();
+    m.resize(HEADER_LEN + len, 0);
+    m
+}
+
 fn header(request: u32, flags: u32, size: u32) -> [u8; HEADER_LEN] {
     RawHeader {
         request,
@@ -342,6 +349,68 @@ impl Raw {
         })
     }
 
+    /// A new connection through [`Raw::handshake`] with the protocol features a QEMU-like
+    /// frontend acks (REPLY_ACK among them): where most bad inputs are sent.
+    fn handshaken(d: &Daemon) -> Result<Raw, String> {
+        Raw::handshaken_with(d, usual_protocol_features())
+    }
+
+    fn handshaken_with(d: &Daemon, proto: u64) -> Result<Raw, String> {
+        let raw = Raw::open(d)?;
+        raw.handshake(proto)?;
+        Ok(raw)
+    }
+
+    /// Handshaken, then SET_FEATURES with what a Linux driver acks.
+    fn featured(d: &Daemon, event_idx: bool) -> Result<Raw, String> {
+        let raw = Raw::handshaken(d)?;
+        raw.ok(
+            req::SET_FEATURES,
+            &u64_payload(driver_features(event_idx)),
+            &[],
+        )?;
+        Ok(raw)
+    }
+
+    /// A new connection that has sent GET_FEATURES and nothing else: before the protocol
+    /// features are set, so before REPLY_ACK.
+    fn features_asked(d: &Daemon) -> Result<Raw, String> {
+        let raw = Raw::open(d)?;
+        raw.get_u64(req::GET_FEATURES)?;
+        Ok(raw)
+    }
+
+    /// Handshaken, with a backend channel (SET_BACKEND_REQ_FD) whose other end is returned:
+    /// the daemon sends its SHMEM_MAP there once the device starts.
+    fn with_backend_channel(d: &Daemon) -> Result<(Raw, UnixStream), String> {
+        let raw = Raw::handshaken(d)?;
+        let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
+        raw.ok(req::SET_BACKEND_REQ_FD, &[], &[theirs.as_raw_fd()])?;
+        Ok((raw, ours))
+    }
+
+    /// SET_FEATURES with what a Linux driver acks (EVENT_IDX included), observed.
+    fn start_device(&self) -> Result<Seen, String> {
+        self.observe(req::SET_FEATURES, &u64_payload(driver_features(true)), &[])
+    }
+
+    /// Queue 0 sized 256 and based at 0: what comes before its SET_VRING_ADDR.
+    fn size_queue(&self) -> Result<(), String> {
+        self.ok(req::SET_VRING_NUM, &vring_state(0, 256), &[])?;
+        self.ok(req::SET_VRING_BASE, &vring_state(0, 0), &[])
+    }
+
+    /// Kick and call eventfds for queue 0, then the queue enabled: what comes after its
+    /// SET_VRING_ADDR. Returns (kick, call).
+    fn wire_queue(&self) -> Result<(EventFd, EventFd), String> {
+        let kick = eventfd()?;
+        let call = eventfd()?;
+        self.ok(req::SET_VRING_KICK, &u64_payload(0), &[kick.as_raw_fd()])?;
+        self.ok(req::SET_VRING_CALL, &u64_payload(0), &[call.as_raw_fd()])?;
+        self.ok(req::SET_VRING_ENABLE, &vring_state(0, 1), &[])?;
+        Ok((kick, call))
+    }
+
     /// GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES `proto`, SET_OWNER.
     fn handshake(&self, proto: u64) -> Result<u64, String> {
         let features = self.get_u64(req::GET_FEATURES)?;
@@ -519,15 +588,8 @@ struct RawDevice {
     _call: EventFd,
 }
 
-fn raw_device(d: &Daemon, event_idx: bool) -> Result<RawDevice, String> {
-    let raw = Raw::open(d)?;
-    raw.handshake(usual_protocol_features())?;
-    raw.ok(
-        req::SET_FEATURES,
-        &u64_payload(driver_features(event_idx)),
-        &[],
-    )?;
-    let ram = GuestRam::new(16 * MIB).map_err(io_err)?;
+/// The one region of `ram` as the harness describes it to the daemon, and its fd.
+fn ram_region(ram: &GuestRam) -> Result<(Region, RawFd), String> {
     let info = ram.region_infos().map_err(io_err)?.remove(0);
     let region = Region {
         gpa: info.guest_phys_addr,
@@ -535,24 +597,22 @@ fn raw_device(d: &Daemon, event_idx: bool) -> Result<RawDevice, String> {
         uaddr: info.userspace_addr,
         offset: info.mmap_offset,
     };
-    raw.ok(
-        req::SET_MEM_TABLE,
-        &mem_table(1, &[region]),
-        &[info.mmap_handle],
-    )?;
+    Ok((region, info.mmap_handle))
+}
+
+fn raw_device(d: &Daemon, event_idx: bool) -> Result<RawDevice, String> {
+    let raw = Raw::featured(d, event_idx)?;
+    let ram = GuestRam::new(16 * MIB).map_err(io_err)?;
+    let (region, fd) = ram_region(&ram)?;
+    raw.ok(req::SET_MEM_TABLE, &mem_table(1, &[region]), &[fd])?;
     let host = |gpa: u64| ram.host_address(gpa).map_err(io_err);
-    raw.ok(req::SET_VRING_NUM, &vring_state(0, 256), &[])?;
-    raw.ok(req::SET_VRING_BASE, &vring_state(0, 0), &[])?;
+    raw.size_queue()?;
     raw.ok(
         req::SET_VRING_ADDR,
         &vring_addr(0, 0, host(0)?, host(0x5000)?, host(AVAIL_RING_ADDR)?),
         &[],
     )?;
-    let kick = eventfd()?;
-    let call = eventfd()?;
-    raw.ok(req::SET_VRING_KICK, &u64_payload(0), &[kick.as_raw_fd()])?;
-    raw.ok(req::SET_VRING_CALL, &u64_payload(0), &[call.as_raw_fd()])?;
-    raw.ok(req::SET_VRING_ENABLE, &vring_state(0, 1), &[])?;
+    let (kick, call) = raw.wire_queue()?;
     Ok(RawDevice {
         _raw: raw,
         ram,
@@ -597,8 +657,7 @@ fn after_handshake(
     payload: Vec<u8>,
     fds: &[RawFd],
 ) -> Result<Report, String> {
-    let raw = Raw::open(d)?;
-    raw.handshake(usual_protocol_features())?;
+    let raw = Raw::handshaken(d)?;
     Ok(raw.observe(code, &payload, fds)?.into())
 }
 
@@ -609,9 +668,25 @@ fn after_forced_handshake(
     payload: Vec<u8>,
     fds: &[RawFd],
 ) -> Result<Report, String> {
-    let raw = Raw::open(d)?;
-    raw.handshake(u64::MAX)?;
+    let raw = Raw::handshaken_with(d, u64::MAX)?;
     Ok(raw.observe(code, &payload, fds)?.into())
+}
+
+/// After the handshake, SET_MEM_TABLE of one 1 MiB region at guest address 0 and `uaddr`,
+/// backed by `file`.
+fn one_mib_table(d: &Daemon, uaddr: u64, file: &dyn AsRawFd) -> Result<Report, String> {
+    let region = Region {
+        gpa: 0,
+        size: MIB,
+        uaddr,
+        offset: 0,
+    };
+    after_handshake(
+        d,
+        req::SET_MEM_TABLE,
+        mem_table(1, &[region]),
+        &[file.as_raw_fd()],
+    )
 }
 
 fn framing_cases() -> Vec<Case> {
@@ -639,48 +714,36 @@ fn framing_cases() -> Vec<Case> {
         case(
             "SET_FEATURES with 4 of its 8 payload bytes, then EOF",
             Reject,
-            move |d| {
-                let mut m = header(sf, FLAG_VERSION_1, 8).to_vec();
-                m.extend_from_slice(&[0; 4]);
-                fresh_bytes(d, sf, m, &[], true)
-            },
+            move |d| fresh_bytes(d, sf, zeros_after(sf, FLAG_VERSION_1, 8, 4), &[], true),
         ),
         case(
             "SET_FEATURES with 4 of its 8 payload bytes, connection kept open",
             Reject,
             move |d| {
-                let mut m = header(sf, FLAG_VERSION_1 | FLAG_NEED_REPLY, 8).to_vec();
-                m.extend_from_slice(&[0; 4]);
-                fresh_bytes(d, sf, m, &[], false)
+                fresh_bytes(
+                    d,
+                    sf,
+                    zeros_after(sf, FLAG_VERSION_1 | FLAG_NEED_REPLY, 8, 4),
+                    &[],
+                    false,
+                )
             },
         ),
         case(
             "SET_FEATURES whose size field and payload are 4 bytes",
             Reject,
-            move |d| {
-                let mut m = header(sf, FLAG_VERSION_1, 4).to_vec();
-                m.extend_from_slice(&[0; 4]);
-                fresh_bytes(d, sf, m, &[], false)
-            },
+            move |d| fresh_bytes(d, sf, zeros_after(sf, FLAG_VERSION_1, 4, 4), &[], false),
         ),
         case("SET_FEATURES with a 16-byte payload", Reject, move |d| {
-            let mut m = header(sf, FLAG_VERSION_1, 16).to_vec();
-            m.extend_from_slice(&[0; 16]);
-            fresh_bytes(d, sf, m, &[], false)
+            fresh_bytes(d, sf, zeros_after(sf, FLAG_VERSION_1, 16, 16), &[], false)
         }),
         case("GET_FEATURES with an 8-byte payload", Reject, move |d| {
-            let mut m = header(gf, FLAG_VERSION_1, 8).to_vec();
-            m.extend_from_slice(&[0; 8]);
-            fresh_bytes(d, gf, m, &[], false)
+            fresh_bytes(d, gf, zeros_after(gf, FLAG_VERSION_1, 8, 8), &[], false)
         }),
         case(
             "size field 4097 (one more than the 4 KiB maximum)",
             Reject,
-            move |d| {
-                let mut m = header(sf, FLAG_VERSION_1, 4097).to_vec();
-                m.extend_from_slice(&[0; 8]);
-                fresh_bytes(d, sf, m, &[], false)
-            },
+            move |d| fresh_bytes(d, sf, zeros_after(sf, FLAG_VERSION_1, 4097, 8), &[], false),
         ),
         case("size field u32::MAX", Reject, move |d| {
             fresh_bytes(
@@ -798,11 +861,7 @@ fn framing_cases() -> Vec<Case> {
                         offset: 0,
                     })
                     .collect();
-                let raw = Raw::open(d)?;
-                raw.handshake(usual_protocol_features())?;
-                Ok(raw
-                    .observe(req::SET_MEM_TABLE, &mem_table(32, &regions), &fds)?
-                    .into())
+                after_handshake(d, req::SET_MEM_TABLE, mem_table(32, &regions), &fds)
             },
         ),
         case(
@@ -860,8 +919,7 @@ fn ordering_cases() -> Vec<Case> {
             "SET_VRING_ENABLE after SET_FEATURES without PROTOCOL_FEATURES",
             Reject,
             |d| {
-                let raw = Raw::open(d)?;
-                raw.handshake(usual_protocol_features())?;
+                let raw = Raw::handshaken(d)?;
                 raw.ok(
                     req::SET_FEATURES,
                     &u64_payload(VERSION_1 | VIRTIO_PMEM_F_SHMEM_REGION),
@@ -876,8 +934,7 @@ fn ordering_cases() -> Vec<Case> {
             "SET_VRING_KICK before SET_FEATURES, then a kick",
             Tolerated,
             |d| {
-                let raw = Raw::open(d)?;
-                raw.handshake(usual_protocol_features())?;
+                let raw = Raw::handshaken(d)?;
                 let kick = eventfd()?;
                 let seen =
                     raw.observe(req::SET_VRING_KICK, &u64_payload(0), &[kick.as_raw_fd()])?;
@@ -890,8 +947,7 @@ fn ordering_cases() -> Vec<Case> {
             "SET_VRING_KICK, CALL and ENABLE before SET_FEATURES and SET_MEM_TABLE, then a kick",
             Tolerated,
             |d| {
-                let raw = Raw::open(d)?;
-                raw.handshake(usual_protocol_features())?;
+                let raw = Raw::handshaken(d)?;
                 let (kick, call) = (eventfd()?, eventfd()?);
                 raw.ok(req::SET_VRING_KICK, &u64_payload(0), &[kick.as_raw_fd()])?;
                 raw.ok(req::SET_VRING_CALL, &u64_payload(0), &[call.as_raw_fd()])?;
@@ -905,21 +961,19 @@ fn ordering_cases() -> Vec<Case> {
             "GET_SHMEM_CONFIG before SET_PROTOCOL_FEATURES",
             Reject,
             |d| {
-                let raw = Raw::open(d)?;
-                raw.get_u64(req::GET_FEATURES)?;
+                let raw = Raw::features_asked(d)?;
                 Ok(raw.observe(req::GET_SHMEM_CONFIG, &[], &[])?.into())
             },
         ),
         case("GET_SHMEM_CONFIG with SHMEM not acked", Reject, |d| {
-            let raw = Raw::open(d)?;
-            raw.handshake(
+            let raw = Raw::handshaken_with(
+                d,
                 (VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIG).bits(),
             )?;
             Ok(raw.observe(req::GET_SHMEM_CONFIG, &[], &[])?.into())
         }),
         case("GET_CONFIG before SET_PROTOCOL_FEATURES", Reject, |d| {
-            let raw = Raw::open(d)?;
-            raw.get_u64(req::GET_FEATURES)?;
+            let raw = Raw::features_asked(d)?;
             Ok(raw
                 .observe(req::GET_CONFIG, &config_msg(0, 16, 0, &[0; 16]), &[])?
                 .into())
@@ -928,8 +982,7 @@ fn ordering_cases() -> Vec<Case> {
             "SET_BACKEND_REQ_FD before SET_PROTOCOL_FEATURES",
             Reject,
             |d| {
-                let raw = Raw::open(d)?;
-                raw.get_u64(req::GET_FEATURES)?;
+                let raw = Raw::features_asked(d)?;
                 let (_ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
                 Ok(raw
                     .observe(req::SET_BACKEND_REQ_FD, &[], &[theirs.as_raw_fd()])?
@@ -940,24 +993,7 @@ fn ordering_cases() -> Vec<Case> {
             after_handshake(d, req::SET_OWNER, vec![], &[])
         }),
         case("SET_MEM_TABLE before SET_FEATURES", Tolerated, |d| {
-            let raw = Raw::open(d)?;
-            raw.handshake(usual_protocol_features())?;
-            let f = memfd(MIB)?;
-            Ok(raw
-                .observe(
-                    req::SET_MEM_TABLE,
-                    &mem_table(
-                        1,
-                        &[Region {
-                            gpa: 0,
-                            size: MIB,
-                            uaddr: 0x10_0000,
-                            offset: 0,
-                        }],
-                    ),
-                    &[f.as_raw_fd()],
-                )?
-                .into())
+            one_mib_table(d, 0x10_0000, &memfd(MIB)?)
         }),
         case(
             "GET_VRING_BASE of a queue that never started",
@@ -965,8 +1001,7 @@ fn ordering_cases() -> Vec<Case> {
             |d| after_handshake(d, req::GET_VRING_BASE, vring_state(0, 0), &[]),
         ),
         case("SET_PROTOCOL_FEATURES with every bit set", Tolerated, |d| {
-            let raw = Raw::open(d)?;
-            raw.get_u64(req::GET_FEATURES)?;
+            let raw = Raw::features_asked(d)?;
             raw.get_u64(req::GET_PROTOCOL_FEATURES)?;
             raw.reply_ack.set(true);
             Ok(raw
@@ -977,8 +1012,7 @@ fn ordering_cases() -> Vec<Case> {
             "RESET_OWNER, then the device started again on the same connection",
             Tolerated,
             |d| {
-                let raw = Raw::open(d)?;
-                raw.handshake(usual_protocol_features())?;
+                let raw = Raw::handshaken(d)?;
                 let seen = raw.observe(req::RESET_OWNER, &[], &[])?;
                 if raw.alive() {
                     raw.ok(req::SET_OWNER, &[], &[])?;
@@ -988,16 +1022,14 @@ fn ordering_cases() -> Vec<Case> {
             },
         ),
         case("SET_FEATURES without SET_OWNER", Tolerated, |d| {
-            let raw = Raw::open(d)?;
-            raw.get_u64(req::GET_FEATURES)?;
+            let raw = Raw::features_asked(d)?;
             raw.reply_ack.set(true);
             raw.ok(
                 req::SET_PROTOCOL_FEATURES,
                 &u64_payload(usual_protocol_features()),
                 &[],
             )?;
-            let seen = raw.observe(req::SET_FEATURES, &u64_payload(driver_features(true)), &[])?;
-            Ok(seen.into())
+            Ok(raw.start_device()?.into())
         }),
     ]
 }
@@ -1033,13 +1065,9 @@ fn backend_channel_cases() -> Vec<Case> {
             "a backend channel closed before SET_FEATURES (SHMEM_MAP cannot be sent)",
             Tolerated,
             |d| {
-                let raw = Raw::open(d)?;
-                raw.handshake(usual_protocol_features())?;
-                let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
-                raw.ok(req::SET_BACKEND_REQ_FD, &[], &[theirs.as_raw_fd()])?;
-                drop((ours, theirs));
-                let seen =
-                    raw.observe(req::SET_FEATURES, &u64_payload(driver_features(true)), &[])?;
+                let (raw, ours) = Raw::with_backend_channel(d)?;
+                drop(ours);
+                let seen = raw.start_device()?;
                 settle();
                 Ok(seen.into())
             },
@@ -1048,13 +1076,8 @@ fn backend_channel_cases() -> Vec<Case> {
             "a backend channel that answers SHMEM_MAP with a NACK",
             Tolerated,
             |d| {
-                let raw = Raw::open(d)?;
-                raw.handshake(usual_protocol_features())?;
-                let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
-                raw.ok(req::SET_BACKEND_REQ_FD, &[], &[theirs.as_raw_fd()])?;
-                drop(theirs);
-                let seen =
-                    raw.observe(req::SET_FEATURES, &u64_payload(driver_features(true)), &[])?;
+                let (raw, ours) = Raw::with_backend_channel(d)?;
+                let seen = raw.start_device()?;
                 let channel = RawConnection::from_stream(ours);
                 match channel.recv(ANSWER).map_err(io_err)? {
                     RawReply::Message { header, .. } => {
@@ -1072,13 +1095,8 @@ fn backend_channel_cases() -> Vec<Case> {
             "a backend channel that answers SHMEM_MAP with garbage",
             Tolerated,
             |d| {
-                let raw = Raw::open(d)?;
-                raw.handshake(usual_protocol_features())?;
-                let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
-                raw.ok(req::SET_BACKEND_REQ_FD, &[], &[theirs.as_raw_fd()])?;
-                drop(theirs);
-                let seen =
-                    raw.observe(req::SET_FEATURES, &u64_payload(driver_features(true)), &[])?;
+                let (raw, ours) = Raw::with_backend_channel(d)?;
+                let seen = raw.start_device()?;
                 let channel = RawConnection::from_stream(ours);
                 channel.recv(ANSWER).map_err(io_err)?;
                 channel.send_bytes(&[0xee; 20], &[]).map_err(io_err)?;
@@ -1092,13 +1110,8 @@ fn backend_channel_cases() -> Vec<Case> {
             |d| {
                 // A frontend that never answers SHMEM_MAP only hurts itself while it is
                 // connected; once it is gone, the next frontend must get its map.
-                let raw = Raw::open(d)?;
-                raw.handshake(usual_protocol_features())?;
-                let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
-                raw.ok(req::SET_BACKEND_REQ_FD, &[], &[theirs.as_raw_fd()])?;
-                drop(theirs);
-                let seen =
-                    raw.observe(req::SET_FEATURES, &u64_payload(driver_features(true)), &[])?;
+                let (raw, ours) = Raw::with_backend_channel(d)?;
+                let seen = raw.start_device()?;
                 settle();
                 drop(raw);
                 Ok(Report {
@@ -1131,20 +1144,8 @@ fn mem_table_cases() -> Vec<Case> {
         let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
         after_handshake(d, req::SET_MEM_TABLE, mem_table(num, &regions), &fds)
     }
-    /// SET_MEM_TABLE of one 1 MiB region backed by `file`.
     fn with_fd(d: &Daemon, file: &dyn AsRawFd) -> Result<Report, String> {
-        let region = Region {
-            gpa: 0,
-            size: MIB,
-            uaddr: 0x7000_0000_0000,
-            offset: 0,
-        };
-        after_handshake(
-            d,
-            req::SET_MEM_TABLE,
-            mem_table(1, &[region]),
-            &[file.as_raw_fd()],
-        )
+        one_mib_table(d, 0x7000_0000_0000, file)
     }
     vec![
         case("SET_MEM_TABLE with 0 regions", Reject, |d| table(d, 0, vec![], 0, MIB)),
@@ -1234,9 +1235,7 @@ enum ShortFd {
 fn short_fd_device(d: &Daemon, how: ShortFd) -> Result<Report, String> {
     const FD_LEN: u64 = 64 << 10;
     const UADDR: u64 = 0x7000_0000_0000;
-    let raw = Raw::open(d)?;
-    raw.handshake(usual_protocol_features())?;
-    raw.ok(req::SET_FEATURES, &u64_payload(driver_features(true)), &[])?;
+    let raw = Raw::featured(d, true)?;
     let file = memfd(FD_LEN)?;
     let offset = match how {
         ShortFd::Offset => 4 * MIB,
@@ -1261,8 +1260,7 @@ fn short_fd_device(d: &Daemon, how: ShortFd) -> Result<Report, String> {
         ShortFd::Rings => (0x0, 0x1000, 8 * MIB),
         _ => (0x0, 0x1000, 0x2000),
     };
-    raw.ok(req::SET_VRING_NUM, &vring_state(0, 256), &[])?;
-    raw.ok(req::SET_VRING_BASE, &vring_state(0, 0), &[])?;
+    raw.size_queue()?;
     let seen = raw.observe(
         req::SET_VRING_ADDR,
         &vring_addr(0, 0, UADDR + desc, UADDR + used, UADDR + avail),
@@ -1271,11 +1269,7 @@ fn short_fd_device(d: &Daemon, how: ShortFd) -> Result<Report, String> {
     if seen != Seen::Ack {
         return Ok(seen.into());
     }
-    let kick = eventfd()?;
-    let call = eventfd()?;
-    raw.ok(req::SET_VRING_KICK, &u64_payload(0), &[kick.as_raw_fd()])?;
-    raw.ok(req::SET_VRING_CALL, &u64_payload(0), &[call.as_raw_fd()])?;
-    raw.ok(req::SET_VRING_ENABLE, &vring_state(0, 1), &[])?;
+    let (kick, _call) = raw.wire_queue()?;
     if let ShortFd::Buffer = how {
         // One flush whose request buffer lies past the end of the fd (guest address 2 MiB).
         let mut descs = Vec::new();
@@ -1311,6 +1305,14 @@ fn vring_cases() -> Vec<Case> {
     ) -> Result<Report, String> {
         let (_fe, raw) = started(d, true)?;
         Ok(raw.observe(code, &payload, fds)?.into())
+    }
+    /// SET_VRING_ADDR of queue `index` on a started device, the rings where the harness put
+    /// them but the descriptor table at guest address `desc`.
+    fn addr_on_started(d: &Daemon, index: u32, flags: u32, desc: u64) -> Result<Report, String> {
+        let (fe, raw) = started(d, true)?;
+        let h = |gpa| fe.ram().host_address(gpa).map_err(io_err);
+        let addr = vring_addr(index, flags, h(desc)?, h(0x5000)?, h(AVAIL_RING_ADDR)?);
+        Ok(raw.observe(req::SET_VRING_ADDR, &addr, &[])?.into())
     }
     vec![
         case("SET_VRING_NUM for queue 5", Reject, |d| {
@@ -1383,41 +1385,15 @@ fn vring_cases() -> Vec<Case> {
             )
         }),
         case("SET_VRING_ADDR for queue 5", Reject, |d| {
-            let (fe, raw) = started(d, true)?;
-            let h = |gpa| fe.ram().host_address(gpa).map_err(io_err);
-            Ok(raw
-                .observe(
-                    req::SET_VRING_ADDR,
-                    &vring_addr(5, 0, h(0)?, h(0x5000)?, h(AVAIL_RING_ADDR)?),
-                    &[],
-                )?
-                .into())
+            addr_on_started(d, 5, 0, 0)
         }),
         case("SET_VRING_ADDR with unknown flag bits", Reject, |d| {
-            let (fe, raw) = started(d, true)?;
-            let h = |gpa| fe.ram().host_address(gpa).map_err(io_err);
-            Ok(raw
-                .observe(
-                    req::SET_VRING_ADDR,
-                    &vring_addr(0, 0xfe, h(0)?, h(0x5000)?, h(AVAIL_RING_ADDR)?),
-                    &[],
-                )?
-                .into())
+            addr_on_started(d, 0, 0xfe, 0)
         }),
         case(
             "SET_VRING_ADDR with a descriptor table not 16-byte aligned",
             Reject,
-            |d| {
-                let (fe, raw) = started(d, true)?;
-                let h = |gpa| fe.ram().host_address(gpa).map_err(io_err);
-                Ok(raw
-                    .observe(
-                        req::SET_VRING_ADDR,
-                        &vring_addr(0, 0, h(8)?, h(0x5000)?, h(AVAIL_RING_ADDR)?),
-                        &[],
-                    )?
-                    .into())
-            },
+            |d| addr_on_started(d, 0, 0, 8),
         ),
         case(
             "SET_VRING_ADDR with the rings straddling the end of memory, then a kick",
@@ -1614,9 +1590,8 @@ fn ring_cases() -> Vec<Case> {
         case("new zeroed memory under a running queue (second SET_MEM_TABLE), then a kick", Tolerated, |d| {
             let (fe, raw) = started(d, true)?;
             let other = GuestRam::new(fe.guest_memory_size()).map_err(io_err)?;
-            let info = other.region_infos().map_err(io_err)?.remove(0);
-            let region = Region { gpa: 0, size: info.memory_size, uaddr: info.userspace_addr, offset: 0 };
-            let seen = raw.observe(req::SET_MEM_TABLE, &mem_table(1, &[region]), &[info.mmap_handle])?;
+            let (region, fd) = ram_region(&other)?;
+            let seen = raw.observe(req::SET_MEM_TABLE, &mem_table(1, &[region]), &[fd])?;
             fe.kick().map_err(io_err)?;
             settle();
             Ok(Report { seen, keep: vec![Box::new(other)] })
@@ -1628,9 +1603,8 @@ fn mem_update_cases() -> Vec<Case> {
     vec![
         case("second SET_MEM_TABLE (same regions) while the queue runs, then a flush", Tolerated, |d| {
             let (mut fe, raw) = started(d, true)?;
-            let info = fe.ram().region_infos().map_err(io_err)?.remove(0);
-            let region = Region { gpa: 0, size: info.memory_size, uaddr: info.userspace_addr, offset: 0 };
-            let seen = raw.observe(req::SET_MEM_TABLE, &mem_table(1, &[region]), &[info.mmap_handle])?;
+            let (region, fd) = ram_region(fe.ram())?;
+            let seen = raw.observe(req::SET_MEM_TABLE, &mem_table(1, &[region]), &[fd])?;
             match (seen.clone(), fe.flush()) {
                 (Seen::Ack, Ok(0)) => Ok(seen.into()),
                 (Seen::Dropped, _) => Ok(seen.into()),
@@ -1639,24 +1613,19 @@ fn mem_update_cases() -> Vec<Case> {
         }),
         case("second SET_MEM_TABLE that no longer covers the rings, then a kick", Tolerated, |d| {
             let (fe, raw) = started(d, true)?;
-            let info = fe.ram().region_infos().map_err(io_err)?.remove(0);
+            let (all, fd) = ram_region(fe.ram())?;
             // Only the upper half of guest RAM, at its usual place: the rings (at 0) are gone.
-            let half = info.memory_size / 2;
-            let region = Region { gpa: half, size: half, uaddr: info.userspace_addr + half, offset: half };
-            let seen = raw.observe(req::SET_MEM_TABLE, &mem_table(1, &[region]), &[info.mmap_handle])?;
+            let half = all.size / 2;
+            let region = Region { gpa: half, size: half, uaddr: all.uaddr + half, offset: half };
+            let seen = raw.observe(req::SET_MEM_TABLE, &mem_table(1, &[region]), &[fd])?;
             fe.kick().map_err(io_err)?;
             settle();
             Ok(seen.into())
         }),
         case("second SET_MEM_TABLE with overlapping regions while the queue runs, then a flush", Reject, |d| {
             let (mut fe, raw) = started(d, true)?;
-            let info = fe.ram().region_infos().map_err(io_err)?.remove(0);
-            let region = Region { gpa: 0, size: info.memory_size, uaddr: info.userspace_addr, offset: 0 };
-            let seen = raw.observe(
-                req::SET_MEM_TABLE,
-                &mem_table(2, &[region, region]),
-                &[info.mmap_handle, info.mmap_handle],
-            )?;
+            let (region, fd) = ram_region(fe.ram())?;
+            let seen = raw.observe(req::SET_MEM_TABLE, &mem_table(2, &[region, region]), &[fd, fd])?;
             if raw.alive() {
                 match fe.flush() {
                     Ok(0) => {}
@@ -1667,9 +1636,9 @@ fn mem_update_cases() -> Vec<Case> {
         }),
         case("SET_MEM_TABLE with a region at a different guest address under a running queue, then a flush", Tolerated, |d| {
             let (mut fe, raw) = started(d, true)?;
-            let info = fe.ram().region_infos().map_err(io_err)?.remove(0);
-            let region = Region { gpa: 1 << 32, size: info.memory_size, uaddr: info.userspace_addr, offset: 0 };
-            let seen = raw.observe(req::SET_MEM_TABLE, &mem_table(1, &[region]), &[info.mmap_handle])?;
+            let (region, fd) = ram_region(fe.ram())?;
+            let region = Region { gpa: 1 << 32, ..region };
+            let seen = raw.observe(req::SET_MEM_TABLE, &mem_table(1, &[region]), &[fd])?;
             let _ = fe.submit_request(0);
             settle();
             Ok(seen.into())
@@ -1771,8 +1740,7 @@ fn config_cases() -> Vec<Case> {
             "SET_CONFIG of 16 bytes (the config space is read-only)",
             Tolerated,
             |d| {
-                let raw = Raw::open(d)?;
-                raw.handshake(usual_protocol_features())?;
+                let raw = Raw::handshaken(d)?;
                 let seen = raw.observe(req::SET_CONFIG, &config_msg(0, 16, 0, &[0xff; 16]), &[])?;
                 if raw.alive() {
                     raw.c
@@ -1944,8 +1912,7 @@ fn unsupported_cases() -> Vec<Case> {
             "ADD_MEM_REG of a region overlapping the table, CONFIGURE_MEM_SLOTS force-acked",
             Reject,
             |d| {
-                let raw = Raw::open(d)?;
-                raw.handshake(u64::MAX)?;
+                let raw = Raw::handshaken_with(d, u64::MAX)?;
                 let (f, g) = (memfd(MIB)?, memfd(MIB)?);
                 let region = Region {
                     gpa: 0,

@@ -19,8 +19,8 @@ pub fn precond_dax(ctx: &mut Ctx) -> Result<Verdict> {
         ctx.diag(&format!("{mark} {}: {}", c.name, c.detail));
     }
     let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
-    ctx.dax_checked = true;
-    ctx.dax_ok = failed.is_empty();
+    ctx.fs_state.dax_checked = true;
+    ctx.fs_state.dax_ok = failed.is_empty();
     if failed.is_empty() {
         return Ok(Verdict::Pass);
     }

@@ -176,7 +176,7 @@ pub fn mount_dax(ctx: &mut Ctx) -> Result<Verdict> {
     for opts in ["dax=always", "dax"] {
         match sys::mount(&ctx.args.dev, &mnt, fs, opts) {
             Ok(()) => {
-                ctx.mounted_by_us = true;
+                ctx.fs_state.mounted_by_us = true;
                 let line = crate::mounts::current(&mnt)
                     .map(|m| {
                         format!(

@@ -12,7 +12,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::common;
-use super::{Env, Verdict};
+use super::fs_state::{catalogue_setup, NEEDS_DAX};
+use super::suites::SuiteDef;
+use super::{Ctx, Env, Verdict};
 use crate::error::{describe, fail, Context, Result};
 use crate::isolate::{self, Child};
 use crate::stats;
@@ -353,6 +355,26 @@ pub fn run_cell(cell: Cell, child: &Child, env: &Env) -> Result<Verdict> {
         ops_s,
     ));
     Ok(Verdict::Pass)
+}
+
+pub const SUITE: SuiteDef = SuiteDef {
+    name: "faultlat",
+    help: &[
+        "catalogue F19 fault_latency: 512 timed write faults per cell of",
+        "{preallocated, empty file} x {idle, background copy} x {MAP_SHARED,",
+        "MAP_SYNC (n/a where refused), MAP_SHARED + fdatasync per page}",
+    ],
+    run: suite,
+};
+
+/// Catalogue F19: one isolated case per cell of the fault-latency matrix.
+fn suite(ctx: &mut Ctx) {
+    catalogue_setup(ctx);
+    for cell in cells() {
+        ctx.case_isolated(&cell.case_name(), NEEDS_DAX, LIMIT, move |child, env| {
+            run_cell(cell, child, env)
+        });
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::common::{self, word_for};
-use super::{Env, Verdict};
+use super::fs_state::{catalogue_setup, NEEDS_DAX};
+use super::suites::SuiteDef;
+use super::{alloc, dio, Ctx, Env, Verdict};
 use crate::error::{fail, Context, Result};
 use crate::isolate::{self, Child, End, Exit};
 use crate::sys::{self, Mapping, PAGE, PMD};
@@ -381,6 +383,47 @@ pub fn hole_waiters(child: &Child, env: &Env) -> Result<Verdict> {
     });
     let _ = std::fs::remove_file(&path);
     Ok(Verdict::Pass)
+}
+
+pub const SUITE: SuiteDef = SuiteDef {
+    name: "faults",
+    help: &[
+        "catalogue A: hole_then_write, hole_waiters, dio_mmap_buffers,",
+        "stale_block_exposure, enospc_retry (the last two fill the filesystem)",
+    ],
+    run: suite,
+};
+
+/// Catalogue A. The two cases that fill the filesystem come last.
+fn suite(ctx: &mut Ctx) {
+    catalogue_setup(ctx);
+    ctx.case_isolated(
+        "hole_then_write",
+        NEEDS_DAX,
+        HOLE_THEN_WRITE_LIMIT,
+        hole_then_write,
+    );
+    let limit = hole_waiters_limit(&ctx.env());
+    ctx.case_isolated("hole_waiters", NEEDS_DAX, limit, hole_waiters);
+    ctx.case_isolated(
+        "dio_mmap_buffers",
+        NEEDS_DAX,
+        dio::DIO_MMAP_LIMIT,
+        dio::dio_mmap_buffers,
+    );
+    let limit = alloc::stale_limit(&ctx.env());
+    ctx.case_isolated(
+        "stale_block_exposure",
+        NEEDS_DAX,
+        limit,
+        alloc::stale_block_exposure,
+    );
+    ctx.case_isolated(
+        "enospc_retry",
+        NEEDS_DAX,
+        alloc::ENOSPC_LIMIT,
+        alloc::enospc_retry,
+    );
 }
 
 #[cfg(test)]

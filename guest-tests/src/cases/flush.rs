@@ -10,8 +10,10 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use super::common::create;
+use super::fs_state::{catalogue_setup, NEEDS_DAX};
 use super::hostlink::HostLink;
-use super::{Env, Verdict};
+use super::suites::SuiteDef;
+use super::{Ctx, Env, Verdict};
 use crate::error::{describe, fail, Context, Result};
 use crate::isolate::Child;
 use crate::sys::{self, Mapping, PAGE};
@@ -366,4 +368,34 @@ pub fn flush_queue_full(child: &Child, env: &Env) -> Result<Verdict> {
         fail!("{n} fdatasyncs returned, want {want}");
     }
     Ok(Verdict::Pass)
+}
+
+pub const SUITE: SuiteDef = SuiteDef {
+    name: "flush",
+    help: &[
+        "catalogue E16-E18: flush_reaches_host, flush_queue_full, flush_error_eio.",
+        "E16 and E17 talk to scripts/run-vm.sh over the console (/dev/ttyS0); E17 needs the",
+        "image on faultfs (run-vm.sh --faultfs) and leaves ext4's journal aborted",
+    ],
+    run: suite,
+};
+
+/// Catalogue E16-E18 (E15 is fsync_persists). E16 and E17 need the runner's answers
+/// (`hostlink`) and E17 an image on faultfs; E17 aborts ext4's journal, so it comes last.
+fn suite(ctx: &mut Ctx) {
+    catalogue_setup(ctx);
+    ctx.case_isolated(
+        "flush_reaches_host",
+        NEEDS_DAX,
+        REACHES_HOST_LIMIT,
+        flush_reaches_host,
+    );
+    let limit = queue_full_limit(&ctx.env());
+    ctx.case_isolated("flush_queue_full", NEEDS_DAX, limit, flush_queue_full);
+    ctx.case_isolated(
+        "flush_error_eio",
+        NEEDS_DAX,
+        ERROR_EIO_LIMIT,
+        flush_error_eio,
+    );
 }

@@ -9,7 +9,9 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{common, Ctx, Verdict};
+use super::fs_state::{ensure_dax_mount, NEEDS_DAX};
+use super::suites::SuiteDef;
+use super::{common, device, Ctx, Verdict};
 use crate::error::{describe, fail, Result};
 use crate::pattern;
 
@@ -98,4 +100,19 @@ pub fn fsync_loop(ctx: &mut Ctx) -> Result<Verdict> {
         fail!("{errors} fsync(s) failed");
     }
     Ok(Verdict::Pass)
+}
+
+pub const SUITE: SuiteDef = SuiteDef {
+    name: "fsyncloop",
+    help: &[
+        "pwrite + fsync every 100 ms for --stress SECS (default 120), one line per",
+        "result, VUP-FSYNC-STEADY after 20: for killing the daemon under it",
+    ],
+    run: suite,
+};
+
+fn suite(ctx: &mut Ctx) {
+    ctx.case("pmem0_present", &[], device::pmem0_present);
+    ensure_dax_mount(ctx);
+    ctx.case("fsync_loop", NEEDS_DAX, fsync_loop);
 }

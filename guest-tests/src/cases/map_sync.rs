@@ -2,6 +2,8 @@
 //! region, so the kernel must refuse MAP_SYNC, which promises that CPU stores are durable
 //! once the page fault that allowed them returned.
 
+use super::fs_state::{catalogue_setup, NEEDS_DAX};
+use super::suites::SuiteDef;
 use super::{common, Ctx, Verdict};
 use crate::error::{describe, fail, Context, Result};
 use crate::sys::{self, Mapping, MAP_PRIVATE, MAP_SHARED, MAP_SHARED_VALIDATE, MAP_SYNC};
@@ -75,7 +77,7 @@ fn block_flushes(dev_name: &str) -> Option<u64> {
 /// and msync(MS_SYNC). Each msync that returns must have reached the device. The guest
 /// cannot see the daemon's flush counter; it prints how many msyncs returned as
 /// `VUP-FLUSHCOUNT name=map_sync_fallback n=N` for the host runner to compare.
-pub fn fallback(child: &super::Child, env: &super::Env) -> Result<Verdict> {
+pub fn fallback(child: &crate::isolate::Child, env: &super::Env) -> Result<Verdict> {
     use std::os::unix::fs::FileExt;
     let path = env.mnt.join("map_sync_fallback.dat");
     let f = common::create(&path)?;
@@ -140,4 +142,16 @@ pub fn fallback(child: &super::Child, env: &super::Env) -> Result<Verdict> {
     ));
     let _ = std::fs::remove_file(&path);
     Ok(Verdict::Pass)
+}
+
+pub const SUITE: SuiteDef = SuiteDef {
+    name: "mapsync",
+    help: &["catalogue B8: map_sync_fallback (prints VUP-FLUSHCOUNT for the host)"],
+    run: suite,
+};
+
+/// Catalogue B8 (B7 is part of e2e).
+fn suite(ctx: &mut Ctx) {
+    catalogue_setup(ctx);
+    ctx.case_isolated("map_sync_fallback", NEEDS_DAX, FALLBACK_LIMIT, fallback);
 }

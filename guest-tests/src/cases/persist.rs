@@ -5,7 +5,11 @@ use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read};
 use std::os::unix::fs::FileExt;
 
-use super::{Ctx, Verdict};
+use super::fs_state::{
+    ensure_dax_checked, ensure_dax_mount, ensure_mounted, make_fs, release_mount, NEEDS_DAX,
+};
+use super::suites::SuiteDef;
+use super::{dax, device, map_sync, Ctx, Verdict};
 use crate::error::{fail, Context, Result};
 use crate::fiemap;
 use crate::pattern;
@@ -100,7 +104,7 @@ pub fn fsync_persists(ctx: &mut Ctx, expect: Option<u64>) -> Result<Verdict> {
             e.logical, e.physical, e.length, e.flags
         ));
     }
-    ctx.persisted_gen = Some(next);
+    ctx.fs_state.persisted_gen = Some(next);
     ctx.diag(&format!(
         "persist.dat now holds generation {next} (fsync file + rename + fsync dir returned)"
     ));
@@ -127,4 +131,56 @@ pub fn host_check(ctx: &mut Ctx, tag: &str, file: &File, data: &[u8]) -> Result<
         ));
     }
     Ok(())
+}
+
+pub const E2E: SuiteDef = SuiteDef {
+    name: "e2e",
+    help: &[
+        "device, (mkfs,) DAX mount, preconditions, data and mmap cases,",
+        "MAP_SYNC matrix, persistence generation 1",
+    ],
+    run: e2e_suite,
+};
+
+fn e2e_suite(ctx: &mut Ctx) {
+    ctx.case("pmem0_present", &[], device::pmem0_present);
+    if ctx.args.mkfs {
+        make_fs(ctx);
+    }
+    ensure_dax_mount(ctx);
+    ctx.case("write_fsync", NEEDS_DAX, dax::write_fsync);
+    ctx.case("pte_rw_basic", NEEDS_DAX, dax::pte_rw_basic);
+    ctx.case("map_sync_matrix", NEEDS_DAX, map_sync::matrix);
+    let expect = ctx
+        .fs_state
+        .persisted_gen
+        .or(ctx.args.expect_gen)
+        .unwrap_or(0);
+    ctx.case("fsync_persists", NEEDS_DAX, |ctx| {
+        fsync_persists(ctx, Some(expect))
+    });
+}
+
+pub const PERSIST: SuiteDef = SuiteDef {
+    name: "persist",
+    help: &[
+        "fsck, DAX mount, preconditions, check generation --expect-gen N,",
+        "write generation N+1",
+    ],
+    run: persist_suite,
+};
+
+fn persist_suite(ctx: &mut Ctx) {
+    ctx.case("pmem0_present", &[], device::pmem0_present);
+    // fsck needs the filesystem unmounted; an earlier suite in this run may hold it.
+    release_mount(ctx);
+    ctx.case("fsck_clean", &["pmem0_present"], device::fsck_clean);
+    ensure_mounted(ctx);
+    // A fresh mount: check DAX again rather than trusting an earlier suite.
+    ctx.fs_state.dax_checked = false;
+    ensure_dax_checked(ctx);
+    let expect = ctx.fs_state.persisted_gen.or(ctx.args.expect_gen);
+    ctx.case("fsync_persists", NEEDS_DAX, |ctx| {
+        fsync_persists(ctx, expect)
+    });
 }

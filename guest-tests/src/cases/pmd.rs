@@ -11,7 +11,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::common::{self, observe, Observed};
-use super::{Env, Verdict};
+use super::fs_state::{catalogue_setup, NEEDS_DAX};
+use super::suites::SuiteDef;
+use super::{Ctx, Env, Verdict};
 use crate::error::{describe, fail, Context, Result};
 use crate::fiemap::{self, Segment};
 use crate::isolate::{self, Child, End, Exit};
@@ -603,6 +605,23 @@ pub fn pmd_ops(child: &Child, env: &Env) -> Result<Verdict> {
     let _ = std::fs::remove_file(&yp);
     let _ = std::fs::remove_file(&path);
     Ok(Verdict::Pass)
+}
+
+pub const SUITE: SuiteDef = SuiteDef {
+    name: "pmd",
+    help: &[
+        "catalogue D: pmd_fault, pmd_fallback, pmd_ops (run it with --fs ext4 and",
+        "with --fs xfs)",
+    ],
+    run: suite,
+};
+
+/// Catalogue D, on whichever filesystem --fs names.
+fn suite(ctx: &mut Ctx) {
+    catalogue_setup(ctx);
+    ctx.case_isolated("pmd_fault", NEEDS_DAX, LIMIT, pmd_fault);
+    ctx.case_isolated("pmd_fallback", NEEDS_DAX, LIMIT, pmd_fallback);
+    ctx.case_isolated("pmd_ops", NEEDS_DAX, LIMIT, pmd_ops);
 }
 
 #[cfg(test)]

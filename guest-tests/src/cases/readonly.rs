@@ -10,8 +10,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::{Ctx, Verdict};
+use super::suites::SuiteDef;
+use super::{device, Ctx, Verdict};
 use crate::error::{describe, fail, Context, Result};
+use crate::mounts;
 use crate::pattern;
 use crate::sys;
 
@@ -309,4 +311,33 @@ pub fn ro_blockdev_write(ctx: &mut Ctx) -> Result<Verdict> {
         );
     }
     Ok(Verdict::Pass)
+}
+
+pub const SUITE: SuiteDef = SuiteDef {
+    name: "readonly",
+    help: &[
+        "for a daemon run with --read-only: mount read-only, find generation",
+        "--expect-gen N, try writes (file system, remount, block device)",
+    ],
+    run: suite,
+};
+
+/// For a daemon run with --read-only. Mounts by itself (read-only), so nothing here goes
+/// through ensure_mounted.
+fn suite(ctx: &mut Ctx) {
+    ctx.case("pmem0_present", &[], device::pmem0_present);
+    ctx.case("ro_region", &["pmem0_present"], ro_region);
+    ctx.case("ro_mount_read", &["ro_region"], ro_mount_read);
+    ctx.case("ro_fs_writes", &["ro_mount_read"], ro_fs_writes);
+    if mounts::current(ctx.mnt()).is_some() {
+        if let Err(e) = sys::umount(ctx.mnt()) {
+            let msg = format!(
+                "umount {}: {}",
+                ctx.mnt().display(),
+                crate::error::describe(&e)
+            );
+            ctx.diag(&msg);
+        }
+    }
+    ctx.case("ro_blockdev_write", &["pmem0_present"], ro_blockdev_write);
 }

@@ -7,7 +7,9 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{common, persist, Ctx, Verdict};
+use super::fs_state::{ensure_dax_mount, release_mount, NEEDS_DAX};
+use super::suites::SuiteDef;
+use super::{common, device, persist, Ctx, Verdict};
 use crate::error::{fail, Context, Result};
 use crate::pattern;
 use crate::sys::{self, Mapping};
@@ -164,4 +166,46 @@ pub fn driver_rebind(ctx: &mut Ctx) -> Result<Verdict> {
         fail!("the region reads as zeros after the rebind: it was not mapped again");
     }
     Ok(Verdict::Pass)
+}
+
+pub const SUITE: SuiteDef = SuiteDef {
+    name: "rebind",
+    help: &[
+        "persist generation N+1 and a file stored through a DAX mapping, unbind",
+        "and bind virtio_pmem through sysfs, mount again, find both, write N+2",
+    ],
+    run: suite,
+};
+
+/// Data written before a sysfs unbind/bind of virtio_pmem must be there after it, read
+/// through a new block device and a new DAX mount; the daemon must have mapped the file again.
+fn suite(ctx: &mut Ctx) {
+    ctx.case("pmem0_present", &[], device::pmem0_present);
+    ensure_dax_mount(ctx);
+    let expect = ctx.fs_state.persisted_gen.or(ctx.args.expect_gen);
+    ctx.case("fsync_persists", NEEDS_DAX, |ctx| {
+        persist::fsync_persists(ctx, expect)
+    });
+    ctx.case("rebind_mmap_write", NEEDS_DAX, mmap_write);
+    release_mount(ctx);
+    ctx.case("driver_rebind", &["pmem0_present"], driver_rebind);
+    // A new block device: mount and check DAX again.
+    ctx.fs_state.dax_checked = false;
+    ensure_dax_mount(ctx);
+    ctx.case(
+        "rebind_data_kept",
+        &[
+            "driver_rebind",
+            "mount_dax",
+            "precond_dax",
+            "rebind_mmap_write",
+        ],
+        mmap_data_kept,
+    );
+    let expect = ctx.fs_state.persisted_gen;
+    ctx.case(
+        "fsync_persists",
+        &["driver_rebind", "mount_dax", "precond_dax"],
+        |ctx| persist::fsync_persists(ctx, expect),
+    );
 }

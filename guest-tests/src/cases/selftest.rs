@@ -7,7 +7,9 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use super::{catalogue_setup, Ctx, Verdict, NEEDS_DAX};
+use super::fs_state::{catalogue_setup, NEEDS_DAX};
+use super::suites::SuiteDef;
+use super::{Ctx, Verdict};
 use crate::error::{describe, fail, Context, Result};
 use crate::isolate;
 use crate::tap::{self, Outcome};
@@ -127,3 +129,13 @@ pub fn suite(ctx: &mut Ctx) {
         )
     });
 }
+
+pub const SUITE: SuiteDef = SuiteDef {
+    name: "selftest",
+    help: &[
+        "proves the case runner in the guest: a hung case, a case stuck in D state",
+        "(a write to a frozen filesystem, thawed after), a fatal signal and a",
+        "kernel WARNING line must each fail the case they happen in",
+    ],
+    run: suite,
+};

@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{common, persist, Ctx, Verdict};
+use super::fs_state::{ensure_dax_mount, release_mount, NEEDS_DAX};
+use super::suites::SuiteDef;
+use super::{common, device, persist, Ctx, Verdict};
 use crate::error::{describe, fail, Context, Result};
 use crate::pattern::{self, XorShift64};
 use crate::sys::{self, Mapping};
@@ -330,6 +332,28 @@ pub fn soak_load(ctx: &mut Ctx) -> Result<Verdict> {
         persist::host_check(ctx, SOAKCHECK, &f, &data)?;
     }
     Ok(Verdict::Pass)
+}
+
+pub const SUITE: SuiteDef = SuiteDef {
+    name: "soak",
+    help: &[
+        "check the previous soak boot's acknowledged writes (--expect-gen N:",
+        "the previous boot; 0 on a fresh file system), then --threads writers",
+        "(largest value) plus a truncator for --stress SECS (default 20)",
+    ],
+    run: suite,
+};
+
+/// One boot of scripts/soak.sh: check the previous boot's acknowledged writes, then load.
+fn suite(ctx: &mut Ctx) {
+    ctx.case("pmem0_present", &[], device::pmem0_present);
+    if !ctx.args.mkfs {
+        release_mount(ctx);
+        ctx.case("fsck_clean", &["pmem0_present"], device::fsck_clean);
+    }
+    ensure_dax_mount(ctx);
+    ctx.case("soak_verify", NEEDS_DAX, soak_verify);
+    ctx.case("soak_load", NEEDS_DAX, soak_load);
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::common::{self, word_for};
-use super::{Env, Verdict};
+use super::fs_state::{catalogue_setup, NEEDS_DAX};
+use super::suites::SuiteDef;
+use super::{dio, Ctx, Env, Verdict};
 use crate::error::{fail, Context, Result};
 use crate::fiemap;
 use crate::isolate::{self, Child, End, Exit, Proc};
@@ -707,4 +709,20 @@ pub fn truncate_fault_race(child: &Child, env: &Env) -> Result<Verdict> {
         fail!("{}", wrong.join("; "));
     }
     Ok(Verdict::Pass)
+}
+
+pub const SUITE: SuiteDef = SuiteDef {
+    name: "truncate",
+    help: &["catalogue C: sigbus_rules, truncate_fault_race, dio_collision"],
+    run: suite,
+};
+
+/// Catalogue C.
+fn suite(ctx: &mut Ctx) {
+    catalogue_setup(ctx);
+    ctx.case_isolated("sigbus_rules", NEEDS_DAX, SIGBUS_LIMIT, sigbus_rules);
+    let limit = race_limit(&ctx.env());
+    ctx.case_isolated("truncate_fault_race", NEEDS_DAX, limit, truncate_fault_race);
+    let limit = dio::collision_limit(&ctx.env());
+    ctx.case_isolated("dio_collision", NEEDS_DAX, limit, dio::dio_collision);
 }
