@@ -309,58 +309,11 @@ resolve_guest_tools() {
     GUEST_TOOLS="$VUP_CACHE/guest-tools/out"
 }
 
-# kvm_usable: true if /dev/kvm can boot the guest kernel (needs QEMU_BIN and KERNEL_IMAGE).
-# Boots the kernel without an initramfs: it panics at once for want of a root file system,
-# and with panic=-1 and -no-reboot QEMU then exits 0. A nested KVM that cannot run Linux
-# stops with "KVM internal error" instead. The answer is cached per host kernel.
-kvm_usable() {
-    [[ -r /dev/kvm && -w /dev/kvm ]] || return 1
-    local key f log pid i st=1
-    key="$(printf '%s\n' "$(uname -r)" "$QEMU_BIN" "$KERNEL_IMAGE" | sha256sum | cut -c1-16)"
-    f="$VUP_CACHE/kvm-probe.$key"
-    if [[ -f $f ]]; then [[ $(cat "$f") == yes ]]; return; fi
-    log="$(mktemp)"
-    "$QEMU_BIN" -accel kvm -cpu host -m 256M -nodefaults -nographic -no-reboot -serial stdio \
-        -kernel "$KERNEL_IMAGE" -append "console=ttyS0 panic=-1 loglevel=1" \
-        </dev/null >"$log" 2>&1 &
-    pid=$!
-    for (( i = 0; i < 300; i++ )); do
-        kill -0 "$pid" 2>/dev/null || break
-        grep -q 'KVM internal error' "$log" && break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -KILL "$pid" 2>/dev/null; { wait "$pid"; } 2>/dev/null || true
-    else
-        { wait "$pid"; } 2>/dev/null && st=0 || st=$?
-    fi
-    if (( st == 0 )) && ! grep -q 'KVM internal error' "$log"; then echo yes > "$f"; else echo no > "$f"; fi
-    rm -f "$log"
-    [[ $(cat "$f") == yes ]]
-}
-
-# parse_size 1G|512M|2GiB|4096K|bytes -> bytes
-parse_size() {
-    local s="$1" n u
-    if [[ $s =~ ^([0-9]+)([KkMmGgTt]?)(i?[Bb])?$ ]]; then
-        n="${BASH_REMATCH[1]}"; u="${BASH_REMATCH[2]}"
-        case "$u" in
-            K|k) n=$((n << 10)) ;;
-            M|m) n=$((n << 20)) ;;
-            G|g) n=$((n << 30)) ;;
-            T|t) n=$((n << 40)) ;;
-        esac
-        printf '%s\n' "$n"
-    else
-        die "invalid size '$s' (use e.g. 512M, 1G, 2GiB, or plain bytes)"
-    fi
-}
-
 # build_vm_inputs INITRD: everything a VM run needs, built or fetched (cached after the first
 # run): the release daemon, QEMU, the guest kernel and tools, the guest binary, and an
 # initramfs written to INITRD.
 build_vm_inputs() {
-    cargo build --release -p vhost-user-pmem >&2
+    build_runner
     "$VUP_ROOT/scripts/fetch-qemu.sh" >/dev/null
     "$VUP_ROOT/scripts/fetch-kernel.sh" >/dev/null
     "$VUP_ROOT/scripts/fetch-guest-tools.sh" >/dev/null
@@ -369,22 +322,12 @@ build_vm_inputs() {
     "$VUP_ROOT/scripts/build-initramfs.sh" --guest-bin "$guest_bin" --out "$1" >/dev/null
 }
 
-# start_daemon OUT SIZE: starts the release daemon in the background on OUT/pmem0.img (created
-# or extended to SIZE), listening on a socket in a fresh directory under /tmp (sun_path is
-# short). Sets sockdir, sock and dpid; the caller traps cleanup, then calls wait_daemon_socket.
-start_daemon() {
-    sockdir=$(mktemp -d "/tmp/vup-$VUP_PROG.XXXXXX")
-    sock="$sockdir/pmem0.sock"
-    RUST_LOG="${RUST_LOG:-info}" "$VUP_ROOT/target/release/vhost-user-pmem" \
-        --socket-path "$sock" --file "$1/pmem0.img" --size "$2" </dev/null >"$1/daemon.log" 2>&1 &
-    dpid=$!
-}
+# VUP_RUNNER: the VM runner (crates/vm-runner), next to the daemon and faultfs it starts.
+VUP_RUNNER="$VUP_ROOT/target/release/vmrun"
 
-# wait_daemon_socket LOG: waits up to 10 s for $sock; dies with the daemon's LOG if it never
-# appears.
-wait_daemon_socket() {
-    local i
-    for ((i = 0; i < 100; i++)); do [[ -S $sock ]] && return 0; sleep 0.1; done
-    cat "$1" >&2
-    die "the daemon did not start"
+# build_runner: build (or find up to date) the runner, the daemon and faultfs, in release mode
+# in the clone's own target directory, whatever CARGO_TARGET_DIR says.
+build_runner() {
+    (cd "$VUP_ROOT" && env -u CARGO_TARGET_DIR cargo build --release -q \
+        -p vm-runner -p vhost-user-pmem -p faultfs) >&2 || die "cargo build of the runner failed"
 }

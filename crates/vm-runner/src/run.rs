@@ -284,9 +284,9 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
     );
     let mut link = HostLink::create(&log_dir).map_err(io("create the host-link FIFO"))?;
     info(format!(
-        "booting ({}, {:?}, image {}, size {}); logs in {}",
+        "booting ({}, {}, image {}, size {}); logs in {}",
         spec.device_name(),
-        spec.qemu.accel,
+        spec.qemu.accel.word(),
         image.display(),
         spec.size.text,
         log_dir.display()
@@ -712,9 +712,9 @@ fn tail(text: &str, n: usize) -> String {
 fn write_report(spec: &RunSpec, o: &Outcome, not_ok: &[String], console: &str, qemu_log: &str) {
     let dir = &o.log_dir;
     let mut r = format!(
-        "device={} accel={:?} end={} elapsed_ms={} qemu_rc={} boots={} hostchecks={}\n",
+        "device={} accel={} end={} elapsed_ms={} qemu_rc={} boots={} hostchecks={}\n",
         o.device,
-        spec.qemu.accel,
+        spec.qemu.accel.word(),
         spec.guest.end.word(),
         o.elapsed.as_millis(),
         o.qemu_status.map_or("killed".into(), |c| c.to_string()),

@@ -138,6 +138,15 @@ pub enum Accel {
     Kvm,
 }
 
+impl Accel {
+    pub fn word(self) -> &'static str {
+        match self {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+        }
+    }
+}
+
 /// How the run ends, besides the guest ending by itself.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Stop {
