@@ -37,8 +37,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vhost_user_pmem::backend::{Device, PmemBackend};
 use vhost_user_pmem::config::{Config, Endpoint};
-use vhost_user_pmem::flush::FlushMode;
-use vhost_user_pmem::sandbox::SeccompMode;
+use vhost_user_pmem::modes::{FlushMode, SeccompMode};
 use vhost_user_pmem::Connection;
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,

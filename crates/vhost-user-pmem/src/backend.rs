@@ -29,7 +29,8 @@ use crate::device::{
     CONFIG_SPACE_LEN, MAX_QUEUE_SIZE, NUM_QUEUES, REQUEST_QUEUE, RESP_ERR,
     VIRTIO_PMEM_F_SHMEM_REGION,
 };
-use crate::flush::{FlushEngine, FlushJob, FlushMode};
+use crate::flush::{FlushEngine, FlushJob};
+use crate::modes::FlushMode;
 use crate::queue::{complete, notify, GuestMemory, Vring};
 use crate::ratelimit::RateLimit;
 use crate::request::{self, Request};

@@ -10,6 +10,7 @@ pub mod device;
 pub mod flush;
 pub mod logging;
 pub mod metrics;
+pub mod modes;
 pub mod queue;
 pub mod ratelimit;
 pub mod request;
@@ -195,7 +196,12 @@ pub fn prepare(config: &config::Config) -> Result<(Arc<Device>, Connection), Err
         Endpoint::Listen { path, .. } => socket::ensure_free(path)?,
         Endpoint::Connect(path) => socket::check_connect_path(std::path::Path::new(path))?,
     }
-    let backing = backing::BackingFile::open(config)?;
+    let access = if config.read_only {
+        backing::Access::ReadOnly
+    } else {
+        backing::Access::ReadWrite
+    };
+    let backing = backing::BackingFile::open(&config.file, config.size, access)?;
     let size = backing.size();
     let read_only = backing.read_only();
     // Bound before the flush workers start: listen() sets the process-wide umask for a moment.

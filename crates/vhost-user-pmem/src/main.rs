@@ -12,7 +12,8 @@ use vhost_user_pmem::backend::Device;
 use vhost_user_pmem::config::{Config, Endpoint, MetricsFile};
 use vhost_user_pmem::logging;
 use vhost_user_pmem::metrics::{self, Reporter};
-use vhost_user_pmem::sandbox::{self, SeccompMode};
+use vhost_user_pmem::modes::SeccompMode;
+use vhost_user_pmem::sandbox;
 use vhost_user_pmem::socket::SocketFile;
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {
@@ -204,7 +205,12 @@ fn main() -> ExitCode {
     };
     // Every thread that exists now (main, flush workers, in client mode the first
     // connection's) gets the filter through TSYNC; every later one inherits it.
-    let needs = sandbox::Needs::of(&config, socket.as_ref().map(SocketFile::dir_fd));
+    let needs = sandbox::Needs {
+        listen: matches!(config.endpoint, Endpoint::Listen { .. }),
+        socket_dir: socket.as_ref().map(SocketFile::dir_fd),
+        connect: matches!(config.endpoint, Endpoint::Connect(_)),
+        metrics_file: config.metrics.is_some(),
+    };
     match sandbox::compile(config.seccomp, needs) {
         Ok(None) => {}
         Ok(Some(filter)) => {
