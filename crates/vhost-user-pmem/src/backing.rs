@@ -23,8 +23,12 @@ pub enum BackingError {
     MissingReadOnly(PathBuf),
     #[error("cannot open {path}: {source}")]
     Open { path: PathBuf, source: io::Error },
-    #[error("{path} is in use ({mode} lock held): another vhost-user-pmem serves it, or a QEMU still maps it from an earlier daemon (the lock travels with the descriptor passed in SHMEM_MAP)")]
-    Locked { path: PathBuf, mode: &'static str },
+    #[error("{path} is in use ({held} lock held): another vhost-user-pmem serves it, or a QEMU still maps it from an earlier daemon (the lock travels with the descriptor passed in SHMEM_MAP)")]
+    Locked {
+        path: PathBuf,
+        /// The kind of lock another holder has that keeps this one out.
+        held: &'static str,
+    },
     #[error("{path} is {file_size}, larger than --size {size}; refusing to shrink it (that would lose data). Use --size {file_size} or omit --size")]
     WouldShrink {
         path: PathBuf,
@@ -255,7 +259,9 @@ impl BackingFile {
 }
 
 fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), BackingError> {
-    let (op, mode) = if read_only {
+    // `held` names the other holder's lock that a refusal means: a shared lock is kept out
+    // only by an exclusive one, an exclusive lock by either.
+    let (op, held) = if read_only {
         (libc::LOCK_SH, "exclusive")
     } else {
         (libc::LOCK_EX, "shared or exclusive")
@@ -269,7 +275,7 @@ fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), BackingError> {
     if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
         Err(BackingError::Locked {
             path: path.to_path_buf(),
-            mode,
+            held,
         })
     } else {
         Err(BackingError::Open {

@@ -29,11 +29,11 @@ use log::{debug, error, log_enabled, warn, Level};
 use vm_memory::GuestAddress;
 
 use crate::backing::{BackingFile, FlushFailure};
-use crate::device::{RESP_ERR, RESP_OK};
 use crate::modes::{FlushMode, PARALLEL_THREADS};
 use crate::queue::{complete, notify, MemGuard, Vring};
 use crate::stats::{PerConnection, Stats};
 use crate::sync::{lock, unpoison};
+use crate::virtio::{RESP_ERR, RESP_OK};
 
 /// Worker threads of `mode`.
 fn workers(mode: FlushMode) -> usize {
@@ -68,15 +68,16 @@ pub trait Job: Send + 'static {
     fn complete(&self, code: u32);
     /// Tells the guest about what [`Self::complete`] put on the ring.
     fn notify(&self);
-    /// Identifies the queue the request came from: one notification per queue ends a batch.
-    fn queue_id(&self) -> u64;
+    /// The connection the request came from (each has its own queue): one notification per
+    /// connection ends a batch, and the per-connection counts go to it.
+    fn conn_id(&self) -> u64;
 }
 
 /// A flush request taken off the virtqueue and waiting for its fdatasync.
 pub struct FlushJob {
     pub vring: Vring,
-    /// Identifies the vring, so that one notification per vring ends a batch.
-    pub vring_id: u64,
+    /// The connection whose vring this is (see [`Job::conn_id`]).
+    pub conn_id: u64,
     pub mem: MemGuard,
     pub head: u16,
     pub status: GuestAddress,
@@ -91,8 +92,8 @@ impl Job for FlushJob {
         notify(&self.vring);
     }
 
-    fn queue_id(&self) -> u64 {
-        self.vring_id
+    fn conn_id(&self) -> u64 {
+        self.conn_id
     }
 }
 
@@ -192,7 +193,7 @@ impl<S: Syncer, J: Job> FlushEngine<S, J> {
         Stats::add(&self.stats.requests, n as u64);
         for e in state.queue.iter().skip(before) {
             self.stats
-                .add_for(e.job.queue_id(), PerConnection::Requests, 1);
+                .add_for(e.job.conn_id(), PerConnection::Requests, 1);
         }
         drop(state);
         // One worker per request, as far as there are workers; waking more would only have
@@ -296,7 +297,7 @@ impl<S: Syncer, J: Job> Worker<S, J> {
                 Stats::add(&self.stats.errors, n as u64);
                 for e in batch.iter() {
                     self.stats
-                        .add_for(e.job.queue_id(), PerConnection::Errors, 1);
+                        .add_for(e.job.conn_id(), PerConnection::Errors, 1);
                 }
                 RESP_ERR
             }
@@ -331,7 +332,7 @@ impl<S: Syncer, J: Job> Worker<S, J> {
         let mut last: Option<&J> = None;
         for e in batch.iter() {
             e.job.complete(code);
-            if let Some(prev) = last.filter(|p| p.queue_id() != e.job.queue_id()) {
+            if let Some(prev) = last.filter(|p| p.conn_id() != e.job.conn_id()) {
                 prev.notify();
             }
             last = Some(&e.job);
@@ -439,7 +440,7 @@ mod tests {
                 .unwrap();
         }
         fn notify(&self) {}
-        fn queue_id(&self) -> u64 {
+        fn conn_id(&self) -> u64 {
             0
         }
     }

@@ -8,8 +8,8 @@ use clap::Parser;
 use log::{debug, error, info, warn};
 
 use vhost_user_pmem::args::Args;
-use vhost_user_pmem::backend::Device;
 use vhost_user_pmem::config::{Config, Endpoint, MetricsFile};
+use vhost_user_pmem::device::Device;
 use vhost_user_pmem::logging;
 use vhost_user_pmem::metrics::{self, Reporter};
 use vhost_user_pmem::modes::SeccompMode;
@@ -174,7 +174,7 @@ fn main() -> ExitCode {
         return fail(e);
     }
     sandbox::prepare_allocator();
-    let (device, connection) = match vhost_user_pmem::prepare(&config) {
+    let (device, frontends) = match vhost_user_pmem::prepare(&config) {
         Ok(v) => v,
         Err(e) => return fail(e),
     };
@@ -233,5 +233,5 @@ fn main() -> ExitCode {
     {
         return fail(format!("cannot start the signal thread: {e}"));
     }
-    vhost_user_pmem::serve(device, connection)
+    vhost_user_pmem::serve(device, frontends)
 }
