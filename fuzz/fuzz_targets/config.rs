@@ -16,8 +16,8 @@ use std::sync::OnceLock;
 use clap::Parser;
 use libfuzzer_sys::fuzz_target;
 use vhost_user_pmem::args::Args;
-use vhost_user_pmem::config::{Config, Endpoint, MAX_METRICS_INTERVAL_SECS, MIN_SIZE};
-use vhost_user_pmem::size::ByteSize;
+use vhost_user_pmem::config::{Config, Endpoint, MAX_METRICS_INTERVAL_SECS};
+use vhost_user_pmem::size::{ByteSize, MIN_SIZE};
 
 /// With VHOST_FUZZ_SKIP_KNOWN=1, findings already reported in docs/testing.md are not checked
 /// again: a size that is not a whole number of KiB prints as "N bytes", which does not parse.

@@ -14,7 +14,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vhost_user_pmem::device::{MSG_LEN, RESP_ERR};
+use vhost_user_pmem::virtio::{MSG_LEN, RESP_ERR};
 use vhost_user_pmem::request::{parse, Request};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};

@@ -35,11 +35,11 @@ use libfuzzer_sys::fuzz_target;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
-use vhost_user_pmem::backend::{Device, PmemBackend};
+use vhost_user_pmem::backend::PmemBackend;
+use vhost_user_pmem::device::Device;
 use vhost_user_pmem::config::{Config, Endpoint};
-use vhost_user_pmem::flush::FlushMode;
-use vhost_user_pmem::sandbox::SeccompMode;
-use vhost_user_pmem::Connection;
+use vhost_user_pmem::modes::{FlushMode, SeccompMode};
+use vhost_user_pmem::Frontends;
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
@@ -144,8 +144,8 @@ fn harness() -> &'static Harness {
             // calls than the daemon's allow-list.
             seccomp: SeccompMode::Off,
         };
-        let (device, connection) = vhost_user_pmem::prepare(&config).expect("prepare the device");
-        let Connection::Listener(listener) = connection else {
+        let (device, frontends) = vhost_user_pmem::prepare(&config).expect("prepare the device");
+        let Frontends::Listen(listener) = frontends else {
             panic!("a listening endpoint gave a client connection");
         };
         let (tx, rx) = mpsc::channel();

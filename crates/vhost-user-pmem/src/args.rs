@@ -4,8 +4,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::flush::FlushMode;
-use crate::sandbox::SeccompMode;
+use crate::modes::{FlushMode, SeccompMode};
 use crate::size::ByteSize;
 
 /// Serve a host file to a QEMU guest as a virtio-pmem device over vhost-user.

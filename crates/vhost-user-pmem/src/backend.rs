@@ -24,46 +24,18 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::backing::BackingFile;
-use crate::device::{
-    CONFIG_SPACE_LEN, MAX_QUEUE_SIZE, NUM_QUEUES, REQUEST_QUEUE, RESP_ERR,
-    VIRTIO_PMEM_F_SHMEM_REGION,
-};
-use crate::flush::{FlushEngine, FlushJob, FlushMode};
+use crate::device::Device;
+use crate::flush::FlushJob;
 use crate::queue::{complete, notify, GuestMemory, Vring};
 use crate::ratelimit::RateLimit;
 use crate::request::{self, Request};
 use crate::shmem::ShmemMapper;
 use crate::stats::{PerConnection, Stats};
 use crate::sync::{lock, unpoison};
-
-/// State that outlives a connection: the file and its flush worker.
-pub struct Device {
-    pub backing: Arc<BackingFile>,
-    pub stats: Arc<Stats>,
-    engine: FlushEngine,
-}
-
-impl Device {
-    pub fn new(backing: BackingFile, mode: FlushMode) -> io::Result<Self> {
-        let backing = Arc::new(backing);
-        let stats = Arc::new(Stats::default());
-        Ok(Device {
-            engine: FlushEngine::new(mode, backing.clone(), stats.clone())?,
-            backing,
-            stats,
-        })
-    }
-
-    pub fn flush_mode(&self) -> FlushMode {
-        self.engine.mode()
-    }
-
-    /// Flush requests taken off the queue and not answered yet.
-    pub fn flushes_in_flight(&self) -> usize {
-        self.engine.in_flight()
-    }
-}
+use crate::virtio::{
+    CONFIG_SPACE_LEN, MAX_QUEUE_SIZE, NUM_QUEUES, REQUEST_QUEUE, RESP_ERR,
+    VIRTIO_PMEM_F_SHMEM_REGION,
+};
 
 /// One frontend connection's view of the device.
 pub struct PmemBackend {
@@ -169,7 +141,7 @@ impl PmemBackend {
                 }
                 Request::Flush { status } => flushes.push(FlushJob {
                     vring: vring.clone(),
-                    vring_id: self.conn_id,
+                    conn_id: self.conn_id,
                     mem: mem.clone(),
                     head,
                     status,
@@ -196,7 +168,7 @@ impl PmemBackend {
             }
         }
         if !flushes.is_empty() {
-            self.device.engine.submit_all(flushes, popped);
+            self.device.submit(flushes, popped);
         }
         if completed_here {
             notify(vring);
@@ -337,7 +309,7 @@ impl VhostUserBackend for PmemBackend {
     fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
         // The frontend reads the ring position right after this returns; answer every request
         // already taken off the ring first, or its completion would land in a stopped ring.
-        self.device.engine.wait_idle();
+        self.device.wait_idle();
         Ok(())
     }
 

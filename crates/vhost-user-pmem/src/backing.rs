@@ -9,8 +9,7 @@ use std::sync::OnceLock;
 
 use log::{error, info};
 
-use crate::config::{check_file_size, Config, ConfigError};
-use crate::size::ByteSize;
+use crate::size::{self, ByteSize, SizeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackingError {
@@ -24,8 +23,12 @@ pub enum BackingError {
     MissingReadOnly(PathBuf),
     #[error("cannot open {path}: {source}")]
     Open { path: PathBuf, source: io::Error },
-    #[error("{path} is in use ({mode} lock held): another vhost-user-pmem serves it, or a QEMU still maps it from an earlier daemon (the lock travels with the descriptor passed in SHMEM_MAP)")]
-    Locked { path: PathBuf, mode: &'static str },
+    #[error("{path} is in use ({held} lock held): another vhost-user-pmem serves it, or a QEMU still maps it from an earlier daemon (the lock travels with the descriptor passed in SHMEM_MAP)")]
+    Locked {
+        path: PathBuf,
+        /// The kind of lock another holder has that keeps this one out.
+        held: &'static str,
+    },
     #[error("{path} is {file_size}, larger than --size {size}; refusing to shrink it (that would lose data). Use --size {file_size} or omit --size")]
     WouldShrink {
         path: PathBuf,
@@ -45,7 +48,15 @@ pub enum BackingError {
         source: io::Error,
     },
     #[error(transparent)]
-    Size(#[from] ConfigError),
+    Size(#[from] SizeError),
+}
+
+/// How the daemon may use the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadWrite,
+    /// `--read-only`: opened without write permission, never created or extended.
+    ReadOnly,
 }
 
 /// Why flushes are refused: the first fdatasync failure, kept for the daemon's lifetime.
@@ -82,10 +93,13 @@ fn file_kind(meta: &std::fs::Metadata) -> &'static str {
 }
 
 impl BackingFile {
-    /// Opens (or creates) and locks the file named by `config`, and brings it to the device
-    /// size. Nothing is written to an existing file unless it has to grow.
-    pub fn open(config: &Config) -> Result<Self, BackingError> {
-        let path = config.file.clone();
+    /// Opens (or creates) and locks the file at `path`, and brings it to the device size:
+    /// `size`, already checked with `size::check_requested`, or (`None`) the file's own size,
+    /// which must then pass `size::check_file`. Nothing is written to an existing file unless
+    /// it has to grow.
+    pub fn open(path: &Path, size: Option<u64>, access: Access) -> Result<Self, BackingError> {
+        let path = path.to_path_buf();
+        let read_only = access == Access::ReadOnly;
         let exists = match std::fs::metadata(&path) {
             Ok(meta) if meta.is_dir() => return Err(BackingError::IsDirectory(path)),
             Ok(meta) if !meta.is_file() => {
@@ -96,25 +110,25 @@ impl BackingFile {
             Err(source) => return Err(BackingError::Open { path, source }),
         };
         if !exists {
-            if config.read_only {
+            if read_only {
                 return Err(BackingError::MissingReadOnly(path));
             }
-            if config.size.is_none() {
+            if size.is_none() {
                 return Err(BackingError::MissingNoSize(path));
             }
         }
 
         let file = OpenOptions::new()
             .read(true)
-            .write(!config.read_only)
-            .create(!config.read_only && config.size.is_some())
+            .write(!read_only)
+            .create(!read_only && size.is_some())
             .truncate(false)
             .open(&path)
             .map_err(|source| BackingError::Open {
                 path: path.clone(),
                 source,
             })?;
-        lock(&file, &path, config.read_only)?;
+        lock(&file, &path, read_only)?;
 
         let meta = file.metadata().map_err(|source| BackingError::Open {
             path: path.clone(),
@@ -124,9 +138,9 @@ impl BackingFile {
             return Err(BackingError::NotRegular(path, file_kind(&meta)));
         }
         let file_size = meta.size();
-        let size = match config.size {
+        let size = match size {
             None => {
-                check_file_size(&path, file_size)?;
+                size::check_file(&path, file_size)?;
                 file_size
             }
             Some(size) if file_size > size => {
@@ -136,7 +150,7 @@ impl BackingFile {
                     size: ByteSize(size),
                 })
             }
-            Some(size) if file_size < size && config.read_only => {
+            Some(size) if file_size < size && read_only => {
                 return Err(BackingError::ReadOnlyTooSmall {
                     path,
                     file_size: ByteSize(file_size),
@@ -181,7 +195,7 @@ impl BackingFile {
             file,
             path,
             size,
-            read_only: config.read_only,
+            read_only,
             failure: OnceLock::new(),
         })
     }
@@ -245,7 +259,9 @@ impl BackingFile {
 }
 
 fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), BackingError> {
-    let (op, mode) = if read_only {
+    // `held` names the other holder's lock that a refusal means: a shared lock is kept out
+    // only by an exclusive one, an exclusive lock by either.
+    let (op, held) = if read_only {
         (libc::LOCK_SH, "exclusive")
     } else {
         (libc::LOCK_EX, "shared or exclusive")
@@ -259,7 +275,7 @@ fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), BackingError> {
     if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
         Err(BackingError::Locked {
             path: path.to_path_buf(),
-            mode,
+            held,
         })
     } else {
         Err(BackingError::Open {
@@ -273,25 +289,20 @@ fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), BackingError> {
 mod tests {
     use super::*;
 
-    fn config(dir: &Path, size: Option<u64>, read_only: bool) -> Config {
-        Config {
-            endpoint: crate::config::Endpoint::Listen {
-                path: dir.join("s.sock"),
-                mode: crate::config::DEFAULT_SOCKET_MODE,
-            },
-            file: dir.join("disk.img"),
-            size,
-            read_only,
-            flush_mode: Default::default(),
-            metrics: None,
-            seccomp: crate::sandbox::SeccompMode::Off,
-        }
+    /// `disk.img` in `dir`.
+    fn open(dir: &Path, size: Option<u64>, read_only: bool) -> Result<BackingFile, BackingError> {
+        let access = if read_only {
+            Access::ReadOnly
+        } else {
+            Access::ReadWrite
+        };
+        BackingFile::open(&dir.join("disk.img"), size, access)
     }
 
     #[test]
     fn creates_sparse_file() {
         let dir = tempfile::tempdir().unwrap();
-        let b = BackingFile::open(&config(dir.path(), Some(64 << 20), false)).unwrap();
+        let b = open(dir.path(), Some(64 << 20), false).unwrap();
         let meta = std::fs::metadata(b.path()).unwrap();
         assert_eq!(meta.len(), 64 << 20);
         assert!(
@@ -307,10 +318,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img");
         std::fs::write(&path, vec![7u8; 4 << 20]).unwrap();
-        let err = BackingFile::open(&config(dir.path(), Some(2 << 20), false)).unwrap_err();
+        let err = open(dir.path(), Some(2 << 20), false).unwrap_err();
         assert!(matches!(err, BackingError::WouldShrink { .. }), "{err}");
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 << 20);
-        let b = BackingFile::open(&config(dir.path(), Some(8 << 20), false)).unwrap();
+        let b = open(dir.path(), Some(8 << 20), false).unwrap();
         assert_eq!(b.size(), 8 << 20);
         let data = std::fs::read(&path).unwrap();
         assert!(data[..4 << 20].iter().all(|&x| x == 7));
@@ -320,43 +331,41 @@ mod tests {
     #[test]
     fn locks_exclusively() {
         let dir = tempfile::tempdir().unwrap();
-        let _a = BackingFile::open(&config(dir.path(), Some(2 << 20), false)).unwrap();
-        let err = BackingFile::open(&config(dir.path(), None, false)).unwrap_err();
+        let _a = open(dir.path(), Some(2 << 20), false).unwrap();
+        let err = open(dir.path(), None, false).unwrap_err();
         assert!(matches!(err, BackingError::Locked { .. }), "{err}");
-        let err = BackingFile::open(&config(dir.path(), None, true)).unwrap_err();
+        let err = open(dir.path(), None, true).unwrap_err();
         assert!(matches!(err, BackingError::Locked { .. }), "{err}");
     }
 
     #[test]
     fn read_only_readers_share() {
         let dir = tempfile::tempdir().unwrap();
-        drop(BackingFile::open(&config(dir.path(), Some(2 << 20), false)).unwrap());
-        let _a = BackingFile::open(&config(dir.path(), None, true)).unwrap();
-        let _b = BackingFile::open(&config(dir.path(), None, true)).unwrap();
-        let err = BackingFile::open(&config(dir.path(), None, false)).unwrap_err();
+        drop(open(dir.path(), Some(2 << 20), false).unwrap());
+        let _a = open(dir.path(), None, true).unwrap();
+        let _b = open(dir.path(), None, true).unwrap();
+        let err = open(dir.path(), None, false).unwrap_err();
         assert!(matches!(err, BackingError::Locked { .. }), "{err}");
     }
 
     #[test]
     fn rejects_bad_paths() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = config(dir.path(), Some(2 << 20), false);
-        c.file = dir.path().to_path_buf();
+        let rw = Access::ReadWrite;
         assert!(matches!(
-            BackingFile::open(&c),
+            BackingFile::open(dir.path(), Some(2 << 20), rw),
             Err(BackingError::IsDirectory(_))
         ));
         assert!(matches!(
-            BackingFile::open(&config(dir.path(), None, false)),
+            open(dir.path(), None, false),
             Err(BackingError::MissingNoSize(_))
         ));
         assert!(matches!(
-            BackingFile::open(&config(dir.path(), Some(2 << 20), true)),
+            open(dir.path(), Some(2 << 20), true),
             Err(BackingError::MissingReadOnly(_))
         ));
-        c.file = "/dev/null".into();
         assert!(matches!(
-            BackingFile::open(&c),
+            BackingFile::open(Path::new("/dev/null"), Some(2 << 20), rw),
             Err(BackingError::NotRegular(_, "character device"))
         ));
     }
@@ -364,7 +373,7 @@ mod tests {
     #[test]
     fn failure_latches_and_covers_concurrent_successes() {
         let dir = tempfile::tempdir().unwrap();
-        let b = BackingFile::open(&config(dir.path(), Some(2 << 20), false)).unwrap();
+        let b = open(dir.path(), Some(2 << 20), false).unwrap();
         b.sync().unwrap();
         // An fdatasync that succeeds while another one, running at the same time, fails: the
         // inner call stands for the concurrent one.
@@ -393,7 +402,7 @@ mod tests {
     fn rejects_odd_existing_sizes() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("disk.img"), vec![0u8; 3 << 20]).unwrap();
-        let err = BackingFile::open(&config(dir.path(), None, false)).unwrap_err();
+        let err = open(dir.path(), None, false).unwrap_err();
         assert!(err.to_string().contains("--size 4 MiB"), "{err}");
     }
 }

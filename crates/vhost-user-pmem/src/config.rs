@@ -5,13 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::args::Args;
-use crate::flush::FlushMode;
-use crate::sandbox::SeccompMode;
-use crate::size::ByteSize;
-
-/// The smallest device the guest can use: one 2 MiB huge page. The Linux driver also needs
-/// room for its struct pages, which smaller regions do not leave.
-pub const MIN_SIZE: u64 = 2 << 20;
+use crate::modes::{FlushMode, SeccompMode};
+use crate::size::{self, SizeError};
 
 /// Permissions of a listening socket when --socket-mode is not given: only its owner (the
 /// frontend's user) may connect, because whoever connects drives the device.
@@ -25,22 +20,8 @@ pub const MAX_METRICS_INTERVAL_SECS: u64 = 86_400;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("--size {size} is not a power of two, which QEMU needs for the PCI BAR; the nearest valid sizes are {below} and {above}")]
-    NotPowerOfTwo {
-        size: ByteSize,
-        below: ByteSize,
-        above: ByteSize,
-    },
-    #[error("--size {0} is not a power of two, which QEMU needs for the PCI BAR; the largest valid size is {1}")]
-    NotPowerOfTwoTooBig(ByteSize, ByteSize),
-    #[error("size {0} is below the minimum of {min}", min = ByteSize(MIN_SIZE))]
-    TooSmall(ByteSize),
-    #[error("the backing file {path} is {size}, which is not a power of two; give --size {above} to extend it")]
-    FileNotPowerOfTwo {
-        path: PathBuf,
-        size: ByteSize,
-        above: ByteSize,
-    },
+    #[error(transparent)]
+    Size(#[from] SizeError),
     #[error("--socket-path is empty")]
     EmptySocketPath,
     #[error("--connect is empty")]
@@ -130,7 +111,7 @@ impl TryFrom<Args> for Config {
             return Err(ConfigError::EmptyFile);
         }
         if let Some(size) = args.size {
-            check_requested_size(size.0)?;
+            size::check_requested(size.0)?;
         }
         let metrics = match (args.metrics_path, args.metrics_interval) {
             (None, None) => None,
@@ -211,39 +192,6 @@ fn parse_socket_mode(text: &str) -> Result<u32, ConfigError> {
     Ok(mode)
 }
 
-fn check_requested_size(size: u64) -> Result<(), ConfigError> {
-    if size < MIN_SIZE {
-        return Err(ConfigError::TooSmall(ByteSize(size)));
-    }
-    if !size.is_power_of_two() {
-        let below = 1u64 << (63 - size.leading_zeros());
-        return Err(match below.checked_mul(2) {
-            Some(above) => ConfigError::NotPowerOfTwo {
-                size: ByteSize(size),
-                below: ByteSize(below),
-                above: ByteSize(above),
-            },
-            None => ConfigError::NotPowerOfTwoTooBig(ByteSize(size), ByteSize(below)),
-        });
-    }
-    Ok(())
-}
-
-/// Checks the size of an existing file that is to be used as it is (no `--size`).
-pub fn check_file_size(path: &std::path::Path, size: u64) -> Result<(), ConfigError> {
-    if size < MIN_SIZE {
-        return Err(ConfigError::TooSmall(ByteSize(size)));
-    }
-    if !size.is_power_of_two() {
-        return Err(ConfigError::FileNotPowerOfTwo {
-            path: path.to_path_buf(),
-            size: ByteSize(size),
-            above: ByteSize(size.checked_next_power_of_two().unwrap_or(u64::MAX)),
-        });
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,35 +267,17 @@ mod tests {
     }
 
     #[test]
-    fn names_nearest_valid_sizes() {
+    fn sizes_are_checked_by_the_size_rules() {
         let e = Config::try_from(args(Some("3G"))).unwrap_err();
-        assert_eq!(
-            e,
-            ConfigError::NotPowerOfTwo {
-                size: ByteSize(3 << 30),
-                below: ByteSize(2 << 30),
-                above: ByteSize(4 << 30)
-            }
+        assert!(
+            matches!(e, ConfigError::Size(SizeError::NotPowerOfTwo { .. })),
+            "{e}"
         );
         assert!(e.to_string().contains("2 GiB and 4 GiB"), "{e}");
-    }
-
-    #[test]
-    fn rejects_small_sizes() {
-        assert_eq!(
-            Config::try_from(args(Some("1M"))).unwrap_err(),
-            ConfigError::TooSmall(ByteSize(1 << 20))
-        );
         assert!(matches!(
-            Config::try_from(args(Some("0"))),
-            Err(ConfigError::TooSmall(_))
+            Config::try_from(args(Some("1M"))),
+            Err(ConfigError::Size(SizeError::TooSmall(_)))
         ));
-    }
-
-    #[test]
-    fn rejects_sizes_with_no_power_above() {
-        let e = check_requested_size(u64::MAX).unwrap_err();
-        assert!(matches!(e, ConfigError::NotPowerOfTwoTooBig(..)));
     }
 
     #[test]
@@ -358,20 +288,6 @@ mod tests {
             Config::try_from(a).unwrap_err(),
             ConfigError::EmptySocketPath
         );
-    }
-
-    #[test]
-    fn checks_existing_file_sizes() {
-        let p = std::path::Path::new("/x");
-        assert!(check_file_size(p, 1 << 30).is_ok());
-        assert!(matches!(
-            check_file_size(p, 3 << 20),
-            Err(ConfigError::FileNotPowerOfTwo { .. })
-        ));
-        assert!(matches!(
-            check_file_size(p, 4096),
-            Err(ConfigError::TooSmall(_))
-        ));
     }
 
     #[test]

@@ -1,32 +1,48 @@
-//! virtio-pmem constants from the virtio specification ("PMEM Device").
+//! The device: the state that outlives every frontend connection — the backing file, its flush
+//! engine and the statistics. Each connection's `backend::PmemBackend` serves it.
 
-/// virtio device id of a pmem device.
-pub const VIRTIO_ID_PMEM: u32 = 27;
+use std::io;
+use std::sync::Arc;
+use std::time::Instant;
 
-/// Feature bit: the memory is shared-memory region 0 instead of a guest-physical range given in
-/// config space. Linux 6.8 and later support it.
-pub const VIRTIO_PMEM_F_SHMEM_REGION: u64 = 0;
+use crate::backing::BackingFile;
+use crate::flush::{FlushEngine, FlushJob};
+use crate::modes::FlushMode;
+use crate::stats::Stats;
 
-/// The single request queue.
-pub const NUM_QUEUES: usize = 1;
-pub const REQUEST_QUEUE: u16 = 0;
+pub struct Device {
+    pub backing: Arc<BackingFile>,
+    pub stats: Arc<Stats>,
+    engine: FlushEngine,
+}
 
-/// QEMU's generic device asks for 256 (`vq_size=256`); allow larger rings from other frontends.
-pub const MAX_QUEUE_SIZE: usize = 1024;
+impl Device {
+    pub fn new(backing: BackingFile, mode: FlushMode) -> io::Result<Self> {
+        let backing = Arc::new(backing);
+        let stats = Arc::new(Stats::default());
+        Ok(Device {
+            engine: FlushEngine::new(mode, backing.clone(), stats.clone())?,
+            backing,
+            stats,
+        })
+    }
 
-/// Shared-memory region id that carries the file.
-pub const SHMEM_REGION_ID: u8 = 0;
+    pub fn flush_mode(&self) -> FlushMode {
+        self.engine.mode()
+    }
 
-/// Request type of a flush, the only request virtio-pmem defines.
-pub const REQ_TYPE_FLUSH: u32 = 0;
+    /// Flush requests taken off the queue and not answered yet.
+    pub fn flushes_in_flight(&self) -> usize {
+        self.engine.in_flight()
+    }
 
-/// Response codes. The driver turns anything but 0 into -EIO.
-pub const RESP_OK: u32 = 0;
-pub const RESP_ERR: u32 = u32::MAX; // -1 as le32
+    /// Hands the flush requests popped in one pass, at `popped`, to the flush engine.
+    pub fn submit(&self, jobs: Vec<FlushJob>, popped: Instant) {
+        self.engine.submit_all(jobs, popped);
+    }
 
-/// Size of both the request and the response structure.
-pub const MSG_LEN: u32 = 4;
-
-/// Config space `{le64 start; le64 size}`. With SHMEM_REGION negotiated the device should
-/// report zeros and the driver ignores them, so the space is all zeros.
-pub const CONFIG_SPACE_LEN: usize = 16;
+    /// Blocks until every request handed over has been answered.
+    pub fn wait_idle(&self) {
+        self.engine.wait_idle();
+    }
+}

@@ -26,60 +26,28 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, log_enabled, warn, Level};
-use serde::Serialize;
 use vm_memory::GuestAddress;
 
 use crate::backing::{BackingFile, FlushFailure};
-use crate::device::{RESP_ERR, RESP_OK};
+use crate::modes::{FlushMode, PARALLEL_THREADS};
 use crate::queue::{complete, notify, MemGuard, Vring};
 use crate::stats::{PerConnection, Stats};
 use crate::sync::{lock, unpoison};
+use crate::virtio::{RESP_ERR, RESP_OK};
 
-/// Workers of the `parallel` mode. QEMU's thread pool allows 64; 16 is plenty to keep a disk's
-/// queue busy, and bounds what a guest with a deep queue can make the host do at once.
-pub const PARALLEL_THREADS: usize = 16;
-
-/// How flush requests are turned into fdatasyncs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FlushMode {
-    /// Group commit: one fdatasync answers every request waiting when it starts; the fastest
-    #[default]
-    Group,
-    /// One fdatasync per request, one at a time (as Cloud Hypervisor and crosvm do)
-    Serial,
-    /// One fdatasync per request, up to 16 at once in a thread pool (as QEMU's own device does)
-    Parallel,
-}
-
-impl FlushMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FlushMode::Group => "group",
-            FlushMode::Serial => "serial",
-            FlushMode::Parallel => "parallel",
-        }
-    }
-
-    fn workers(self) -> usize {
-        match self {
-            FlushMode::Group | FlushMode::Serial => 1,
-            FlushMode::Parallel => PARALLEL_THREADS,
-        }
-    }
-
-    /// Most requests one fdatasync answers.
-    fn batch_limit(self) -> usize {
-        match self {
-            FlushMode::Group => usize::MAX,
-            FlushMode::Serial | FlushMode::Parallel => 1,
-        }
+/// Worker threads of `mode`.
+fn workers(mode: FlushMode) -> usize {
+    match mode {
+        FlushMode::Group | FlushMode::Serial => 1,
+        FlushMode::Parallel => PARALLEL_THREADS,
     }
 }
 
-impl std::fmt::Display for FlushMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+/// Most requests one fdatasync of `mode` answers.
+fn batch_limit(mode: FlushMode) -> usize {
+    match mode {
+        FlushMode::Group => usize::MAX,
+        FlushMode::Serial | FlushMode::Parallel => 1,
     }
 }
 
@@ -100,15 +68,16 @@ pub trait Job: Send + 'static {
     fn complete(&self, code: u32);
     /// Tells the guest about what [`Self::complete`] put on the ring.
     fn notify(&self);
-    /// Identifies the queue the request came from: one notification per queue ends a batch.
-    fn queue_id(&self) -> u64;
+    /// The connection the request came from (each has its own queue): one notification per
+    /// connection ends a batch, and the per-connection counts go to it.
+    fn conn_id(&self) -> u64;
 }
 
 /// A flush request taken off the virtqueue and waiting for its fdatasync.
 pub struct FlushJob {
     pub vring: Vring,
-    /// Identifies the vring, so that one notification per vring ends a batch.
-    pub vring_id: u64,
+    /// The connection whose vring this is (see [`Job::conn_id`]).
+    pub conn_id: u64,
     pub mem: MemGuard,
     pub head: u16,
     pub status: GuestAddress,
@@ -123,8 +92,8 @@ impl Job for FlushJob {
         notify(&self.vring);
     }
 
-    fn queue_id(&self) -> u64 {
-        self.vring_id
+    fn conn_id(&self) -> u64 {
+        self.conn_id
     }
 }
 
@@ -178,7 +147,7 @@ impl<S: Syncer, J: Job> FlushEngine<S, J> {
             _syncer: std::marker::PhantomData,
         };
         let seq = Arc::new(AtomicU64::new(0));
-        for i in 0..mode.workers() {
+        for i in 0..workers(mode) {
             let worker = Worker {
                 mode,
                 shared: engine.shared.clone(),
@@ -224,7 +193,7 @@ impl<S: Syncer, J: Job> FlushEngine<S, J> {
         Stats::add(&self.stats.requests, n as u64);
         for e in state.queue.iter().skip(before) {
             self.stats
-                .add_for(e.job.queue_id(), PerConnection::Requests, 1);
+                .add_for(e.job.conn_id(), PerConnection::Requests, 1);
         }
         drop(state);
         // One worker per request, as far as there are workers; waking more would only have
@@ -293,7 +262,7 @@ impl<S: Syncer, J: Job> Worker<S, J> {
         let mut state = lock(&self.shared.state);
         loop {
             if !state.queue.is_empty() {
-                let n = state.queue.len().min(self.mode.batch_limit());
+                let n = state.queue.len().min(batch_limit(self.mode));
                 batch.extend(state.queue.drain(..n));
                 return true;
             }
@@ -328,7 +297,7 @@ impl<S: Syncer, J: Job> Worker<S, J> {
                 Stats::add(&self.stats.errors, n as u64);
                 for e in batch.iter() {
                     self.stats
-                        .add_for(e.job.queue_id(), PerConnection::Errors, 1);
+                        .add_for(e.job.conn_id(), PerConnection::Errors, 1);
                 }
                 RESP_ERR
             }
@@ -363,7 +332,7 @@ impl<S: Syncer, J: Job> Worker<S, J> {
         let mut last: Option<&J> = None;
         for e in batch.iter() {
             e.job.complete(code);
-            if let Some(prev) = last.filter(|p| p.queue_id() != e.job.queue_id()) {
+            if let Some(prev) = last.filter(|p| p.conn_id() != e.job.conn_id()) {
                 prev.notify();
             }
             last = Some(&e.job);
@@ -471,7 +440,7 @@ mod tests {
                 .unwrap();
         }
         fn notify(&self) {}
-        fn queue_id(&self) -> u64 {
+        fn conn_id(&self) -> u64 {
             0
         }
     }
@@ -795,14 +764,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn help_states_the_pool_bound() {
-        use clap::ValueEnum;
-        let v = FlushMode::Parallel.to_possible_value().unwrap();
-        let help = v.get_help().unwrap().to_string();
-        assert!(help.contains(&PARALLEL_THREADS.to_string()), "{help}");
     }
 
     #[test]

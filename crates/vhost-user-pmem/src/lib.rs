@@ -10,6 +10,7 @@ pub mod device;
 pub mod flush;
 pub mod logging;
 pub mod metrics;
+pub mod modes;
 pub mod queue;
 pub mod ratelimit;
 pub mod request;
@@ -19,6 +20,7 @@ pub mod size;
 pub mod socket;
 pub mod stats;
 pub mod sync;
+pub mod virtio;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,8 +30,9 @@ use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::backend::{Device, PmemBackend};
+use crate::backend::PmemBackend;
 use crate::config::Endpoint;
+use crate::device::Device;
 
 /// First and longest wait between attempts to reach a frontend again in client mode: quick
 /// enough for a frontend that restarts at once, and at most one attempt (and log line) every
@@ -49,38 +52,38 @@ pub enum Error {
     Threads(std::io::Error),
 }
 
-/// The socket side that [`prepare`] set up, for [`serve`].
-pub enum Connection {
+/// Where [`serve`] finds its frontends, as [`prepare`] set it up.
+pub enum Frontends {
     /// A bound, listening socket; frontends connect to it one after another.
-    Listener(Listener),
+    Listen(Listener),
     /// The frontend listens; the daemon connects to it, and again after every disconnect.
-    /// `first` is the attempt made by [`prepare`], so that a wrong path fails at start.
-    Client {
+    /// `first` is the session [`prepare`] connected, so that a wrong path fails at start.
+    Connect {
         path: String,
-        first: Option<ConnectedDaemon>,
+        first: Option<Session>,
     },
 }
 
-/// A vhost-user handler with its connection running, made by [`prepare`] in client mode.
-pub struct ConnectedDaemon {
+/// One frontend connection: its backend and the vhost-user handler serving it.
+pub struct Session {
     daemon: VhostUserDaemon<Arc<PmemBackend>>,
     backend: Arc<PmemBackend>,
 }
 
-/// A fresh backend and vhost-user handler for connection `conn_id`.
-fn new_daemon(device: &Arc<Device>, conn_id: u64) -> Result<ConnectedDaemon, String> {
+/// A fresh session (backend and vhost-user handler) for connection `conn_id`, not connected yet.
+fn new_session(device: &Arc<Device>, conn_id: u64) -> Result<Session, String> {
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let backend = PmemBackend::new(device.clone(), conn_id, mem.clone())
         .map(Arc::new)
         .map_err(|e| format!("cannot start the connection's threads: {e}"))?;
     let daemon = VhostUserDaemon::new("vhost-user-pmem".into(), backend.clone(), mem)
         .map_err(|e| format!("cannot set up the vhost-user handler: {e}"))?;
-    Ok(ConnectedDaemon { daemon, backend })
+    Ok(Session { daemon, backend })
 }
 
 /// Connects to the frontend at `path` with a fresh handler.
-fn connect_once(device: &Arc<Device>, conn_id: u64, path: &str) -> Result<ConnectedDaemon, String> {
-    let mut d = new_daemon(device, conn_id)?;
+fn connect_once(device: &Arc<Device>, conn_id: u64, path: &str) -> Result<Session, String> {
+    let mut d = new_session(device, conn_id)?;
     device.stats.begin_connection(conn_id);
     if let Err(e) = d.daemon.start_client(path) {
         // The handler's vring threads were started by `new`; stop them with this attempt.
@@ -93,7 +96,7 @@ fn connect_once(device: &Arc<Device>, conn_id: u64, path: &str) -> Result<Connec
 
 /// Connects to the frontend at `path`, retrying with a doubling delay until it works. Every
 /// failed attempt is logged: a daemon that waits for its frontend should say so.
-fn reconnect(device: &Arc<Device>, conn_id: u64, path: &str) -> ConnectedDaemon {
+fn reconnect(device: &Arc<Device>, conn_id: u64, path: &str) -> Session {
     let mut delay = RECONNECT_FIRST_DELAY;
     let mut attempt = 1u64;
     loop {
@@ -115,10 +118,10 @@ fn reconnect(device: &Arc<Device>, conn_id: u64, path: &str) -> ConnectedDaemon 
 /// Serves one frontend connection after another, forever. A connection that ends, cleanly or
 /// not, only sends the daemon back to waiting for the next one (listening) or to connecting
 /// again (client mode): the daemon never exits because of what a frontend or a guest did.
-pub fn serve(device: Arc<Device>, connection: Connection) -> ! {
-    match connection {
-        Connection::Listener(listener) => serve_listening(device, listener),
-        Connection::Client { path, first } => serve_client(device, &path, first),
+pub fn serve(device: Arc<Device>, frontends: Frontends) -> ! {
+    match frontends {
+        Frontends::Listen(listener) => serve_listening(device, listener),
+        Frontends::Connect { path, first } => serve_client(device, &path, first),
     }
 }
 
@@ -127,7 +130,7 @@ fn serve_listening(device: Arc<Device>, mut listener: Listener) -> ! {
     loop {
         // A failed accept uses up no id, so the ids of the connections served count 1, 2, ..
         let conn_id = last_id + 1;
-        let mut d = match new_daemon(&device, conn_id) {
+        let mut d = match new_session(&device, conn_id) {
             Ok(d) => d,
             Err(e) => {
                 error!("{e}; retrying in 1 s");
@@ -152,7 +155,7 @@ fn serve_listening(device: Arc<Device>, mut listener: Listener) -> ! {
     }
 }
 
-fn serve_client(device: Arc<Device>, path: &str, mut first: Option<ConnectedDaemon>) -> ! {
+fn serve_client(device: Arc<Device>, path: &str, mut first: Option<Session>) -> ! {
     let mut conn_id = 0u64;
     loop {
         conn_id += 1;
@@ -169,7 +172,7 @@ fn serve_client(device: Arc<Device>, path: &str, mut first: Option<ConnectedDaem
 }
 
 /// Waits until the frontend of connection `conn_id` goes away, then stops its threads.
-fn run_connection(device: &Device, conn_id: u64, mut d: ConnectedDaemon) {
+fn run_connection(device: &Device, conn_id: u64, mut d: Session) {
     let result = d.daemon.wait();
     d.backend.signal_exit();
     match result {
@@ -187,7 +190,7 @@ fn run_connection(device: &Device, conn_id: u64, mut d: ConnectedDaemon) {
 /// Validates everything, opens and locks the file, binds the socket (or, in client mode,
 /// makes the first connection), and returns what [`serve`] needs. Nothing is served until
 /// `serve` runs; in client mode the frontend's first message waits in the socket until then.
-pub fn prepare(config: &config::Config) -> Result<(Arc<Device>, Connection), Error> {
+pub fn prepare(config: &config::Config) -> Result<(Arc<Device>, Frontends), Error> {
     // A taken or missing socket path is refused before the file is touched; the socket is
     // bound or connected only once the file is ready, so a frontend that can talk to the
     // daemon finds a device it can use.
@@ -195,21 +198,27 @@ pub fn prepare(config: &config::Config) -> Result<(Arc<Device>, Connection), Err
         Endpoint::Listen { path, .. } => socket::ensure_free(path)?,
         Endpoint::Connect(path) => socket::check_connect_path(std::path::Path::new(path))?,
     }
-    let backing = backing::BackingFile::open(config)?;
+    let access = if config.read_only {
+        backing::Access::ReadOnly
+    } else {
+        backing::Access::ReadWrite
+    };
+    let backing = backing::BackingFile::open(&config.file, config.size, access)?;
     let size = backing.size();
     let read_only = backing.read_only();
     // Bound before the flush workers start: listen() sets the process-wide umask for a moment.
-    let mut connection = match &config.endpoint {
-        Endpoint::Listen { path, mode } => Connection::Listener(socket::listen(path, *mode)?),
-        Endpoint::Connect(path) => Connection::Client {
+    let mut frontends = match &config.endpoint {
+        Endpoint::Listen { path, mode } => Frontends::Listen(socket::listen(path, *mode)?),
+        Endpoint::Connect(path) => Frontends::Connect {
             path: path.clone(),
             first: None,
         },
     };
     let device = Arc::new(Device::new(backing, config.flush_mode).map_err(Error::Threads)?);
-    if let Connection::Client { path, first } = &mut connection {
+    if let Frontends::Connect { path, first } = &mut frontends {
         // Unlike a reconnect, the first attempt is not retried: a wrong path fails at start.
-        let mut d = new_daemon(&device, 1).map_err(|e| Error::Threads(std::io::Error::other(e)))?;
+        let mut d =
+            new_session(&device, 1).map_err(|e| Error::Threads(std::io::Error::other(e)))?;
         device.stats.begin_connection(1);
         d.daemon
             .start_client(path)
@@ -228,5 +237,5 @@ pub fn prepare(config: &config::Config) -> Result<(Arc<Device>, Connection), Err
         config.flush_mode,
         config.endpoint
     );
-    Ok((device, connection))
+    Ok((device, frontends))
 }

@@ -8,11 +8,12 @@ use clap::Parser;
 use log::{debug, error, info, warn};
 
 use vhost_user_pmem::args::Args;
-use vhost_user_pmem::backend::Device;
 use vhost_user_pmem::config::{Config, Endpoint, MetricsFile};
+use vhost_user_pmem::device::Device;
 use vhost_user_pmem::logging;
 use vhost_user_pmem::metrics::{self, Reporter};
-use vhost_user_pmem::sandbox::{self, SeccompMode};
+use vhost_user_pmem::modes::SeccompMode;
+use vhost_user_pmem::sandbox;
 use vhost_user_pmem::socket::SocketFile;
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {
@@ -173,7 +174,7 @@ fn main() -> ExitCode {
         return fail(e);
     }
     sandbox::prepare_allocator();
-    let (device, connection) = match vhost_user_pmem::prepare(&config) {
+    let (device, frontends) = match vhost_user_pmem::prepare(&config) {
         Ok(v) => v,
         Err(e) => return fail(e),
     };
@@ -204,7 +205,12 @@ fn main() -> ExitCode {
     };
     // Every thread that exists now (main, flush workers, in client mode the first
     // connection's) gets the filter through TSYNC; every later one inherits it.
-    let needs = sandbox::Needs::of(&config, socket.as_ref().map(SocketFile::dir_fd));
+    let needs = sandbox::Needs {
+        listen: matches!(config.endpoint, Endpoint::Listen { .. }),
+        socket_dir: socket.as_ref().map(SocketFile::dir_fd),
+        connect: matches!(config.endpoint, Endpoint::Connect(_)),
+        metrics_file: config.metrics.is_some(),
+    };
     match sandbox::compile(config.seccomp, needs) {
         Ok(None) => {}
         Ok(Some(filter)) => {
@@ -227,5 +233,5 @@ fn main() -> ExitCode {
     {
         return fail(format!("cannot start the signal thread: {e}"));
     }
-    vhost_user_pmem::serve(device, connection)
+    vhost_user_pmem::serve(device, frontends)
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use pmem_metrics::{Metrics, FORMAT_VERSION};
 
-use crate::backend::Device;
+use crate::device::Device;
 use crate::stats::{log2_buckets, summary};
 use crate::sync::lock;
 

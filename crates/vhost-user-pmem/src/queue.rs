@@ -7,8 +7,8 @@ use vm_memory::{
     Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap, Le32,
 };
 
-use crate::device::MSG_LEN;
 use crate::ratelimit::RateLimit;
+use crate::virtio::MSG_LEN;
 
 pub type GuestMemory = GuestMemoryMmap<()>;
 pub type MemGuard = GuestMemoryLoadGuard<GuestMemory>;

@@ -6,7 +6,7 @@ use std::fmt;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, Le32};
 
-use crate::device::{MSG_LEN, REQ_TYPE_FLUSH};
+use crate::virtio::{MSG_LEN, REQ_TYPE_FLUSH};
 
 /// Longest chain we look at. A valid request has two descriptors; reading more is pointless,
 /// and bounding it keeps a hostile chain cheap.

@@ -16,36 +16,13 @@
 //! `SECCOMP_RET_KILL_PROCESS` would give no line in the daemon's own log.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
 };
 
-use crate::config::{Config, Endpoint};
-
-/// `--seccomp`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum SeccompMode {
-    /// Install the allow-list; a call outside it kills the daemon (SIGSYS) after a log line.
-    #[default]
-    On,
-    /// Install no filter.
-    Off,
-    /// Let every call through, but have the kernel log those outside the list.
-    Log,
-}
-
-impl fmt::Display for SeccompMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            SeccompMode::On => "on",
-            SeccompMode::Off => "off",
-            SeccompMode::Log => "log",
-        })
-    }
-}
+use crate::modes::SeccompMode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -61,7 +38,8 @@ pub enum SandboxError {
     Install(#[from] seccompiler::Error),
 }
 
-/// What the filter has to allow beyond the calls every daemon makes.
+/// What the filter has to allow beyond the calls every daemon makes; `main` builds it from
+/// the configuration, so the sandbox needs to know nothing else about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Needs {
     /// Listening: accept frontends.
@@ -73,17 +51,6 @@ pub struct Needs {
     pub connect: bool,
     /// `--metrics-path`: create `FILE.tmp` and rename it over `FILE`.
     pub metrics_file: bool,
-}
-
-impl Needs {
-    pub fn of(config: &Config, socket_dir: Option<i32>) -> Needs {
-        Needs {
-            listen: matches!(config.endpoint, Endpoint::Listen { .. }),
-            socket_dir,
-            connect: matches!(config.endpoint, Endpoint::Connect(_)),
-            metrics_file: config.metrics.is_some(),
-        }
-    }
 }
 
 /// Fails if `mode` needs a filter this build has no list for; checked before anything is

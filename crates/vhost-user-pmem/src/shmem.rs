@@ -21,9 +21,9 @@ use vhost::vhost_user::message::{VhostUserMMap, VhostUserMMapFlags};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 
 use crate::backing::BackingFile;
-use crate::device::SHMEM_REGION_ID;
 use crate::stats::{PerConnection, Stats};
 use crate::sync::{lock, unpoison};
+use crate::virtio::SHMEM_REGION_ID;
 
 struct MapJob {
     channel: Backend,
