@@ -269,7 +269,10 @@ impl DaemonProcess {
     /// The exit status, if the daemon has exited (reaped here; later calls repeat it).
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
-            self.status = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            self.status = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
         }
         self.status
     }
@@ -485,6 +488,9 @@ mod tests {
             .unwrap();
         let e = d.wait_socket(Duration::from_secs(5)).unwrap_err();
         assert!(matches!(e, DaemonError::Exited { .. }), "{e}");
-        assert!(e.to_string().contains("before it created its socket"), "{e}");
+        assert!(
+            e.to_string().contains("before it created its socket"),
+            "{e}"
+        );
     }
 }

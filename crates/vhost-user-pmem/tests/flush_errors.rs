@@ -315,7 +315,7 @@ fn every_flush_in_flight_gets_the_error(mode: &str) {
         // The requests' fdatasyncs run at once, so several may reach the filesystem before the
         // first failure is latched; each of them fails, and none gets past it.
         assert!(
-            (1..=N).contains(&injected),
+            (1..=N as u64).contains(&injected),
             "{injected} injected failures for {N} requests"
         );
     } else {

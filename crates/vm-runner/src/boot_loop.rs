@@ -126,7 +126,11 @@ fn boot_loop(a: BootLoopArgs, d: &crate::cli::Defaults) -> Result<(usize, usize)
             }
             Ok(o) => {
                 failed += 1;
-                info(format!("boot {b}/{}: FAILED ({})", a.boots, o.summary_line()));
+                info(format!(
+                    "boot {b}/{}: FAILED ({})",
+                    a.boots,
+                    o.summary_line()
+                ));
             }
             Err(e) => {
                 failed += 1;
@@ -162,7 +166,10 @@ fn boot_loop(a: BootLoopArgs, d: &crate::cli::Defaults) -> Result<(usize, usize)
             ));
             if (c.maps as usize) < passed {
                 failed += 1;
-                info(format!("fewer maps ({}) than good boots ({passed})", c.maps));
+                info(format!(
+                    "fewer maps ({}) than good boots ({passed})",
+                    c.maps
+                ));
             }
             if c.connections as usize != tried {
                 failed += 1;

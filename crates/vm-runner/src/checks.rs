@@ -104,7 +104,10 @@ pub const QEMU_READONLY_MAP_ERROR: &str =
     "unable to map backing store for guest RAM: Permission denied";
 
 fn result<'a>(boots: &'a [Boot], name: &str) -> Option<&'a crate::tap::TapResult> {
-    boots.iter().flat_map(|b| &b.results).find(|r| r.name == name)
+    boots
+        .iter()
+        .flat_map(|b| &b.results)
+        .find(|r| r.name == name)
 }
 
 /// The read-only scenario: the daemon must be read-only; when QEMU mapped the region the
@@ -150,7 +153,11 @@ mod tests {
     fn kernel_trouble_but_not_the_crash_we_asked_for() {
         let c = "boot\n[ 1.0] WARNING: CPU: 0 at x\nfine\nsysrq: Trigger a crash\nKernel panic - not syncing: sysrq triggered crash\nCall Trace:\n";
         assert_eq!(kernel_warnings(c, true), ["[ 1.0] WARNING: CPU: 0 at x"]);
-        assert_eq!(kernel_warnings(c, false).len(), 2, "the call trace counts without a crash");
+        assert_eq!(
+            kernel_warnings(c, false).len(),
+            2,
+            "the call trace counts without a crash"
+        );
         assert!(kernel_warnings("all quiet\n", false).is_empty());
     }
 
@@ -163,7 +170,10 @@ mod tests {
         let f = after_kill_failures(late);
         assert_eq!(f.len(), 2, "{f:?}");
         assert!(after_kill_failures(after_kill("VUP-FSYNC n=4 error EIO\n")).is_empty());
-        assert_eq!(after_kill("VUP-FSYNC n=x ok\nVUP-FSYNCS n=1 ok\n").fsync_ok, 0);
+        assert_eq!(
+            after_kill("VUP-FSYNC n=x ok\nVUP-FSYNCS n=1 ok\n").fsync_ok,
+            0
+        );
     }
 
     #[test]
@@ -194,10 +204,14 @@ mod tests {
         let blank = split_boots("VUP-BEGIN\n1..1\nok 1 - ro_region # SKIP the region reads as zeros (QEMU)\nVUP-END rc=0\n");
         let read = split_boots("VUP-BEGIN\n1..1\nok 1 - ro_mount_read\nVUP-END rc=0\n");
         assert!(readonly_outcome(&metrics(true, 0), &blank, QEMU_READONLY_MAP_ERROR).is_ok());
-        assert!(readonly_outcome(&metrics(true, 0), &blank, "other").unwrap_err().contains("known reason"));
+        assert!(readonly_outcome(&metrics(true, 0), &blank, "other")
+            .unwrap_err()
+            .contains("known reason"));
         assert!(readonly_outcome(&metrics(true, 0), &read, QEMU_READONLY_MAP_ERROR).is_err());
         assert!(readonly_outcome(&metrics(true, 1), &read, "").is_ok());
         assert!(readonly_outcome(&metrics(true, 1), &blank, "").is_err());
-        assert!(readonly_outcome(&metrics(false, 1), &read, "").unwrap_err().contains("not read-only"));
+        assert!(readonly_outcome(&metrics(false, 1), &read, "")
+            .unwrap_err()
+            .contains("not read-only"));
     }
 }

@@ -11,8 +11,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use vhost_user_pmem::size::ByteSize;
 
 use crate::spec::{
-    Accel, Daemon, DaemonEnd, Device, Expect, Guest, GuestEnd, ManagedDaemon, Qemu, RunSpec,
-    Side, Size, Stop, VhostUser,
+    Accel, Daemon, DaemonEnd, Device, Expect, Guest, GuestEnd, ManagedDaemon, Qemu, RunSpec, Side,
+    Size, Stop, VhostUser,
 };
 
 const HOST_LINK_HELP: &str = "\
@@ -100,7 +100,12 @@ pub struct RunArgs {
     // ---- device
     /// vhost-user: this daemon behind QEMU's vhost-user-test-device-pci; builtin: QEMU's own
     /// virtio-pmem-pci on a memory-backend-file (the reference).
-    #[arg(long, value_enum, default_value = "vhost-user", help_heading = "Device")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "vhost-user",
+        help_heading = "Device"
+    )]
     pub device: Option<DeviceArg>,
     /// Host backing file (default LOGDIR/pmem0.img, or LOGDIR/faultfs.src/pmem0.img with
     /// --faultfs); created sparse when missing.
@@ -113,7 +118,11 @@ pub struct RunArgs {
     #[arg(long, help_heading = "Device")]
     pub daemon: Option<PathBuf>,
     /// Extra daemon argument (repeatable), e.g. --daemon-arg=--read-only.
-    #[arg(long = "daemon-arg", allow_hyphen_values = true, help_heading = "Device")]
+    #[arg(
+        long = "daemon-arg",
+        allow_hyphen_values = true,
+        help_heading = "Device"
+    )]
     pub daemon_args: Vec<String>,
     /// Which side listens on the vhost-user socket.
     #[arg(long, value_enum, help_heading = "Device")]
@@ -149,7 +158,12 @@ pub struct RunArgs {
 
     // ---- guest
     /// Arguments of the guest binary, space-separated (sent as vup.args=A,B,C; no commas).
-    #[arg(long, default_value = "", allow_hyphen_values = true, help_heading = "Guest")]
+    #[arg(
+        long,
+        default_value = "",
+        allow_hyphen_values = true,
+        help_heading = "Guest"
+    )]
     pub args: String,
     /// What the guest does after the binary.
     #[arg(long, value_enum, default_value = "poweroff", help_heading = "Guest")]
@@ -164,10 +178,20 @@ pub struct RunArgs {
     /// SIGKILL the daemon (not QEMU) as soon as the guest prints STRING, then watch QEMU for
     /// --observe seconds and kill it. Fails if more than 2 "VUP-FSYNC n=N ok" lines follow
     /// the kill, or if the guest reports neither a pending nor a failed fsync after it.
-    #[arg(long, value_name = "STRING", conflicts_with = "kill_after_marker", help_heading = "Guest")]
+    #[arg(
+        long,
+        value_name = "STRING",
+        conflicts_with = "kill_after_marker",
+        help_heading = "Guest"
+    )]
     pub kill_daemon_after_marker: Option<String>,
     /// With --kill-daemon-after-marker: how long to watch, in seconds.
-    #[arg(long, value_name = "SEC", requires = "kill_daemon_after_marker", help_heading = "Guest")]
+    #[arg(
+        long,
+        value_name = "SEC",
+        requires = "kill_daemon_after_marker",
+        help_heading = "Guest"
+    )]
     pub observe: Option<u64>,
     /// The guest kernel (default $KERNEL, else the fetched one in the cache).
     #[arg(long, help_heading = "Guest")]
@@ -236,7 +260,10 @@ pub struct RunArgs {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CliError {
     #[error("{option}: {reason}")]
-    Invalid { option: &'static str, reason: String },
+    Invalid {
+        option: &'static str,
+        reason: String,
+    },
     #[error("{0}")]
     Conflict(String),
     #[error("{what} {path} not found or not executable ({hint})")]
@@ -266,7 +293,9 @@ pub struct Defaults {
 impl Defaults {
     pub fn from_env() -> Defaults {
         let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-        let home = var("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into());
+        let home = var("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/root".into());
         let cache = var("VUP_CACHE").map(PathBuf::from).unwrap_or_else(|| {
             var("XDG_CACHE_HOME")
                 .map(PathBuf::from)
@@ -285,7 +314,9 @@ impl Defaults {
             kernel: var("KERNEL").map(PathBuf::from),
             accel: var("VUP_ACCEL").map(|v| v.to_string_lossy().into_owned()),
             cache,
-            build: var("VUP_BUILD").map(PathBuf::from).unwrap_or_else(|| ".cache".into()),
+            build: var("VUP_BUILD")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| ".cache".into()),
             exe_dir,
             rust_log: var("RUST_LOG").map(|v| v.to_string_lossy().into_owned()),
             run_name: format!("{secs}-{}", std::process::id()),
@@ -352,12 +383,18 @@ impl RunArgs {
                 ("--keep-daemon", self.keep_daemon),
                 ("--expect-daemon-exit", self.expect_daemon_exit.is_some()),
                 ("--faultfs", self.faultfs),
-                ("--kill-daemon-after-marker", self.kill_daemon_after_marker.is_some()),
+                (
+                    "--kill-daemon-after-marker",
+                    self.kill_daemon_after_marker.is_some(),
+                ),
                 ("--chardev-opts", self.chardev_opts.is_some()),
             ];
             let more: [(&str, bool); 3] = [
                 ("--expect-maps", self.expect_maps.is_some()),
-                ("--expect-device-starts", self.expect_device_starts.is_some()),
+                (
+                    "--expect-device-starts",
+                    self.expect_device_starts.is_some(),
+                ),
                 ("--expect-readonly-outcome", self.expect_readonly_outcome),
             ];
             if let Some((name, _)) = vhost_only.iter().chain(more.iter()).find(|(_, set)| *set) {
@@ -368,9 +405,7 @@ impl RunArgs {
         }
         let end = match (self.end, self.reboots) {
             (EndArg::Reboot, n) => GuestEnd::Reboot(n.unwrap_or(1)),
-            (_, Some(_)) => {
-                return Err(CliError::Conflict("--reboots needs --end reboot".into()))
-            }
+            (_, Some(_)) => return Err(CliError::Conflict("--reboots needs --end reboot".into())),
             (EndArg::Poweroff, None) => GuestEnd::Poweroff,
             (EndArg::Crash, None) => GuestEnd::Crash,
         };
@@ -437,11 +472,12 @@ impl RunArgs {
                         } else {
                             None
                         };
-                        if self
-                            .daemon_args
-                            .iter()
-                            .any(|a| a.starts_with("--metrics-path") || a.starts_with("--socket-path") || a.starts_with("--connect") || a.starts_with("--file"))
-                        {
+                        if self.daemon_args.iter().any(|a| {
+                            a.starts_with("--metrics-path")
+                                || a.starts_with("--socket-path")
+                                || a.starts_with("--connect")
+                                || a.starts_with("--file")
+                        }) {
                             return Err(CliError::Conflict(
                                 "--daemon-arg cannot set --socket-path, --connect, --file or \
                                  --metrics-path: the runner sets them (its checks read the \
@@ -602,7 +638,10 @@ fn check_files(spec: &RunSpec) -> Result<(), CliError> {
         if !std::fs::metadata(socket).is_ok_and(|m| m.file_type().is_socket()) {
             return Err(invalid(
                 "--socket",
-                format!("{} is not a socket; start the daemon first", socket.display()),
+                format!(
+                    "{} is not a socket; start the daemon first",
+                    socket.display()
+                ),
             ));
         }
     }
@@ -666,7 +705,12 @@ mod tests {
         for args in [
             &["--socket", "/s", "--faultfs"][..],
             &["--socket", "/s", "--daemon-mode", "client"],
-            &["--kill-after-marker", "a", "--kill-daemon-after-marker", "b"],
+            &[
+                "--kill-after-marker",
+                "a",
+                "--kill-daemon-after-marker",
+                "b",
+            ],
             &["--observe", "5"],
             &["--faultfs-bin", "/f"],
             &["--keep-daemon", "--expect-daemon-exit", "1"],
@@ -683,14 +727,26 @@ mod tests {
     fn semantic_conflicts_name_the_options() {
         let dir = tempfile::tempdir().unwrap();
         let cases: [(&[&str], &str); 8] = [
-            (&["--device", "builtin", "--faultfs"], "--faultfs needs --device vhost-user"),
-            (&["--device", "builtin", "--daemon-mode", "client"], "--daemon-mode needs"),
-            (&["--device", "builtin", "--expect-maps", "1"], "--expect-maps needs"),
+            (
+                &["--device", "builtin", "--faultfs"],
+                "--faultfs needs --device vhost-user",
+            ),
+            (
+                &["--device", "builtin", "--daemon-mode", "client"],
+                "--daemon-mode needs",
+            ),
+            (
+                &["--device", "builtin", "--expect-maps", "1"],
+                "--expect-maps needs",
+            ),
             (&["--reboots", "2"], "--reboots needs --end reboot"),
             (&["--args", "a,b"], "cannot contain commas"),
             (&["--size", "1Q"], "--size"),
             (&["--daemon-arg=--metrics-path=/x"], "the runner sets them"),
-            (&["--kill-daemon-after-marker", "M", "--observe", "0"], "--observe"),
+            (
+                &["--kill-daemon-after-marker", "M", "--observe", "0"],
+                "--observe",
+            ),
         ];
         for (args, want) in cases {
             let e = spec(dir.path(), args).expect_err(&format!("{args:?}"));
@@ -703,7 +759,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = spec(
             dir.path(),
-            &["--daemon-mode", "client", "--faultfs", "--expect-daemon-exit", "1", "--end", "reboot", "--reboots", "2", "--args", "--mkfs  flush", "--expect-device-starts", "2"],
+            &[
+                "--daemon-mode",
+                "client",
+                "--faultfs",
+                "--expect-daemon-exit",
+                "1",
+                "--end",
+                "reboot",
+                "--reboots",
+                "2",
+                "--args",
+                "--mkfs  flush",
+                "--expect-device-starts",
+                "2",
+            ],
         )
         .unwrap();
         let m = s.managed_daemon().unwrap();
@@ -714,7 +784,11 @@ mod tests {
         assert_eq!(s.guest.end, GuestEnd::Reboot(2));
         assert_eq!(s.guest.args, ["--mkfs", "flush"]);
         assert!(s.qemu.trace_vhost, "--expect-device-starts needs the trace");
-        let k = spec(dir.path(), &["--kill-daemon-after-marker", "M", "--observe", "7"]).unwrap();
+        let k = spec(
+            dir.path(),
+            &["--kill-daemon-after-marker", "M", "--observe", "7"],
+        )
+        .unwrap();
         assert_eq!(
             k.stop,
             Stop::KillDaemonAt {
@@ -728,10 +802,21 @@ mod tests {
     fn missing_binaries_are_named_with_how_to_get_them() {
         let dir = tempfile::tempdir().unwrap();
         let e = spec(dir.path(), &["--daemon", "/nonexistent/daemon"]).unwrap_err();
-        assert!(e.to_string().contains("cargo build --release -p vhost-user-pmem"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("cargo build --release -p vhost-user-pmem"),
+            "{e}"
+        );
         let e = spec(dir.path(), &["--socket", "/nonexistent.sock"]).unwrap_err();
         assert!(e.to_string().contains("is not a socket"), "{e}");
-        let initrd_missing = parse(&[]).unwrap().run.spec(&defaults(dir.path())).unwrap_err();
-        assert!(initrd_missing.to_string().contains("--initrd"), "{initrd_missing}");
+        let initrd_missing = parse(&[])
+            .unwrap()
+            .run
+            .spec(&defaults(dir.path()))
+            .unwrap_err();
+        assert!(
+            initrd_missing.to_string().contains("--initrd"),
+            "{initrd_missing}"
+        );
     }
 }

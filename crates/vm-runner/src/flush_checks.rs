@@ -42,7 +42,8 @@ pub fn check_flushes(host: &mut Host, args: &[&str]) -> ActionResult {
     if ov != 0 {
         why.push(format!("order_violations={ov}"));
     }
-    let mut figures = format!("requests=+{req} fdatasyncs=+{fds} errors=+{err} order_violations={ov}");
+    let mut figures =
+        format!("requests=+{req} fdatasyncs=+{fds} errors=+{err} order_violations={ov}");
     if let (Some(fa), Some(fb)) = (before.faultfs, after.faultfs) {
         let passed = fb.passed - fa.passed;
         if passed < n {
@@ -91,7 +92,10 @@ pub fn check_sticky(host: &mut Host, args: &[&str]) -> ActionResult {
         return Err("usage: check-sticky".into());
     }
     let f = host.faultfs.ok_or("needs --faultfs")?;
-    let mark = host.state.ok_mark.ok_or("faultfs was never set back to ok")?;
+    let mark = host
+        .state
+        .ok_mark
+        .ok_or("faultfs was never set back to ok")?;
     let now = host.faultfs_counts(f)?;
     let m = host.snapshot("sticky")?.metrics.clone();
     let mut why = Vec::new();

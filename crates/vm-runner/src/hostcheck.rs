@@ -27,7 +27,10 @@ pub fn parse(line: &str) -> Result<HostCheck, String> {
         } else if let Some(v) = word.strip_prefix("len=") {
             len = v.parse().ok();
         } else if let Some(v) = word.strip_prefix("sha256=") {
-            if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+            if v.len() == 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            {
                 sha = Some(v.to_string());
             }
         }
@@ -103,7 +106,10 @@ mod tests {
                 sha256: h.clone()
             }
         );
-        for bad in ["VUP-HOSTCHECK offset=x len=8 sha256=00", "VUP-HOSTCHECK len=8"] {
+        for bad in [
+            "VUP-HOSTCHECK offset=x len=8 sha256=00",
+            "VUP-HOSTCHECK len=8",
+        ] {
             assert!(parse(bad).unwrap_err().contains("malformed"), "{bad}");
         }
     }

@@ -106,7 +106,10 @@ pub const ACTIONS: &[Action] = &[
 pub fn list_actions() -> String {
     let mut s = String::new();
     for a in ACTIONS {
-        s.push_str(&format!("{}\n    serves: {}\n    {}\n", a.usage, a.serves, a.what));
+        s.push_str(&format!(
+            "{}\n    serves: {}\n    {}\n",
+            a.usage, a.serves, a.what
+        ));
     }
     s
 }
@@ -250,8 +253,10 @@ impl HostLink {
             let (word, text) = match &result {
                 Ok(t) => ("ACK", t.clone()),
                 Err(why) => {
-                    self.failures
-                        .push(format!("host check '{}' failed: {why}", line.trim_start_matches("VUP-SYNC ")));
+                    self.failures.push(format!(
+                        "host check '{}' failed: {why}",
+                        line.trim_start_matches("VUP-SYNC ")
+                    ));
                     ("NAK", why.clone())
                 }
             };
@@ -300,7 +305,10 @@ mod tests {
         let n = std::io::Read::read(&mut link.stdin().unwrap(), &mut answers).unwrap();
         let answers = String::from_utf8_lossy(&answers[..n]).into_owned();
         assert_eq!(answers.lines().count(), 3, "{answers}");
-        assert!(answers.starts_with("VUP-NAK frobnicate unknown action"), "{answers}");
+        assert!(
+            answers.starts_with("VUP-NAK frobnicate unknown action"),
+            "{answers}"
+        );
         // Polling again handles nothing twice.
         link.poll(
             out,

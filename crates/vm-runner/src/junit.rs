@@ -103,14 +103,34 @@ mod tests {
         let boots = split_boots(
             "VUP-BEGIN\n1..3\nok 1 - a<b\nnot ok 2 - b\n# want \"x\" & y\nok 3 - c # SKIP none\nVUP-END rc=0\n",
         );
-        let x = render("vhost-user", &boots, &["QEMU exited with status 1".into()], 12.34);
+        let x = render(
+            "vhost-user",
+            &boots,
+            &["QEMU exited with status 1".into()],
+            12.34,
+        );
         assert!(x.starts_with("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites name=\"vmrun vhost-user\" tests=\"4\" failures=\"2\" skipped=\"1\" time=\"12.3\">"), "{x}");
-        assert!(x.contains("<testcase classname=\"vhost-user\" name=\"a&lt;b\"/>"), "{x}");
-        assert!(x.contains("<failure message=\"not ok\">want &quot;x&quot; &amp; y</failure>"), "{x}");
+        assert!(
+            x.contains("<testcase classname=\"vhost-user\" name=\"a&lt;b\"/>"),
+            "{x}"
+        );
+        assert!(
+            x.contains("<failure message=\"not ok\">want &quot;x&quot; &amp; y</failure>"),
+            "{x}"
+        );
         assert!(x.contains("<skipped message=\"none\"/>"), "{x}");
-        assert!(x.contains("<testsuite name=\"vhost-user runner checks\" tests=\"1\" failures=\"1\""), "{x}");
-        assert!(x.contains("<failure message=\"QEMU exited with status 1\"/>"), "{x}");
-        assert_eq!(x.matches("<testsuite ").count(), x.matches("</testsuite>").count());
+        assert!(
+            x.contains("<testsuite name=\"vhost-user runner checks\" tests=\"1\" failures=\"1\""),
+            "{x}"
+        );
+        assert!(
+            x.contains("<failure message=\"QEMU exited with status 1\"/>"),
+            "{x}"
+        );
+        assert_eq!(
+            x.matches("<testsuite ").count(),
+            x.matches("</testsuite>").count()
+        );
     }
 
     #[test]

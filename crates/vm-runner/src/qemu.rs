@@ -192,18 +192,36 @@ pub fn kvm_usable(qemu: &Path, kernel: &Path, cache: &Path) -> bool {
     let uname = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let key = {
         use sha2::Digest;
-        let h = sha2::Sha256::digest(format!("{uname}\n{}\n{}\n", qemu.display(), kernel.display()));
-        h.iter().take(8).map(|b| format!("{b:02x}")).collect::<String>()
+        let h = sha2::Sha256::digest(format!(
+            "{uname}\n{}\n{}\n",
+            qemu.display(),
+            kernel.display()
+        ));
+        h.iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     };
     let cached = cache.join(format!("kvm-probe.{key}"));
     if let Ok(v) = std::fs::read_to_string(&cached) {
         return v.trim() == "yes";
     }
-    let Ok(log) = tempfile_path() else { return false };
+    let Ok(log) = tempfile_path() else {
+        return false;
+    };
     let ok = (|| {
         let out = std::fs::File::create(&log).ok()?;
         let mut child = Command::new(qemu)
-            .args(["-accel", "kvm", "-cpu", "host", "-m", "256M", "-nodefaults", "-nographic"])
+            .args([
+                "-accel",
+                "kvm",
+                "-cpu",
+                "host",
+                "-m",
+                "256M",
+                "-nodefaults",
+                "-nographic",
+            ])
             .args(["-no-reboot", "-serial", "stdio", "-kernel"])
             .arg(kernel)
             .args(["-append", "console=ttyS0 panic=-1 loglevel=1"])
@@ -213,9 +231,8 @@ pub fn kvm_usable(qemu: &Path, kernel: &Path, cache: &Path) -> bool {
             .spawn()
             .ok()?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        let internal_error = || {
-            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("KVM internal error"))
-        };
+        let internal_error =
+            || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("KVM internal error"));
         loop {
             if let Some(st) = child.try_wait().ok()? {
                 return Some(st.success() && !internal_error());
@@ -298,7 +315,10 @@ mod tests {
             chardev_opts: None,
         };
         let a = strings(&qemu_args(&spec(), &b, Path::new("/l/out")));
-        assert_eq!(after(&a, "-chardev"), ["socket,id=pmem0,path=/run/a,,b.sock"]);
+        assert_eq!(
+            after(&a, "-chardev"),
+            ["socket,id=pmem0,path=/run/a,,b.sock"]
+        );
         assert_eq!(after(&a, "-device"), [VHOST_USER_PMEM_DEVICE]);
         assert_eq!(after(&a, "-m"), ["1024M"]);
         assert_eq!(after(&a, "-cpu"), ["max"]);
@@ -348,7 +368,12 @@ mod tests {
     fn shell_line_quotes_what_a_shell_would_split() {
         let l = shell_line(
             Path::new("/q"),
-            &["-append".into(), "a b".into(), "it's".into(), "x,y=1".into()],
+            &[
+                "-append".into(),
+                "a b".into(),
+                "it's".into(),
+                "x,y=1".into(),
+            ],
         );
         assert_eq!(l, r"/q -append 'a b' 'it'\''s' x,y=1");
     }

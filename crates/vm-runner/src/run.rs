@@ -81,7 +81,10 @@ impl Outcome {
 
     /// The closing line CI log readers recognise: one word with a colon, then the counts.
     pub fn summary_line(&self) -> String {
-        format!("{}: {} passed, {} failed", self.device, self.passed, self.failed)
+        format!(
+            "{}: {} passed, {} failed",
+            self.device, self.passed, self.failed
+        )
     }
 }
 
@@ -91,10 +94,28 @@ fn info(msg: impl AsRef<str>) {
 
 /// Files of an earlier run in the same directory that would mislead a reader of this one.
 const STALE: &[&str] = &[
-    "console.log", "guest-out.raw", "guest-out.txt", "tap.txt", "junit.xml", "metrics.txt",
-    "hostchecks.txt", "hostchecks.result", "daemon.log", "qemu.log", "qemu.cmd", "daemon.pid",
-    "result.txt", "after-kill.txt", "kill.txt", "hostlink", "hostlink.log", "faultfs.log",
-    "faultfs.control", "faultfs.counts.json", "daemon-metrics.json", "pids",
+    "console.log",
+    "guest-out.raw",
+    "guest-out.txt",
+    "tap.txt",
+    "junit.xml",
+    "metrics.txt",
+    "hostchecks.txt",
+    "hostchecks.result",
+    "daemon.log",
+    "qemu.log",
+    "qemu.cmd",
+    "daemon.pid",
+    "result.txt",
+    "after-kill.txt",
+    "kill.txt",
+    "hostlink",
+    "hostlink.log",
+    "faultfs.log",
+    "faultfs.control",
+    "faultfs.counts.json",
+    "daemon-metrics.json",
+    "pids",
 ];
 
 fn prepare_log_dir(dir: &Path) -> Result<PathBuf, RunError> {
@@ -116,7 +137,10 @@ fn prepare_log_dir(dir: &Path) -> Result<PathBuf, RunError> {
 }
 
 fn absolute(p: &Path) -> Result<PathBuf, RunError> {
-    let parent = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = p
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
     let parent = parent
         .canonicalize()
@@ -228,7 +252,10 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
             daemon: Daemon::External { socket },
             chardev_opts,
         }) => {
-            info(format!("attaching to the running daemon on {}", socket.display()));
+            info(format!(
+                "attaching to the running daemon on {}",
+                socket.display()
+            ));
             PmemBacking::VhostUser {
                 socket: socket.clone(),
                 server: false,
@@ -307,7 +334,10 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
     if let (Some(cmd), PmemBacking::VhostUser { socket, .. }) = (&connect_later, &backing) {
         let deadline = Instant::now() + QEMU_SOCKET;
         while !is_socket(socket) {
-            let exited = children.qemu.as_mut().and_then(|q| q.try_wait().ok().flatten());
+            let exited = children
+                .qemu
+                .as_mut()
+                .and_then(|q| q.try_wait().ok().flatten());
             if exited.is_some() || Instant::now() > deadline {
                 let log = std::fs::read_to_string(log_dir.join("qemu.log")).unwrap_or_default();
                 return Err(RunError::Setup(format!(
@@ -332,7 +362,11 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
     let mut daemon_killed: Option<(Duration, u64)> = None;
     let mut observed = false;
     let qemu_status = loop {
-        if let Some(s) = children.qemu.as_mut().and_then(|q| q.try_wait().ok().flatten()) {
+        if let Some(s) = children
+            .qemu
+            .as_mut()
+            .and_then(|q| q.try_wait().ok().flatten())
+        {
             children.qemu = None;
             break s.code();
         }
@@ -371,7 +405,9 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
                 }
             }
             Stop::KillQemuAt(marker) => {
-                if guest_out.text.contains(marker.as_str()) || console.text.contains(marker.as_str()) {
+                if guest_out.text.contains(marker.as_str())
+                    || console.text.contains(marker.as_str())
+                {
                     children.kill_qemu();
                     qemu_killed_at_marker = true;
                     info(format!(
@@ -392,7 +428,9 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
             }
             break None;
         }
-        if spec.qemu.accel == crate::spec::Accel::Kvm && qemu_log.text.contains("KVM internal error") {
+        if spec.qemu.accel == crate::spec::Accel::Kvm
+            && qemu_log.text.contains("KVM internal error")
+        {
             children.kill_qemu();
             kvm_failed = true;
             break None;
@@ -448,15 +486,23 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
         ));
     }
     if kvm_failed {
-        failures.push("KVM cannot run this guest (KVM internal error, see qemu.log); use --accel tcg".into());
+        failures.push(
+            "KVM cannot run this guest (KVM internal error, see qemu.log); use --accel tcg".into(),
+        );
     }
-    let ended_normally = !(timed_out || qemu_killed_at_marker || daemon_died || kvm_failed || daemon_killed.is_some());
+    let ended_normally = !(timed_out
+        || qemu_killed_at_marker
+        || daemon_died
+        || kvm_failed
+        || daemon_killed.is_some());
     if ended_normally && qemu_status != Some(0) {
         failures.push(format!("QEMU exited with status {qemu_status:?}"));
     }
     if let Stop::KillDaemonAt { marker, observe } = &spec.stop {
         match daemon_killed {
-            None => failures.push(format!("marker '{marker}' never appeared (the daemon was not killed)")),
+            None => failures.push(format!(
+                "marker '{marker}' never appeared (the daemon was not killed)"
+            )),
             Some((at, _)) if !observed => info(format!(
                 "QEMU exited by itself {} ms after the daemon was killed (status {qemu_status:?})",
                 elapsed.saturating_sub(at).as_millis()
@@ -487,18 +533,20 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
                     info(format!("daemon left running (pid {})", d.pid()));
                     daemon_metrics = d.snapshot(Duration::from_secs(10)).ok();
                 }
-                DaemonEnd::Exit(want) => match d.stop(DAEMON_STOP) {
-                    Ok(st) => {
-                        if st.code() != Some(want) {
-                            failures.push(format!(
+                DaemonEnd::Exit(want) => {
+                    match d.stop(DAEMON_STOP) {
+                        Ok(st) => {
+                            if st.code() != Some(want) {
+                                failures.push(format!(
                                 "the daemon exited with {st} after SIGTERM, expected status {want}"
                             ));
-                        } else if want != 0 {
-                            info(format!("the daemon exited with status {want} after SIGTERM, as expected"));
+                            } else if want != 0 {
+                                info(format!("the daemon exited with status {want} after SIGTERM, as expected"));
+                            }
                         }
+                        Err(e) => failures.push(e.to_string()),
                     }
-                    Err(e) => failures.push(e.to_string()),
-                },
+                }
             }
         }
         if daemon_metrics.is_none() {
@@ -546,7 +594,11 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
     let boots = tap::split_boots(source);
     let _ = std::fs::write(log_dir.join("tap.txt"), tap::tap_text(&boots));
     let joined = |f: fn(&Boot) -> &Vec<String>| {
-        boots.iter().flat_map(f).map(|l| format!("{l}\n")).collect::<String>()
+        boots
+            .iter()
+            .flat_map(f)
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
     };
     let _ = std::fs::write(log_dir.join("metrics.txt"), joined(|b| &b.metrics));
     let _ = std::fs::write(log_dir.join("hostchecks.txt"), joined(|b| &b.hostchecks));
@@ -586,7 +638,10 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
     if boots.is_empty() {
         failures.push("no VUP-BEGIN: the guest never ran the test binary".into());
     } else if boots.len() < expect_boots && !stopped_early {
-        failures.push(format!("expected {expect_boots} boots, saw {}", boots.len()));
+        failures.push(format!(
+            "expected {expect_boots} boots, saw {}",
+            boots.len()
+        ));
     }
 
     // host-side checks of data the guest wrote
@@ -656,7 +711,9 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
     }
     if let Some(want) = e.device_starts {
         let (starts, features) = checks::device_starts(&qemu_log.text);
-        info(format!("QEMU's trace: {starts} vhost device starts, {features} SET_FEATURES"));
+        info(format!(
+            "QEMU's trace: {starts} vhost device starts, {features} SET_FEATURES"
+        ));
         if starts != want || features != want {
             failures.push(format!(
                 "expected {want} vhost device starts and SET_FEATURES in QEMU's trace, saw {starts} and {features}"
@@ -678,7 +735,10 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
         }
     }
     if e.readonly_outcome {
-        match daemon_metrics.as_ref().map(|m| checks::readonly_outcome(m, &boots, &qemu_log.text)) {
+        match daemon_metrics
+            .as_ref()
+            .map(|m| checks::readonly_outcome(m, &boots, &qemu_log.text))
+        {
             Some(Ok(what)) => info(format!("read-only: {what}")),
             Some(Err(why)) => failures.push(format!("read-only: {why}")),
             None => failures.push("--expect-readonly-outcome: no daemon metrics".into()),
@@ -740,9 +800,17 @@ fn write_report(spec: &RunSpec, o: &Outcome, not_ok: &[String], console: &str, q
         for f in o.failures.iter().chain(not_ok) {
             let _ = writeln!(e, "vmrun: FAIL: {f}");
         }
-        let _ = writeln!(e, "--- console.log (last 40 lines) ---\n{}", tail(console, 40));
+        let _ = writeln!(
+            e,
+            "--- console.log (last 40 lines) ---\n{}",
+            tail(console, 40)
+        );
         if !qemu_log.is_empty() {
-            let _ = writeln!(e, "--- qemu.log (last 20 lines) ---\n{}", tail(qemu_log, 20));
+            let _ = writeln!(
+                e,
+                "--- qemu.log (last 20 lines) ---\n{}",
+                tail(qemu_log, 20)
+            );
         }
         if let Ok(d) = std::fs::read_to_string(dir.join("daemon.log")) {
             let _ = writeln!(e, "--- daemon.log (last 40 lines) ---\n{}", tail(&d, 40));

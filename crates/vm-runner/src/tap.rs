@@ -74,13 +74,21 @@ pub fn parse_result(line: &str) -> Option<TapResult> {
         return None;
     }
     let rest = rest.trim_start();
-    let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+    let digits = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
     let number = rest[..digits].parse().ok();
     let rest = rest[digits..].trim_start();
     let rest = rest.strip_prefix("- ").unwrap_or(rest);
-    let (name, directive) = match rest.find(" # ").or_else(|| rest.strip_prefix("# ").map(|_| 0)) {
+    let (name, directive) = match rest
+        .find(" # ")
+        .or_else(|| rest.strip_prefix("# ").map(|_| 0))
+    {
         Some(i) => {
-            let d = rest[i..].trim_start_matches(' ').trim_start_matches('#').trim();
+            let d = rest[i..]
+                .trim_start_matches(' ')
+                .trim_start_matches('#')
+                .trim();
             let upper = d.to_ascii_uppercase();
             let reason = |n: usize| d[n..].trim().to_string();
             let directive = if upper.starts_with("SKIP") {
@@ -180,11 +188,17 @@ mod tests {
     #[test]
     fn result_lines() {
         let r = parse_result("ok 3 - fsync_persists").unwrap();
-        assert_eq!((r.ok, r.number, r.name.as_str()), (true, Some(3), "fsync_persists"));
+        assert_eq!(
+            (r.ok, r.number, r.name.as_str()),
+            (true, Some(3), "fsync_persists")
+        );
         assert_eq!(r.directive, Directive::None);
         let r = parse_result("ok 4 - ro_region # SKIP the region reads as zeros").unwrap();
         assert_eq!(r.name, "ro_region");
-        assert_eq!(r.directive, Directive::Skip("the region reads as zeros".into()));
+        assert_eq!(
+            r.directive,
+            Directive::Skip("the region reads as zeros".into())
+        );
         let r = parse_result("not ok 5 - known # TODO later").unwrap();
         assert!(!r.ok && r.passed());
         let r = parse_result("not ok 6 - broken").unwrap();
@@ -224,10 +238,16 @@ ok 1 - a
         assert_eq!(b.metrics, ["VUP-METRIC op=fsync p50_us=300"]);
         assert_eq!(b.hostchecks.len(), 1);
         let b = &boots[1];
-        assert_eq!((b.end, b.plan, b.results.len()), (BootEnd::Missing, Some(2), 1));
+        assert_eq!(
+            (b.end, b.plan, b.results.len()),
+            (BootEnd::Missing, Some(2), 1)
+        );
         let tap = tap_text(&boots);
         assert!(tap.contains("# --- boot 2 ---\n1..2\nok 1 - a\n"), "{tap}");
-        assert!(!tap.contains("VUP-METRIC") && !tap.contains("before any boot"), "{tap}");
+        assert!(
+            !tap.contains("VUP-METRIC") && !tap.contains("before any boot"),
+            "{tap}"
+        );
     }
 
     #[test]
