@@ -75,16 +75,10 @@ if [[ $report_only == 0 ]]; then
         rdir="$out/round$r"
         mkdir -p "$rdir"
         for dev in $devs; do
-            extra=()
-            if [[ $dev == vhost-user ]]; then
-                # The daemon's own counters at exit: how many guest flushes one fdatasync answered.
-                extra=(--daemon-arg --metrics-path --daemon-arg "$rdir/vhost-user/daemon-metrics.json")
-                mkdir -p "$rdir/vhost-user"
-            fi
             info "round $r/$rounds: booting a guest on $dev with a fresh $size image (load average $(cut -d' ' -f1 /proc/loadavg))"
             t0=$(now_ms)
-            if ! "$VUP_ROOT/scripts/run-vm.sh" --device "$dev" --image "$rdir/$dev.img" --size "$size" \
-                --initrd "$out/initrd.cpio.gz" --log-dir "$rdir/$dev" --timeout "$timeout" "${extra[@]}" \
+            if ! "$VUP_RUNNER" --device "$dev" --image "$rdir/$dev.img" --size "$size" \
+                --initrd "$out/initrd.cpio.gz" --log-dir "$rdir/$dev" --timeout "$timeout" \
                 --args "--mkfs --samples $samples --threads ${threads//,/:} ${suites//,/ }" \
                 >"$rdir/$dev.run.txt" 2>&1; then
                 tail -n 30 "$rdir/$dev.run.txt" >&2
@@ -403,11 +397,12 @@ awk -F'\t' -v title="Guest flush throughput and fault latency: vhost-user-pmem v
     }' "$out/results.tsv" >"$out/guest-bench.svg"
 
 echo | tee -a "$out/comparison.txt"
-for dm in "$out"/round*/vhost-user/daemon-metrics.json; do
-    [[ -s $dm ]] || continue
-    # requests, fdatasyncs and coalesced as the daemon counted them over the whole boot.
-    counters=$(tr -d ' \n' <"$dm" | grep -o '"counters":{[^}]*}' || true)
-    r=${dm%/vhost-user/*}; r=${r##*/}
+for rt in "$out"/round*/vhost-user/result.txt; do
+    [[ -s $rt ]] || continue
+    # requests, fdatasyncs and coalesced as the daemon counted them over the whole boot
+    # (vmrun's summary of the daemon's metrics at exit).
+    counters=$(sed -n 's/^daemon: //p' "$rt")
+    r=${rt%/vhost-user/*}; r=${r##*/}
     echo "daemon counters over the whole vhost-user boot of $r: ${counters:-not found}" | tee -a "$out/comparison.txt"
 done
 echo

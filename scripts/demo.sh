@@ -33,11 +33,12 @@ out="$VUP_BUILD/demo"
 rm -rf "$out"; mkdir -p "$out"
 info "building the daemon and the guest, fetching QEMU and the kernel (cached after the first run)"
 build_vm_inputs "$out/initrd.cpio.gz"
+export VUP_BUILD
 
 for dev in $devices; do
     info "booting a guest on $dev with a fresh $size image"
     t0=$(now_ms)
-    if ! "$VUP_ROOT/scripts/run-vm.sh" --device "$dev" --image "$out/$dev.img" --size "$size" \
+    if ! "$VUP_RUNNER" --device "$dev" --image "$out/$dev.img" --size "$size" \
         --initrd "$out/initrd.cpio.gz" --log-dir "$out/$dev" \
         --args "--mkfs --iters $iters --threads ${threads//,/:} e2e latency" >"$out/$dev.run.txt" 2>&1; then
         cat "$out/$dev.run.txt" >&2
@@ -83,5 +84,7 @@ if [[ $devices == "vhost-user builtin" ]]; then
     echo "(ratio = vhost-user-pmem / QEMU built-in; below 1 is faster)"
 fi
 echo
-echo "daemon log: $out/vhost-user/daemon.log"
-grep -E 'mapped|final stats' "$out/vhost-user/daemon.log" 2>/dev/null | sed 's/^/   /' || true
+if [[ -f $out/vhost-user/result.txt ]]; then
+    echo "daemon (its metrics at exit; log in $out/vhost-user/daemon.log):"
+    grep '^daemon: ' "$out/vhost-user/result.txt" | sed 's/^daemon: /   /' || true
+fi

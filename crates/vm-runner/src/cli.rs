@@ -63,6 +63,12 @@ pub enum Command {
     /// Boot QEMU again and again on one image behind ONE daemon; every boot must find the
     /// previous boot's data, and the daemon must have mapped the region once per boot.
     BootLoop(crate::boot_loop::BootLoopArgs),
+    /// Read a daemon metrics file (format 2, checked) and print every field as one
+    /// `name value` line (`counters.maps 3`), for scripts that decide from the metrics.
+    Metrics {
+        /// The file the daemon's --metrics-path names.
+        file: PathBuf,
+    },
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

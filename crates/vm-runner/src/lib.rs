@@ -17,6 +17,7 @@ pub mod hostcheck;
 pub mod hostlink;
 pub mod junit;
 pub mod qemu;
+pub mod report;
 pub mod run;
 pub mod spec;
 pub mod tap;

@@ -18,6 +18,16 @@ fn main() {
     let defaults = Defaults::from_env();
     let code = match cli.command {
         Some(Command::BootLoop(args)) => boot_loop::main(args, &defaults),
+        Some(Command::Metrics { file }) => match pmem_metrics::Metrics::read(&file) {
+            Ok(m) => {
+                print!("{}", vm_runner::report::flatten(&m));
+                0
+            }
+            Err(e) => {
+                eprintln!("vmrun: error: {e}");
+                1
+            }
+        },
         None => {
             let spec = match cli.run.spec(&defaults) {
                 Ok(s) => s,
