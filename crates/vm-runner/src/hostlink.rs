@@ -280,22 +280,24 @@ fn clock() -> String {
 mod tests {
     use super::*;
 
+    /// A host with neither daemon nor faultfs.
+    fn bare<'a>(dir: &'a Path, state: &'a mut LinkState) -> Host<'a> {
+        Host {
+            daemon: None,
+            faultfs: None,
+            image_name: "pmem0.img",
+            log_dir: dir,
+            state,
+        }
+    }
+
     #[test]
     fn unknown_actions_and_bad_arguments_are_refused_and_fail_the_run() {
         let dir = tempfile::tempdir().unwrap();
         let mut link = HostLink::create(dir.path()).unwrap();
         let mut state = LinkState::default();
         let out = "VUP-SYNC frobnicate\nVUP-SYNC faultfs ok\nVUP-SYNC snapshot a b\nVUP-SYNC snapshot partial";
-        link.poll(
-            out,
-            Host {
-                daemon: None,
-                faultfs: None,
-                image_name: "pmem0.img",
-                log_dir: dir.path(),
-                state: &mut state,
-            },
-        );
+        link.poll(out, bare(dir.path(), &mut state));
         assert_eq!(link.failures.len(), 3, "{:?}", link.failures);
         assert!(link.failures[0].contains("unknown action 'frobnicate'"));
         assert!(link.failures[1].contains("no faultfs"));
@@ -310,16 +312,7 @@ mod tests {
             "{answers}"
         );
         // Polling again handles nothing twice.
-        link.poll(
-            out,
-            Host {
-                daemon: None,
-                faultfs: None,
-                image_name: "pmem0.img",
-                log_dir: dir.path(),
-                state: &mut state,
-            },
-        );
+        link.poll(out, bare(dir.path(), &mut state));
         assert_eq!(link.failures.len(), 3);
     }
 

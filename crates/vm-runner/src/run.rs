@@ -221,6 +221,28 @@ fn start_daemon(
     Ok(())
 }
 
+/// Answers the guest's host-link requests so far, with the daemon and faultfs of `children`.
+fn poll_link(
+    link: &mut HostLink,
+    guest_out: &str,
+    children: &mut Children,
+    image_name: &str,
+    log_dir: &Path,
+) {
+    let mut state = std::mem::take(&mut link.state);
+    link.poll(
+        guest_out,
+        Host {
+            daemon: children.daemon.as_mut(),
+            faultfs: children.faultfs.as_ref(),
+            image_name,
+            log_dir,
+            state: &mut state,
+        },
+    );
+    link.state = state;
+}
+
 /// Carries out `spec`. Set-up errors are returned; everything after QEMU started is judged
 /// and lands in the outcome.
 pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
@@ -446,37 +468,26 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
                 }
             }
         }
-        let mut state = std::mem::take(&mut link.state);
-        link.poll(
+        poll_link(
+            &mut link,
             &guest_out.text,
-            Host {
-                daemon: children.daemon.as_mut(),
-                faultfs: children.faultfs.as_ref(),
-                image_name: &image_name,
-                log_dir: &log_dir,
-                state: &mut state,
-            },
+            &mut children,
+            &image_name,
+            &log_dir,
         );
-        link.state = state;
         let marker_watched = !matches!(spec.stop, Stop::GuestEnds);
         std::thread::sleep(if marker_watched { POLL_MARKER } else { POLL });
     };
     guest_out.refresh();
     console.refresh();
     qemu_log.refresh();
-    {
-        let mut state = std::mem::take(&mut link.state);
-        link.poll(
-            &guest_out.text,
-            Host {
-                daemon: children.daemon.as_mut(),
-                faultfs: children.faultfs.as_ref(),
-                image_name: &image_name,
-                log_dir: &log_dir,
-                state: &mut state,
-            },
-        );
-    }
+    poll_link(
+        &mut link,
+        &guest_out.text,
+        &mut children,
+        &image_name,
+        &log_dir,
+    );
     let elapsed = t0.elapsed();
     failures.append(&mut link.failures);
     if timed_out {
