@@ -12,14 +12,9 @@ pub struct Summary {
     pub max_ns: u64,
 }
 
-/// Nearest-rank percentile of sorted samples: the smallest sample such that at least
-/// `p` percent of all samples are <= it. Never interpolates, so it is always a real
-/// observed latency.
-pub fn percentile(sorted: &[u64], p: f64) -> u64 {
-    assert!(!sorted.is_empty(), "percentile of no samples");
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
+/// The buckets and the percentile are the project's one implementation, shared with the
+/// daemon's metrics and the host benchmark, so the three report alike.
+pub use pmem_metrics::{log2_buckets_ns as log2_buckets, percentile, Bucket};
 
 pub fn summarize(samples_ns: &[u64]) -> Option<Summary> {
     if samples_ns.is_empty() {
@@ -36,43 +31,6 @@ pub fn summarize(samples_ns: &[u64]) -> Option<Summary> {
         p99_ns: percentile(&sorted, 99.0),
         max_ns: sorted[sorted.len() - 1],
     })
-}
-
-/// One row of the log2 histogram: `lo_us - hi_us us: count`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Bucket {
-    pub lo_us: u64,
-    pub hi_us: u64,
-    pub count: usize,
-}
-
-/// Whole-microsecond log2 buckets: [0,1], [2,3], [4,7], ... [2^k, 2^(k+1)-1]. Empty
-/// buckets are left out, as in the cover letter.
-pub fn log2_buckets(samples_ns: &[u64]) -> Vec<Bucket> {
-    let mut counts = [0usize; 64];
-    for &ns in samples_ns {
-        let us = ns / 1000;
-        let k = if us < 2 {
-            0
-        } else {
-            63 - us.leading_zeros() as usize
-        };
-        counts[k] += 1;
-    }
-    counts
-        .iter()
-        .enumerate()
-        .filter(|(_, &c)| c > 0)
-        .map(|(k, &count)| Bucket {
-            lo_us: if k == 0 { 0 } else { 1u64 << k },
-            hi_us: if k == 63 {
-                u64::MAX
-            } else {
-                (1u64 << (k + 1)) - 1
-            },
-            count,
-        })
-        .collect()
 }
 
 /// A `VUP-METRIC` line for a measurement that cannot be made on this device (`n=0
@@ -114,7 +72,7 @@ pub fn format_human(
         n = s.n,
     );
     for b in buckets {
-        out.push_str(&format!("{} - {} us: {}\n", b.lo_us, b.hi_us, b.count));
+        out.push_str(&format!("{} - {} us: {}\n", b.from, b.to, b.count));
     }
     out
 }
@@ -129,7 +87,7 @@ pub fn format_cover_letter(title: &str, s: &Summary, buckets: &[Bucket]) -> Stri
         s.max_ns / 1000,
     );
     for b in buckets {
-        out.push_str(&format!("{} - {} us: {}\n", b.lo_us, b.hi_us, b.count));
+        out.push_str(&format!("{} - {} us: {}\n", b.from, b.to, b.count));
     }
     out
 }
@@ -177,20 +135,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn percentile_nearest_rank() {
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&v, 50.0), 50);
-        assert_eq!(percentile(&v, 99.0), 99);
-        assert_eq!(percentile(&v, 100.0), 100);
-        assert_eq!(percentile(&v, 0.0), 1);
-        assert_eq!(percentile(&[5], 99.0), 5);
-        // With 10 samples p99 is the maximum, p50 the 5th.
-        let w: Vec<u64> = (10..20).collect();
-        assert_eq!(percentile(&w, 99.0), 19);
-        assert_eq!(percentile(&w, 50.0), 14);
-    }
-
-    #[test]
     fn summarize_unsorted_input() {
         let s = summarize(&[3000, 1000, 2000, 10_000]).unwrap();
         assert_eq!(s.n, 4);
@@ -208,7 +152,7 @@ mod tests {
             0, 999, 1_500, 2_000, 3_999, 16_000, 31_999, 32_000, 1_000_000,
         ];
         let b = log2_buckets(&ns);
-        let rows: Vec<(u64, u64, usize)> = b.iter().map(|b| (b.lo_us, b.hi_us, b.count)).collect();
+        let rows: Vec<(u64, u64, u64)> = b.iter().map(|b| (b.from, b.to, b.count)).collect();
         assert_eq!(
             rows,
             vec![
@@ -219,14 +163,14 @@ mod tests {
                 (512, 1023, 1)
             ]
         );
-        assert_eq!(b.iter().map(|b| b.count).sum::<usize>(), ns.len());
+        assert_eq!(b.iter().map(|b| b.count).sum::<u64>(), ns.len() as u64);
     }
 
     #[test]
     fn huge_sample_lands_in_last_bucket() {
         let b = log2_buckets(&[u64::MAX]);
         assert_eq!(b.len(), 1);
-        assert_eq!((b[0].lo_us, b[0].hi_us), (1u64 << 54, (1u64 << 55) - 1));
+        assert_eq!((b[0].from, b[0].to), (1u64 << 54, (1u64 << 55) - 1));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use pmem_metrics::Metrics;
 
 use crate::BenchError;
 
@@ -96,26 +96,30 @@ impl Daemon {
         unsafe { libc::kill(self.pid() as libc::pid_t, sig) };
     }
 
-    /// Asks for the metrics with SIGUSR1 and waits until the file counts `requests` requests
-    /// (every request the benchmark has seen answered, so the daemon has counted it).
-    pub fn metrics(&self, requests: u64) -> Result<Value, BenchError> {
+    /// Asks for the metrics with SIGUSR1 and waits for the report it writes (a `seq` above the
+    /// last one), which must count `requests` requests: every request the benchmark has seen
+    /// answered, which the daemon counts before it answers.
+    pub fn metrics(&self, requests: u64) -> Result<Metrics, BenchError> {
         let Some(path) = &self.metrics else {
             return Err(BenchError::Daemon("started without --metrics-path".into()));
         };
+        let seq = Metrics::read(path).map_or(0, |m| m.seq);
         self.signal(libc::SIGUSR1);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            let v: Option<Value> = std::fs::read_to_string(path)
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok());
-            if let Some(v) = v {
-                if v["counters"]["requests"].as_u64() == Some(requests) {
-                    return Ok(v);
+            if let Some(m) = Metrics::read(path).ok().filter(|m| m.seq > seq) {
+                if m.counters.requests != requests {
+                    return Err(BenchError::Daemon(format!(
+                        "{} counts {} requests, the benchmark saw {requests} answered",
+                        path.display(),
+                        m.counters.requests
+                    )));
                 }
+                return Ok(m);
             }
             if Instant::now() > deadline {
                 return Err(BenchError::Daemon(format!(
-                    "{} never showed {requests} requests after SIGUSR1; see {}",
+                    "{} was not rewritten after SIGUSR1; see {}",
                     path.display(),
                     self.log.display()
                 )));

@@ -18,12 +18,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use pmem_frontend::{Frontend, Options, ShmemMapping};
 use serde::Serialize;
+use vhost_user_pmem::modes::FlushMode;
 
 use crate::daemon::Daemon;
-use crate::report::{format_buckets, log2_buckets, Bucket, Summary};
+use crate::report::{format_buckets, Bucket, Summary};
+use pmem_metrics::log2_buckets_ns;
 
 const PAGE: usize = 4096;
 /// Odd, so that stepping by it visits every page of a power-of-two working set before
@@ -60,35 +62,12 @@ impl BenchError {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-enum Mode {
-    Group,
-    Serial,
-    Parallel,
-}
-
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl Mode {
-    fn as_str(self) -> &'static str {
-        match self {
-            Mode::Group => "group",
-            Mode::Serial => "serial",
-            Mode::Parallel => "parallel",
-        }
-    }
-
-    fn color(self) -> &'static str {
-        match self {
-            Mode::Group => "#1f77b4",
-            Mode::Serial => "#ff7f0e",
-            Mode::Parallel => "#2ca02c",
-        }
+/// The colour of `mode` in the figures.
+fn color(mode: FlushMode) -> &'static str {
+    match mode {
+        FlushMode::Group => "#1f77b4",
+        FlushMode::Serial => "#ff7f0e",
+        FlushMode::Parallel => "#2ca02c",
     }
 }
 
@@ -123,8 +102,8 @@ struct Args {
     #[arg(long, value_name = "D,..", value_delimiter = ',', default_values_t = [1usize, 4, 16, 64])]
     depths: Vec<usize>,
     /// Flush modes to run.
-    #[arg(long, value_name = "MODE,..", value_delimiter = ',', default_values_t = [Mode::Group, Mode::Serial, Mode::Parallel])]
-    modes: Vec<Mode>,
+    #[arg(long, value_name = "MODE,..", value_delimiter = ',', default_values_t = [FlushMode::Group, FlushMode::Serial, FlushMode::Parallel])]
+    modes: Vec<FlushMode>,
     /// Rounds; each round runs the baseline and every mode at every depth [default: 5, or 2
     /// with --quick].
     #[arg(long, value_name = "N")]
@@ -150,7 +129,7 @@ struct Plan {
     working_pages: usize,
     pages: usize,
     depths: Vec<usize>,
-    modes: Vec<Mode>,
+    modes: Vec<FlushMode>,
     rounds: usize,
     flushes: usize,
     idle_secs: u64,
@@ -375,10 +354,10 @@ struct Memory {
 /// One daemon run of `mode`: every depth, with the daemon's fdatasync counts per depth.
 fn run_mode(
     plan: &Plan,
-    mode: Mode,
+    mode: FlushMode,
     round: usize,
-    results: &mut BTreeMap<(Mode, usize), Samples>,
-    memory: &mut BTreeMap<Mode, Memory>,
+    results: &mut BTreeMap<(FlushMode, usize), Samples>,
+    memory: &mut BTreeMap<FlushMode, Memory>,
 ) -> Result<(), BenchError> {
     let socket = plan.dir.join("bench.sock");
     let metrics = plan.dir.join(format!("metrics-{}.json", mode.as_str()));
@@ -417,7 +396,7 @@ fn run_mode(
         )?;
         requests += s.requests;
         let m = d.metrics(requests)?;
-        let total_syncs = m["counters"]["fdatasyncs"].as_u64().unwrap_or(0);
+        let total_syncs = m.counters.fdatasyncs;
         s.fdatasyncs = total_syncs - syncs;
         syncs = total_syncs;
         if let Some((rss, _)) = sys::memory_kib(d.pid()) {
@@ -455,7 +434,7 @@ struct Idle {
 
 /// Counts the context switches of an idle daemon (device started, one flush done) over
 /// `secs` seconds.
-fn run_idle(plan: &Plan, mode: Mode) -> Result<Idle, BenchError> {
+fn run_idle(plan: &Plan, mode: FlushMode) -> Result<Idle, BenchError> {
     let socket = plan.dir.join("bench.sock");
     let log = plan.out.join(format!("daemon-{}.log", mode.as_str()));
     let d = Daemon::start(&plan.daemon, mode.as_str(), &plan.file, &socket, None, &log)?;
@@ -537,8 +516,8 @@ struct Results {
     duration_s: f64,
     baseline: Row,
     results: Vec<Row>,
-    daemon_memory: BTreeMap<Mode, Memory>,
-    idle: BTreeMap<Mode, Idle>,
+    daemon_memory: BTreeMap<FlushMode, Memory>,
+    idle: BTreeMap<FlushMode, Idle>,
     targets: Vec<Target>,
 }
 
@@ -562,7 +541,7 @@ fn row(label: &str, depth: usize, s: &mut Samples, raw_p50: f64) -> Row {
         },
         fdatasyncs_per_request: (s.requests > 0)
             .then(|| (s.fdatasyncs as f64 / s.requests as f64 * 1000.0).round() / 1000.0),
-        log2_buckets_us: log2_buckets(&s.ns),
+        log2_buckets_us: log2_buckets_ns(&s.ns),
     }
 }
 
@@ -734,13 +713,13 @@ fn run(args: Args) -> Result<(), BenchError> {
     #[derive(Clone, Copy)]
     enum Unit {
         Baseline,
-        Mode(Mode),
+        Mode(FlushMode),
     }
     let mut units: Vec<Unit> = std::iter::once(Unit::Baseline)
         .chain(plan.modes.iter().map(|&m| Unit::Mode(m)))
         .collect();
     let mut baseline = Samples::default();
-    let mut results: BTreeMap<(Mode, usize), Samples> = BTreeMap::new();
+    let mut results: BTreeMap<(FlushMode, usize), Samples> = BTreeMap::new();
     let mut memory = BTreeMap::new();
     for round in 0..plan.rounds {
         eprintln!("pmem-bench: round {}/{}", round + 1, plan.rounds);
@@ -826,7 +805,7 @@ fn run(args: Args) -> Result<(), BenchError> {
             .chain(plan.modes.iter().filter_map(|&m| {
                 results.get(&(m, depth)).map(|s| svg::Series {
                     name: m.as_str(),
-                    color: m.color(),
+                    color: color(m),
                     dashed: false,
                     sorted_ns: &s.ns,
                 })
@@ -905,7 +884,10 @@ mod tests {
     fn args_parse_with_defaults() {
         let a = Args::try_parse_from(["pmem-bench", "--quick", "--depths", "1,16"]).unwrap();
         assert_eq!(a.depths, [1, 16]);
-        assert_eq!(a.modes, [Mode::Group, Mode::Serial, Mode::Parallel]);
+        assert_eq!(
+            a.modes,
+            [FlushMode::Group, FlushMode::Serial, FlushMode::Parallel]
+        );
         assert_eq!(a.pages, 16);
         assert!(Args::try_parse_from(["pmem-bench", "--modes", "fast"]).is_err());
     }

@@ -18,22 +18,13 @@ pub struct Summary {
     pub max: f64,
 }
 
+use pmem_metrics::percentile;
 /// `count` latencies in `from..=to` microseconds, bucketed exactly as the daemon's metrics.
 pub use pmem_metrics::Bucket;
-use pmem_metrics::{buckets_from_counts, log2_index};
 
 fn us(ns: u64) -> f64 {
     // One decimal: sub-100 ns differences are below what the clock and scheduler resolve.
     (ns as f64 / 100.0).round() / 10.0
-}
-
-/// The value at quantile `q` of `sorted` (nearest rank).
-pub fn quantile(sorted: &[u64], q: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 impl Summary {
@@ -56,23 +47,13 @@ impl Summary {
             count: sorted.len(),
             min: us(sorted[0]),
             avg: us((sum / sorted.len() as u128) as u64),
-            p50: us(quantile(sorted, 0.50)),
-            p90: us(quantile(sorted, 0.90)),
-            p99: us(quantile(sorted, 0.99)),
-            p999: us(quantile(sorted, 0.999)),
+            p50: us(percentile(sorted, 50.0)),
+            p90: us(percentile(sorted, 90.0)),
+            p99: us(percentile(sorted, 99.0)),
+            p999: us(percentile(sorted, 99.9)),
             max: us(sorted[sorted.len() - 1]),
         }
     }
-}
-
-/// Non-empty log2 buckets of latencies given in nanoseconds, bucketed in whole microseconds:
-/// `[0, 1], [2, 3], [4, 7], ...`.
-pub fn log2_buckets(ns: &[u64]) -> Vec<Bucket> {
-    let mut counts = [0u64; 64];
-    for &v in ns {
-        counts[log2_index(v / 1000)] += 1;
-    }
-    buckets_from_counts(&counts)
 }
 
 /// The buckets as lines `   16 -    31 us: 506`, indented by `indent`.
@@ -97,7 +78,6 @@ mod tests {
             (100, 1.0, 50.0, 99.0, 100.0)
         );
         assert_eq!(s.avg, 50.5);
-        assert_eq!(quantile(&[7], 0.99), 7);
         assert_eq!(Summary::of(&[]).count, 0);
         assert_eq!(Summary::of(&[1234]).p50, 1.2);
     }
@@ -107,7 +87,7 @@ mod tests {
         let ns: Vec<u64> = [0, 1_500, 16_000, 31_999, 32_000, 1_000_000]
             .into_iter()
             .collect();
-        let b = log2_buckets(&ns);
+        let b = pmem_metrics::log2_buckets_ns(&ns);
         assert_eq!(
             b.iter()
                 .map(|b| (b.from, b.to, b.count))

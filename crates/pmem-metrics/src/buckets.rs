@@ -50,7 +50,11 @@ pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    let exact = p / 100.0 * sorted.len() as f64;
+    // `p / 100.0` is inexact (99.9 / 100 * 1000 is 999.0000000000001), and the ceiling of an
+    // error above a whole rank would pick the next sample; a few ulps below it are no real
+    // fraction of a sample.
+    let rank = (exact - exact * 4.0 * f64::EPSILON).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
@@ -95,5 +99,12 @@ mod tests {
         let w: Vec<u64> = (1..=20).collect();
         assert_eq!(percentile(&w, 99.0), 20);
         assert_eq!(percentile(&w, 50.0), 10);
+        // A rank that is whole in decimal but not in binary floating point.
+        let k: Vec<u64> = (1..=1000).collect();
+        assert_eq!(percentile(&k, 99.9), 999);
+        let k: Vec<u64> = (1..=41_000).collect();
+        assert_eq!(percentile(&k, 99.9), 40_959);
+        let k: Vec<u64> = (1..=1001).collect();
+        assert_eq!(percentile(&k, 99.9), 1000, "999.999 rounds up");
     }
 }

@@ -17,6 +17,16 @@ fn json_lines(log: &str) -> Vec<Metrics> {
         .collect()
 }
 
+/// The `connection` object a report should hold.
+fn conn(id: u64, requests: u64, errors: u64, maps: u64) -> Option<ConnectionCounters> {
+    Some(ConnectionCounters {
+        id,
+        requests,
+        errors,
+        maps,
+    })
+}
+
 /// Waits for the `n`th metrics line on stderr.
 fn nth_line(d: &Daemon, n: usize) -> Metrics {
     let deadline = Instant::now() + TIMEOUT;
@@ -70,15 +80,7 @@ fn sigusr1_prints_json_on_stderr_and_keeps_serving() {
     assert_eq!(c.log_errors, 0, "log:\n{}", d.log());
     // The unknown request's warning.
     assert_eq!(c.log_warnings, 1, "log:\n{}", d.log());
-    assert_eq!(
-        m.connection,
-        Some(ConnectionCounters {
-            id: 2,
-            requests: 3,
-            errors: 0,
-            maps: 1
-        })
-    );
+    assert_eq!(m.connection, conn(2, 3, 0, 1));
     for (name, h) in [
         ("fdatasync", m.fdatasync_latency_us),
         ("request", m.request_latency_us),
@@ -201,15 +203,7 @@ fn connections_and_per_connection_counts_follow_reconnects() {
     }
     let m = d.report(&path);
     assert_eq!(m.counters.connections, 2);
-    assert_eq!(
-        m.connection,
-        Some(ConnectionCounters {
-            id: 2,
-            requests: 3,
-            errors: 0,
-            maps: 1
-        })
-    );
+    assert_eq!(m.connection, conn(2, 3, 0, 1));
     fe.disconnect();
 
     let mut fe = d.connect();
@@ -218,15 +212,7 @@ fn connections_and_per_connection_counts_follow_reconnects() {
     let m = d.report(&path);
     assert_eq!(m.counters.connections, 3);
     assert_eq!((m.counters.requests, m.counters.maps), (4, 2));
-    assert_eq!(
-        m.connection,
-        Some(ConnectionCounters {
-            id: 3,
-            requests: 1,
-            errors: 0,
-            maps: 1
-        })
-    );
+    assert_eq!(m.connection, conn(3, 1, 0, 1));
     assert_eq!(m.map_latency_us.count, 2, "one per accepted map");
 }
 
