@@ -362,7 +362,7 @@ fn run_mode(
     let socket = plan.dir.join("bench.sock");
     let metrics = plan.dir.join(format!("metrics-{}.json", mode.as_str()));
     let log = plan.out.join(format!("daemon-{}.log", mode.as_str()));
-    let d = Daemon::start(
+    let mut d = Daemon::start(
         &plan.daemon,
         mode.as_str(),
         &plan.file,

@@ -73,6 +73,8 @@ pub struct DaemonCommand {
     append_log: bool,
     rust_log: String,
     death_signal: Option<i32>,
+    /// The whole argument list as given, for tests of the command line itself.
+    verbatim: Option<Vec<OsString>>,
 }
 
 impl DaemonCommand {
@@ -88,7 +90,20 @@ impl DaemonCommand {
             append_log: false,
             rust_log: "info".into(),
             death_signal: None,
+            verbatim: None,
         }
+    }
+
+    /// The daemon with exactly `argv` (which names the socket on `side`'s terms itself): for
+    /// tests that give the daemon arguments it may refuse.
+    pub fn verbatim<I, S>(bin: impl Into<PathBuf>, side: Side, argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut c = DaemonCommand::new(bin, side, PathBuf::new());
+        c.verbatim = Some(argv.into_iter().map(|a| a.as_ref().to_owned()).collect());
+        c
     }
 
     /// `--size SIZE`, in the daemon's own grammar (it is passed through unparsed).
@@ -140,6 +155,9 @@ impl DaemonCommand {
 
     /// The whole argument list, as the daemon gets it.
     pub fn argv(&self) -> Vec<OsString> {
+        if let Some(v) = &self.verbatim {
+            return v.clone();
+        }
         let mut v: Vec<OsString> = Vec::new();
         match &self.side {
             Side::Listen(p) => v.extend(["--socket-path".into(), p.into()]),

@@ -3,15 +3,15 @@
 
 #![allow(dead_code)] // Each test binary uses a different subset.
 
-use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use pmem_frontend::daemon::{DaemonCommand, DaemonProcess, Side};
 use pmem_frontend::{Frontend, FrontendListener, Options};
 use pmem_metrics::Metrics;
 
@@ -177,33 +177,35 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
 
 /// A running daemon. Killed (SIGKILL) on drop; its log is printed if the test panicked.
 pub struct Daemon {
-    child: Option<Child>,
+    /// Killed (SIGKILL) on drop.
+    process: DaemonProcess,
     pub socket: PathBuf,
     log: PathBuf,
 }
 
 impl Daemon {
-    /// Spawns the daemon and waits (with a deadline) until its socket accepts connections.
+    /// Spawns the daemon and waits (with a deadline) until it answers on its socket
+    /// (GET_FEATURES): the socket accepting a connection is not enough, the daemon binds it
+    /// before it opens (creates, locks) the file. The probe connection closes right after its
+    /// one request, which the daemon must take as an ordinary disconnect.
     pub fn start(args: &[String], socket: &Path, log: &Path) -> Daemon {
         let mut d = Daemon::spawn(args, socket, log);
-        d.wait_listening();
+        if let Err(e) = d.process.wait_serving(TIMEOUT) {
+            panic!("{e}");
+        }
         d
     }
 
     /// Spawns the daemon without waiting for anything (for `--connect`, where the harness
     /// accepts the daemon's connection instead).
     pub fn spawn(args: &[String], socket: &Path, log: &Path) -> Daemon {
-        let log_file = File::create(log).expect("create daemon log");
-        let child = Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
+        let process = DaemonCommand::verbatim(BIN, Side::Listen(socket.to_path_buf()), args)
+            .log(log)
+            .rust_log("debug")
             .spawn()
             .expect("spawn daemon");
         Daemon {
-            child: Some(child),
+            process,
             socket: socket.to_path_buf(),
             log: log.to_path_buf(),
         }
@@ -266,35 +268,8 @@ impl Daemon {
         out
     }
 
-    /// Waits until the daemon answers GET_FEATURES. Its socket accepting a connection is
-    /// not enough: the daemon binds it before opening (creating, locking) the file.
-    fn wait_listening(&mut self) {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("try_wait") {
-                panic!(
-                    "daemon exited with {status} before serving; log:\n{}",
-                    self.log()
-                );
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            // The probe connection closes right after its one request, which the daemon
-            // must take as an ordinary disconnect.
-            match pmem_frontend::probe(&self.socket, left.max(Duration::from_millis(100))) {
-                Ok(_) => return,
-                Err(e) => assert!(
-                    Instant::now() < deadline,
-                    "daemon not serving on {} after {TIMEOUT:?} ({e}); log:\n{}",
-                    self.socket.display(),
-                    self.log()
-                ),
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
+        self.process.pid() as i32
     }
 
     /// The daemon's stderr so far.
@@ -328,35 +303,18 @@ impl Daemon {
 
     /// Waits up to `timeout` for the daemon to exit on its own.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.child.as_mut().unwrap().try_wait().expect("try_wait") {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.process.wait_exit(timeout)
     }
 
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .unwrap()
-            .try_wait()
-            .expect("try_wait")
-            .is_none()
+        self.process.is_running()
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill();
         if std::thread::panicking() {
             eprintln!(
                 "---- daemon log ({}) ----\n{}",
