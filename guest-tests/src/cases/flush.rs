@@ -23,7 +23,7 @@ const E16_EACH: usize = 16;
 pub const REACHES_HOST_LIMIT: Duration = Duration::from_secs(300);
 pub const ERROR_EIO_LIMIT: Duration = Duration::from_secs(300);
 
-/// The virtqueue size run-vm.sh gives QEMU's vhost-user-test-device-pci (`vq_size=256`).
+/// The virtqueue size the VM runner (vmrun) gives QEMU's vhost-user-test-device-pci (`vq_size=256`).
 /// A flush request is two descriptors, or one with indirect descriptors; either way the ring
 /// holds at most this many requests.
 pub const QUEUE_SIZE: usize = 256;
@@ -374,8 +374,8 @@ pub const SUITE: SuiteDef = SuiteDef {
     name: "flush",
     help: &[
         "catalogue E16-E18: flush_reaches_host, flush_queue_full, flush_error_eio.",
-        "E16 and E17 talk to scripts/run-vm.sh over the console (/dev/ttyS0); E17 needs the",
-        "image on faultfs (run-vm.sh --faultfs) and leaves ext4's journal aborted",
+        "E16 and E17 talk to the VM runner (vmrun) over the console (/dev/ttyS0); E17 needs the",
+        "image on faultfs (vmrun --faultfs) and leaves ext4's journal aborted",
     ],
     run: suite,
 };

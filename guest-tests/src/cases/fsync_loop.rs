@@ -1,5 +1,5 @@
 //! An fsync loop that reports every result as it happens, for watching from the host what a
-//! guest's fsync does when the daemon dies under it (scripts/run-vm.sh
+//! guest's fsync does when the daemon dies under it (vmrun
 //! --kill-daemon-after-marker VUP-FSYNC-STEADY). One thread: pwrite 4 KiB, fsync, a line, 100 ms
 //! pause. The main thread prints a line every 5 s while an fsync is outstanding, so a hang shows
 //! as a growing `pending_ms`.

@@ -1,5 +1,5 @@
 //! The guest's side of the runner handshake: a case prints `VUP-SYNC ACTION ARGS...` on its
-//! output and waits for the runner (`scripts/run-vm.sh`) to act on the host and answer on the
+//! output and waits for the VM runner (`vmrun`, crates/vm-runner) to act on the host and answer on the
 //! console's input (`/dev/ttyS0`, whose host side is QEMU's stdin, a FIFO) with
 //! `VUP-ACK ACTION TEXT` or `VUP-NAK ACTION REASON`.
 //!
@@ -26,7 +26,7 @@ pub const PORT: &str = "/dev/ttyS0";
 
 /// How long to wait for an answer. The runner polls the guest's output every 50 ms and its
 /// actions take a few seconds at most; this is only for a runner that never answers (an old
-/// run-vm.sh, or a run under QEMU without the port).
+/// runner, or a run under QEMU without the port).
 const ANSWER_DEADLINE: Duration = Duration::from_secs(120);
 
 /// What the runner answered.
@@ -51,7 +51,7 @@ impl HostLink {
             .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
             .open(PORT)
             .ctx(format!(
-                "open {PORT} (the runner's answer port; run this case through scripts/run-vm.sh)"
+                "open {PORT} (the runner's answer port; run this case through vmrun or scripts/run-vm.sh)"
             ))?;
         quiet_mode(&port).ctx(format!("turn off echo on {PORT}"))?;
         Ok(HostLink {

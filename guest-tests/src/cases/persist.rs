@@ -112,7 +112,7 @@ pub fn fsync_persists(ctx: &mut Ctx, expect: Option<u64>) -> Result<Verdict> {
     Ok(Verdict::Pass)
 }
 
-/// Print a `TAG offset=.. len=.. sha256=..` line (TAG: VUP-HOSTCHECK for run-vm.sh) for every
+/// Print a `TAG offset=.. len=.. sha256=..` line (TAG: VUP-HOSTCHECK for the VM runner) for every
 /// device extent of `file`, whose first `data.len()` bytes must be `data`, so the host can
 /// compare them with the image.
 pub fn host_check(ctx: &mut Ctx, tag: &str, file: &File, data: &[u8]) -> Result<()> {

@@ -27,7 +27,7 @@ const MAX_LEN: u64 = 256 << 10;
 /// The truncated file never grows past this.
 const TRUNC_MAX: u64 = 8 << 20;
 const DEFAULT_SECS: u64 = 20;
-/// Not VUP-HOSTCHECK: the next boot inside the same QEMU rewrites these blocks, and run-vm.sh
+/// Not VUP-HOSTCHECK: the next boot inside the same QEMU rewrites these blocks, and the VM runner
 /// checks every boot's lines only after QEMU exits. scripts/soak.sh checks the last boot's.
 const SOAKCHECK: &str = "VUP-SOAKCHECK";
 
