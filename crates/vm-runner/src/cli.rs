@@ -179,7 +179,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", help_heading = "Guest")]
     pub reboots: Option<u32>,
     /// SIGKILL QEMU as soon as the guest prints STRING.
-    #[arg(long, value_name = "STRING", help_heading = "Guest")]
+    #[arg(
+        long,
+        value_name = "STRING",
+        allow_hyphen_values = true,
+        help_heading = "Guest"
+    )]
     pub kill_after_marker: Option<String>,
     /// SIGKILL the daemon (not QEMU) as soon as the guest prints STRING, then watch QEMU for
     /// --observe seconds and kill it. Fails if more than 2 "VUP-FSYNC n=N ok" lines follow
