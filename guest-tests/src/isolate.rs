@@ -168,7 +168,7 @@ static UNREAPED: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
 
 /// Try to reap children left in state D earlier; returns those still there.
 pub fn reap_left_behind() -> Vec<i32> {
-    let mut list = UNREAPED.lock().unwrap_or_else(|e| e.into_inner());
+    let mut list = crate::sync::lock(&UNREAPED);
     list.retain(|&pid| {
         let mut status = 0;
         // SAFETY: pid is our own child; WNOHANG never blocks.
@@ -323,7 +323,7 @@ fn give_up(pid: i32, pidfd: Option<&OwnedFd>, after: Duration, why: Option<Strin
         }
     }
     let desc = describe_stuck(pid);
-    UNREAPED.lock().unwrap_or_else(|e| e.into_inner()).push(pid);
+    crate::sync::lock(&UNREAPED).push(pid);
     End::Hung {
         after,
         why,

@@ -16,6 +16,7 @@ mod pattern;
 mod precond;
 mod sha256;
 mod stats;
+mod sync;
 mod sys;
 mod tap;
 mod tools;

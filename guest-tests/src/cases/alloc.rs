@@ -105,7 +105,7 @@ struct Stale {
 
 impl Stale {
     fn found(&self, what: String) {
-        let mut b = self.bad.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = crate::sync::lock(&self.bad);
         if b.is_none() {
             *b = Some(what);
         }
@@ -229,7 +229,7 @@ pub fn stale_block_exposure(child: &Child, env: &Env) -> Result<Verdict> {
         for (o, n) in ops.iter_mut().zip(s.progress.snapshot()) {
             *o += n;
         }
-        if let Some(bad) = s.bad.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(bad) = crate::sync::lock(&s.bad).take() {
             fail!("round {round}: {bad}");
         }
         // The whole file, after the race: no 0xA5 anywhere.

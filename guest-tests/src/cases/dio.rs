@@ -356,7 +356,7 @@ struct Collision {
 
 impl Collision {
     fn found(&self, what: String) {
-        let mut b = self.bad.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = crate::sync::lock(&self.bad);
         if b.is_none() {
             *b = Some(what);
         }
@@ -638,7 +638,7 @@ pub fn dio_collision(child: &Child, env: &Env) -> Result<Verdict> {
     if env.stress.is_none() {
         child.diag("race time: 12 s by default; --stress SECS races for SECS seconds");
     }
-    if let Some(bad) = c.bad.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    if let Some(bad) = crate::sync::lock(&c.bad).take() {
         fail!("{bad}");
     }
     // After the race, a fresh file must read as zeros too.

@@ -288,9 +288,7 @@ pub fn flush_queue_full(child: &Child, env: &Env) -> Result<Verdict> {
                         break;
                     }
                     if let Err(e) = f.write_all_at(&[round as u8; PAGE], 0) {
-                        errors
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
+                        crate::sync::lock(&errors)
                             .push(format!("thread {t}: pwrite: {}", describe(&e)));
                         break;
                     }
@@ -303,13 +301,10 @@ pub fn flush_queue_full(child: &Child, env: &Env) -> Result<Verdict> {
                             returned.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => {
-                            errors
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .push(format!(
-                                    "thread {t} round {round}: fdatasync: {}",
-                                    describe(&e)
-                                ));
+                            crate::sync::lock(&errors).push(format!(
+                                "thread {t} round {round}: fdatasync: {}",
+                                describe(&e)
+                            ));
                             break;
                         }
                     }
@@ -347,7 +342,7 @@ pub fn flush_queue_full(child: &Child, env: &Env) -> Result<Verdict> {
         let _ = h.join();
     }
     let host = link.request(child, &format!("check-queue e18 {capacity}"))?;
-    let errors = std::mem::take(&mut *errors.lock().unwrap_or_else(|e| e.into_inner()));
+    let errors = std::mem::take(&mut *crate::sync::lock(&errors));
     let n = returned.load(Ordering::SeqCst);
     child.diag(&format!(
         "{QUEUE_FULL_THREADS} threads: {n} fdatasyncs returned 0 in {:.1} s; at most {} threads \
