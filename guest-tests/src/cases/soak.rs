@@ -293,14 +293,14 @@ pub fn soak_load(ctx: &mut Ctx) -> Result<Verdict> {
             let (d, c, errors) = (&d, &c, &errors);
             s.spawn(move || {
                 if let Err(e) = writer(d, w, boot, until, c) {
-                    crate::sync::lock(&errors).push(e);
+                    crate::sync::lock(errors).push(e);
                 }
             });
         }
         let (d, c, errors) = (&d, &c, &errors);
         s.spawn(move || {
             if let Err(e) = truncator(d, boot, until, c) {
-                crate::sync::lock(&errors).push(e);
+                crate::sync::lock(errors).push(e);
             }
         });
     });
