@@ -221,6 +221,165 @@ fn start_daemon(
     Ok(())
 }
 
+/// When and where the daemon was killed at its marker.
+#[derive(Debug, Clone, Copy)]
+struct DaemonKill {
+    at: Duration,
+    /// How much of the guest's output had been read: what follows is after the kill.
+    guest_out_offset: u64,
+}
+
+/// How the watch of a run ended: exactly one of these.
+#[derive(Debug)]
+enum End {
+    /// QEMU exited by itself (the guest ended, or QEMU failed) with this status.
+    QemuExited(Option<i32>),
+    /// The guest printed the kill marker; QEMU was killed.
+    QemuKilledAtMarker,
+    /// QEMU outlived the timeout; it was killed.
+    Timeout,
+    /// KVM could not run the guest; QEMU was killed.
+    KvmFailed,
+    /// The managed daemon died while QEMU ran; QEMU was killed.
+    DaemonDied,
+    /// The daemon was killed at its marker; then QEMU exited by itself (`Some(status)`) or
+    /// was still running at the end of the observation and was killed (`None`).
+    AfterDaemonKill {
+        kill: DaemonKill,
+        qemu: Option<Option<i32>>,
+    },
+}
+
+impl End {
+    fn qemu_status(&self) -> Option<i32> {
+        match self {
+            End::QemuExited(s) | End::AfterDaemonKill { qemu: Some(s), .. } => *s,
+            _ => None,
+        }
+    }
+}
+
+/// The files QEMU writes, read as they grow.
+struct Watch {
+    guest_out: Tail,
+    console: Tail,
+    qemu_log: Tail,
+}
+
+impl Watch {
+    /// Watches QEMU, the daemon and the guest's output until the run ends, acting on the stop
+    /// policy and answering the host link; a signal to the runner ends it early.
+    fn watch(
+        &mut self,
+        spec: &RunSpec,
+        t0: Instant,
+        children: &mut Children,
+        link: &mut HostLink,
+        image_name: &str,
+        log_dir: &Path,
+    ) -> Result<End, RunError> {
+        let mut deadline = t0 + spec.timeout;
+        let mut kill: Option<DaemonKill> = None;
+        let poll = if matches!(spec.stop, Stop::GuestEnds) {
+            POLL
+        } else {
+            POLL_MARKER
+        };
+        let end = loop {
+            if let Some(s) = children
+                .qemu
+                .as_mut()
+                .and_then(|q| q.try_wait().ok().flatten())
+            {
+                children.qemu = None;
+                break match kill {
+                    Some(kill) => End::AfterDaemonKill {
+                        kill,
+                        qemu: Some(s.code()),
+                    },
+                    None => End::QemuExited(s.code()),
+                };
+            }
+            if let Some(sig) = children::stop_requested() {
+                return Err(RunError::Interrupted(sig));
+            }
+            self.guest_out.refresh();
+            let new_console = self.console.refresh();
+            if spec.verbose {
+                eprint!("{new_console}");
+            }
+            self.qemu_log.refresh();
+            let now = Instant::now();
+            match &spec.stop {
+                Stop::KillDaemonAt { marker, observe }
+                    if kill.is_none() && self.guest_out.text.contains(marker.as_str()) =>
+                {
+                    if let Some(d) = children.daemon.as_mut() {
+                        d.kill();
+                    }
+                    let k = DaemonKill {
+                        at: t0.elapsed(),
+                        guest_out_offset: self.guest_out.offset(),
+                    };
+                    let _ = std::fs::write(
+                        log_dir.join("kill.txt"),
+                        format!(
+                            "daemon_killed_at_ms={} guest_out_offset={}\n",
+                            k.at.as_millis(),
+                            k.guest_out_offset
+                        ),
+                    );
+                    info(format!(
+                        "marker '{marker}' seen: daemon killed with SIGKILL after {} ms; watching QEMU for {} s",
+                        k.at.as_millis(),
+                        observe.as_secs()
+                    ));
+                    kill = Some(k);
+                    deadline = now + *observe;
+                }
+                Stop::KillQemuAt(marker)
+                    if self.guest_out.text.contains(marker.as_str())
+                        || self.console.text.contains(marker.as_str()) =>
+                {
+                    children.kill_qemu();
+                    info(format!(
+                        "marker '{marker}' seen: QEMU killed with SIGKILL after {} ms",
+                        t0.elapsed().as_millis()
+                    ));
+                    break End::QemuKilledAtMarker;
+                }
+                _ => {}
+            }
+            if now > deadline {
+                children.kill_qemu();
+                break match kill {
+                    Some(kill) => End::AfterDaemonKill { kill, qemu: None },
+                    None => End::Timeout,
+                };
+            }
+            if spec.qemu.accel == crate::spec::Accel::Kvm
+                && self.qemu_log.text.contains("KVM internal error")
+            {
+                children.kill_qemu();
+                break End::KvmFailed;
+            }
+            if kill.is_none() && children.daemon.as_mut().is_some_and(|d| !d.is_running()) {
+                // Give QEMU a moment to report the disconnect in its log.
+                std::thread::sleep(Duration::from_secs(1));
+                children.kill_qemu();
+                break End::DaemonDied;
+            }
+            poll_link(link, &self.guest_out.text, children, image_name, log_dir);
+            std::thread::sleep(poll);
+        };
+        self.guest_out.refresh();
+        self.console.refresh();
+        self.qemu_log.refresh();
+        poll_link(link, &self.guest_out.text, children, image_name, log_dir);
+        Ok(end)
+    }
+}
+
 /// Answers the guest's host-link requests so far, with the daemon and faultfs of `children`.
 fn poll_link(
     link: &mut HostLink,
@@ -373,162 +532,57 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
     }
 
     // ---- watch the run
-    let mut guest_out = Tail::new(&guest_out_path);
-    let mut console = Tail::new(&log_dir.join("console.log"));
-    let mut qemu_log = Tail::new(&log_dir.join("qemu.log"));
-    let mut deadline = t0 + spec.timeout;
-    let mut timed_out = false;
-    let mut qemu_killed_at_marker = false;
-    let mut daemon_died = false;
-    let mut kvm_failed = false;
-    let mut daemon_killed: Option<(Duration, u64)> = None;
-    let mut observed = false;
-    let qemu_status = loop {
-        if let Some(s) = children
-            .qemu
-            .as_mut()
-            .and_then(|q| q.try_wait().ok().flatten())
-        {
-            children.qemu = None;
-            break s.code();
-        }
-        if let Some(sig) = children::stop_requested() {
-            return Err(RunError::Interrupted(sig));
-        }
-        guest_out.refresh();
-        let new_console = console.refresh().to_string();
-        if spec.verbose {
-            eprint!("{new_console}");
-        }
-        qemu_log.refresh();
-        let now = Instant::now();
-        match &spec.stop {
-            Stop::KillDaemonAt { marker, observe } => {
-                if daemon_killed.is_none() && guest_out.text.contains(marker.as_str()) {
-                    if let Some(d) = children.daemon.as_mut() {
-                        d.kill();
-                    }
-                    let at = t0.elapsed();
-                    daemon_killed = Some((at, guest_out.offset()));
-                    let _ = std::fs::write(
-                        log_dir.join("kill.txt"),
-                        format!(
-                            "daemon_killed_at_ms={} guest_out_offset={}\n",
-                            at.as_millis(),
-                            guest_out.offset()
-                        ),
-                    );
-                    info(format!(
-                        "marker '{marker}' seen: daemon killed with SIGKILL after {} ms; watching QEMU for {} s",
-                        at.as_millis(),
-                        observe.as_secs()
-                    ));
-                    deadline = now + *observe;
-                }
-            }
-            Stop::KillQemuAt(marker) => {
-                if guest_out.text.contains(marker.as_str())
-                    || console.text.contains(marker.as_str())
-                {
-                    children.kill_qemu();
-                    qemu_killed_at_marker = true;
-                    info(format!(
-                        "marker '{marker}' seen: QEMU killed with SIGKILL after {} ms",
-                        t0.elapsed().as_millis()
-                    ));
-                    break None;
-                }
-            }
-            Stop::GuestEnds => {}
-        }
-        if now > deadline {
-            children.kill_qemu();
-            if daemon_killed.is_some() {
-                observed = true;
-            } else {
-                timed_out = true;
-            }
-            break None;
-        }
-        if spec.qemu.accel == crate::spec::Accel::Kvm
-            && qemu_log.text.contains("KVM internal error")
-        {
-            children.kill_qemu();
-            kvm_failed = true;
-            break None;
-        }
-        if daemon_killed.is_none() {
-            if let Some(d) = children.daemon.as_mut() {
-                if !d.is_running() {
-                    daemon_died = true;
-                    // Give QEMU a moment to report the disconnect in its log.
-                    std::thread::sleep(Duration::from_secs(1));
-                    children.kill_qemu();
-                    break None;
-                }
-            }
-        }
-        poll_link(
-            &mut link,
-            &guest_out.text,
-            &mut children,
-            &image_name,
-            &log_dir,
-        );
-        let marker_watched = !matches!(spec.stop, Stop::GuestEnds);
-        std::thread::sleep(if marker_watched { POLL_MARKER } else { POLL });
+    let mut w = Watch {
+        guest_out: Tail::new(&guest_out_path),
+        console: Tail::new(&log_dir.join("console.log")),
+        qemu_log: Tail::new(&log_dir.join("qemu.log")),
     };
-    guest_out.refresh();
-    console.refresh();
-    qemu_log.refresh();
-    poll_link(
-        &mut link,
-        &guest_out.text,
-        &mut children,
-        &image_name,
-        &log_dir,
-    );
+    let end = w.watch(spec, t0, &mut children, &mut link, &image_name, &log_dir)?;
+    let Watch {
+        guest_out,
+        console,
+        qemu_log,
+    } = w;
     let elapsed = t0.elapsed();
     failures.append(&mut link.failures);
-    if timed_out {
-        failures.push(format!(
+    let qemu_status = end.qemu_status();
+    match &end {
+        End::QemuExited(status) if *status != Some(0) => {
+            failures.push(format!("QEMU exited with status {status:?}"))
+        }
+        End::QemuExited(_) | End::QemuKilledAtMarker | End::DaemonDied => {}
+        End::Timeout => failures.push(format!(
             "timeout: QEMU still running after {} s (killed)",
             spec.timeout.as_secs()
-        ));
-    }
-    if kvm_failed {
-        failures.push(
+        )),
+        End::KvmFailed => failures.push(
             "KVM cannot run this guest (KVM internal error, see qemu.log); use --accel tcg".into(),
-        );
+        ),
+        End::AfterDaemonKill { kill, qemu } => match qemu {
+            Some(status) => info(format!(
+                "QEMU exited by itself {} ms after the daemon was killed (status {status:?})",
+                elapsed.saturating_sub(kill.at).as_millis()
+            )),
+            None => info("QEMU still running at the end of the observation after the daemon was killed (then killed)"),
+        },
     }
-    let ended_normally = !(timed_out
-        || qemu_killed_at_marker
-        || daemon_died
-        || kvm_failed
-        || daemon_killed.is_some());
-    if ended_normally && qemu_status != Some(0) {
-        failures.push(format!("QEMU exited with status {qemu_status:?}"));
-    }
-    if let Stop::KillDaemonAt { marker, observe } = &spec.stop {
-        match daemon_killed {
-            None => failures.push(format!(
+    match (&spec.stop, &end) {
+        (Stop::KillDaemonAt { marker, .. }, e) if !matches!(e, End::AfterDaemonKill { .. }) => {
+            failures.push(format!(
                 "marker '{marker}' never appeared (the daemon was not killed)"
-            )),
-            Some((at, _)) if !observed => info(format!(
-                "QEMU exited by itself {} ms after the daemon was killed (status {qemu_status:?})",
-                elapsed.saturating_sub(at).as_millis()
-            )),
-            Some(_) => info(format!(
-                "QEMU still running {} s after the daemon was killed (then killed)",
-                observe.as_secs()
-            )),
+            ))
         }
-    }
-    if let Stop::KillQemuAt(marker) = &spec.stop {
-        if !qemu_killed_at_marker {
-            failures.push(format!("marker '{marker}' never appeared"));
+        (Stop::KillQemuAt(marker), e) if !matches!(e, End::QemuKilledAtMarker) => {
+            failures.push(format!("marker '{marker}' never appeared"))
         }
+        _ => {}
     }
+    let daemon_killed = match &end {
+        End::AfterDaemonKill { kill, .. } => Some(kill.guest_out_offset),
+        _ => None,
+    };
+    let daemon_died = matches!(end, End::DaemonDied);
+    let stopped_early = matches!(end, End::QemuKilledAtMarker | End::AfterDaemonKill { .. });
 
     // ---- the daemon's end
     let mut daemon_metrics = None;
@@ -582,7 +636,7 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
     let _ = std::fs::write(log_dir.join("console.log"), &console.text);
     let _ = std::fs::remove_file(&guest_out_path);
     let _ = std::fs::write(log_dir.join("guest-out.txt"), &guest_out.text);
-    if let Some((_, offset)) = daemon_killed {
+    if let Some(offset) = daemon_killed {
         let after = String::from_utf8_lossy(
             &guest_out.text.as_bytes()[(offset as usize).min(guest_out.text.len())..],
         )
@@ -614,7 +668,6 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
     let _ = std::fs::write(log_dir.join("metrics.txt"), joined(|b| &b.metrics));
     let _ = std::fs::write(log_dir.join("hostchecks.txt"), joined(|b| &b.hostchecks));
 
-    let stopped_early = qemu_killed_at_marker || daemon_killed.is_some();
     let mut not_ok_msgs = Vec::new();
     for b in &boots {
         let tag = if b.number > 1 || matches!(spec.guest.end, GuestEnd::Reboot(_)) {
