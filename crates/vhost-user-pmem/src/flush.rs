@@ -191,10 +191,10 @@ impl<S: Syncer, J: Job> FlushEngine<S, J> {
         state.in_flight += n;
         // Counted before any worker can see them, so no answer precedes its count.
         Stats::add(&self.stats.requests, n as u64);
-        for e in state.queue.iter().skip(before) {
-            self.stats
-                .add_for(e.job.conn_id(), PerConnection::Requests, 1);
-        }
+        self.stats.add_for_each(
+            state.queue.iter().skip(before).map(|e| e.job.conn_id()),
+            PerConnection::Requests,
+        );
         drop(state);
         // One worker per request, as far as there are workers; waking more would only have
         // them find the queue empty.
@@ -295,10 +295,8 @@ impl<S: Syncer, J: Job> Worker<S, J> {
             Ok(()) => RESP_OK,
             Err(_) => {
                 Stats::add(&self.stats.errors, n as u64);
-                for e in batch.iter() {
-                    self.stats
-                        .add_for(e.job.conn_id(), PerConnection::Errors, 1);
-                }
+                self.stats
+                    .add_for_each(batch.iter().map(|e| e.job.conn_id()), PerConnection::Errors);
                 RESP_ERR
             }
         };

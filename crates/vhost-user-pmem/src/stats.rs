@@ -161,19 +161,26 @@ impl Stats {
     /// Adds `n` to the `which` count of connection `conn_id`, if it is the current one or the
     /// one being set up.
     pub fn add_for(&self, conn_id: u64, which: PerConnection, n: u64) {
+        self.add_for_each(std::iter::repeat_n(conn_id, n as usize), which);
+    }
+
+    /// One count of `which` for the connection of each id in `conn_ids`, under one lock: the
+    /// flush path counts a whole batch at once.
+    pub fn add_for_each(&self, conn_ids: impl IntoIterator<Item = u64>, which: PerConnection) {
         let mut guard = lock(&self.connection);
         let Connections { current, next } = &mut *guard;
-        let matching = next
-            .as_mut()
-            .filter(|c| c.id == conn_id)
-            .or(current.as_mut().filter(|c| c.id == conn_id));
-        if let Some(c) = matching {
-            let field = match which {
-                PerConnection::Requests => &mut c.requests,
-                PerConnection::Errors => &mut c.errors,
-                PerConnection::Maps => &mut c.maps,
-            };
-            *field += n;
+        for conn_id in conn_ids {
+            let matching = next
+                .as_mut()
+                .filter(|c| c.id == conn_id)
+                .or(current.as_mut().filter(|c| c.id == conn_id));
+            if let Some(c) = matching {
+                *match which {
+                    PerConnection::Requests => &mut c.requests,
+                    PerConnection::Errors => &mut c.errors,
+                    PerConnection::Maps => &mut c.maps,
+                } += 1;
+            }
         }
     }
 
