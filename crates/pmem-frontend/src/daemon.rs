@@ -42,6 +42,12 @@ pub enum DaemonError {
     Signal { pid: u32, source: io::Error },
 }
 
+/// Whether `path` is a UNIX socket (the daemon's, or a listening frontend's).
+pub fn is_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
 /// Which side of the vhost-user socket the daemon is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Side {
@@ -59,8 +65,8 @@ impl Side {
     }
 }
 
-/// How to start the daemon. The defaults: `RUST_LOG=info`, no metrics file, the log beside
-/// nothing (it must be set with [`DaemonCommand::log`]).
+/// How to start the daemon. The defaults: `RUST_LOG=info`, no metrics file, and the log in
+/// `daemon.log` of the current directory (callers set their own with [`DaemonCommand::log`]).
 #[derive(Debug, Clone)]
 pub struct DaemonCommand {
     bin: PathBuf,
@@ -320,10 +326,7 @@ impl DaemonProcess {
     /// Waits until the socket file exists (the daemon binds it once the backing file is
     /// ready). Makes no connection, so the daemon's connection count stays untouched.
     pub fn wait_socket(&mut self, timeout: Duration) -> Result<(), DaemonError> {
-        self.wait_until(timeout, "created its socket", |d| {
-            use std::os::unix::fs::FileTypeExt;
-            std::fs::metadata(d.socket()).is_ok_and(|m| m.file_type().is_socket())
-        })
+        self.wait_until(timeout, "created its socket", |d| is_socket(d.socket()))
     }
 
     /// Waits until the daemon answers GET_FEATURES on its socket. The probe is a connection

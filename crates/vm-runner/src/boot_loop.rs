@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use pmem_frontend::daemon::{DaemonCommand, Side};
 
-use crate::cli::{AccelArg, DeviceArg, EndArg, RunArgs};
+use crate::cli::{AccelArg, RunArgs};
 use crate::run;
 
 #[derive(Args, Debug)]
@@ -101,21 +101,17 @@ fn boot_loop(a: BootLoopArgs, d: &crate::cli::Defaults) -> Result<(usize, usize)
             format!("--expect-gen {} persist", b - 1)
         };
         let run_args = RunArgs {
-            device: Some(DeviceArg::VhostUser),
             image: Some(image.clone()),
             size: a.size.clone(),
             external_socket: Some(socket.clone()),
             args,
-            end: EndArg::Poweroff,
             kernel: a.kernel.clone(),
             initrd: Some(a.initrd.clone()),
-            memory: "1G".into(),
-            smp: 2,
             qemu: a.qemu.clone(),
             accel: a.accel,
             timeout: a.timeout,
             log_dir: Some(out.join(format!("boot{b}"))),
-            ..RunArgs::default()
+            ..RunArgs::defaults()
         };
         let spec = run_args.spec(d).map_err(|e| e.to_string())?;
         tried += 1;

@@ -10,6 +10,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use vhost_user_pmem::size::ByteSize;
 
+use pmem_frontend::daemon::is_socket;
+
 use crate::spec::{
     Accel, Daemon, DaemonEnd, Device, Expect, Guest, GuestEnd, ManagedDaemon, Qemu, RunSpec, Side,
     Size, Stop, VhostUser,
@@ -85,9 +87,8 @@ pub enum DaemonModeArg {
     Client,
 }
 
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndArg {
-    #[default]
     Poweroff,
     Reboot,
     Crash,
@@ -101,7 +102,7 @@ pub enum AccelArg {
     Auto,
 }
 
-#[derive(Args, Debug, Clone, Default)]
+#[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     // ---- device
     /// vhost-user: this daemon behind QEMU's vhost-user-test-device-pci; builtin: QEMU's own
@@ -268,7 +269,7 @@ pub struct RunArgs {
     pub expect_readonly_outcome: bool,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error("{option}: {reason}")]
     Invalid {
@@ -277,10 +278,14 @@ pub enum CliError {
     },
     #[error("{0}")]
     Conflict(String),
-    #[error("{what} {path} not found or not executable ({hint})")]
+    /// The message names `--size` itself.
+    #[error(transparent)]
+    Size(#[from] vhost_user_pmem::size::SizeError),
+    #[error("{what} {path} {problem} ({hint})")]
     Missing {
         what: &'static str,
         path: PathBuf,
+        problem: &'static str,
         hint: &'static str,
     },
 }
@@ -335,6 +340,14 @@ impl Defaults {
     }
 }
 
+impl RunArgs {
+    /// The arguments of a bare `vmrun`: every default as clap gives it, for callers that
+    /// build a run in code (the boot loop) and set only what they need.
+    pub fn defaults() -> RunArgs {
+        Cli::parse_from(["vmrun"]).run
+    }
+}
+
 fn invalid(option: &'static str, reason: impl Into<String>) -> CliError {
     CliError::Invalid {
         option,
@@ -381,12 +394,15 @@ impl RunArgs {
     /// (binaries exist) come last, so that option errors are reported first.
     pub fn spec(self, d: &Defaults) -> Result<RunSpec, CliError> {
         let size = parse_size("--size", &self.size)?;
+        // The daemon's rules (a power of two of at least 2 MiB): QEMU aborts on any other BAR
+        // size, and the built-in device gets the same check here as the daemon makes.
+        vhost_user_pmem::size::check_requested(size.bytes)?;
         let memory = parse_size("--memory", &self.memory)?;
         let args = split_guest_args(&self.args)?;
         let device_arg = self.device.unwrap_or(DeviceArg::VhostUser);
 
         if device_arg == DeviceArg::Builtin {
-            let vhost_only: [(&str, bool); 9] = [
+            let vhost_only = [
                 ("--daemon", self.daemon.is_some()),
                 ("--daemon-arg", !self.daemon_args.is_empty()),
                 ("--daemon-mode", self.daemon_mode.is_some()),
@@ -399,8 +415,6 @@ impl RunArgs {
                     self.kill_daemon_after_marker.is_some(),
                 ),
                 ("--chardev-opts", self.chardev_opts.is_some()),
-            ];
-            let more: [(&str, bool); 3] = [
                 ("--expect-maps", self.expect_maps.is_some()),
                 (
                     "--expect-device-starts",
@@ -408,7 +422,7 @@ impl RunArgs {
                 ),
                 ("--expect-readonly-outcome", self.expect_readonly_outcome),
             ];
-            if let Some((name, _)) = vhost_only.iter().chain(more.iter()).find(|(_, set)| *set) {
+            if let Some((name, _)) = vhost_only.iter().find(|(_, set)| *set) {
                 return Err(CliError::Conflict(format!(
                     "{name} needs --device vhost-user (QEMU's built-in device has no daemon)"
                 )));
@@ -601,6 +615,7 @@ fn check_files(spec: &RunSpec) -> Result<(), CliError> {
     if !executable(&spec.qemu.bin) {
         return Err(CliError::Missing {
             what: "QEMU",
+            problem: "is not an executable file",
             path: spec.qemu.bin.clone(),
             hint: "scripts/fetch-qemu.sh fetches it, or set QEMU= or --qemu",
         });
@@ -608,6 +623,7 @@ fn check_files(spec: &RunSpec) -> Result<(), CliError> {
     if !spec.guest.kernel.is_file() {
         return Err(CliError::Missing {
             what: "the guest kernel",
+            problem: "is not a file",
             path: spec.guest.kernel.clone(),
             hint: "scripts/fetch-kernel.sh fetches it, or set KERNEL= or --kernel",
         });
@@ -615,6 +631,7 @@ fn check_files(spec: &RunSpec) -> Result<(), CliError> {
     if !spec.guest.initrd.is_file() {
         return Err(CliError::Missing {
             what: "the initramfs",
+            problem: "is not a file",
             path: spec.guest.initrd.clone(),
             hint: "scripts/build-initramfs.sh builds it",
         });
@@ -623,6 +640,7 @@ fn check_files(spec: &RunSpec) -> Result<(), CliError> {
         if !executable(&m.bin) {
             return Err(CliError::Missing {
                 what: "the daemon",
+                problem: "is not an executable file",
                 path: m.bin.clone(),
                 hint: "cargo build --release -p vhost-user-pmem, or pass --daemon",
             });
@@ -631,6 +649,7 @@ fn check_files(spec: &RunSpec) -> Result<(), CliError> {
             if !executable(f) {
                 return Err(CliError::Missing {
                     what: "faultfs",
+                    problem: "is not an executable file",
                     path: f.clone(),
                     hint: "cargo build --release -p faultfs, or pass --faultfs-bin",
                 });
@@ -645,8 +664,7 @@ fn check_files(spec: &RunSpec) -> Result<(), CliError> {
         ..
     }) = &spec.device
     {
-        use std::os::unix::fs::FileTypeExt;
-        if !std::fs::metadata(socket).is_ok_and(|m| m.file_type().is_socket()) {
+        if !is_socket(socket) {
             return Err(invalid(
                 "--socket",
                 format!(
@@ -762,6 +780,18 @@ mod tests {
         for (args, want) in cases {
             let e = spec(dir.path(), args).expect_err(&format!("{args:?}"));
             assert!(e.to_string().contains(want), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn sizes_follow_the_daemons_rules_for_both_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        for dev in ["vhost-user", "builtin"] {
+            let e = spec(dir.path(), &["--device", dev, "--size", "3M"]).unwrap_err();
+            assert!(e.to_string().contains("not a power of two"), "{dev}: {e}");
+            assert!(e.to_string().contains("2 MiB and 4 MiB"), "{dev}: {e}");
+            let e = spec(dir.path(), &["--device", dev, "--size", "1M"]).unwrap_err();
+            assert!(e.to_string().contains("below the minimum"), "{dev}: {e}");
         }
     }
 

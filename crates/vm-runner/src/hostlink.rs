@@ -190,8 +190,8 @@ pub struct HostLink {
     fifo: File,
     pub path: PathBuf,
     log: File,
-    /// VUP-SYNC lines handled so far.
-    handled: usize,
+    /// Bytes of the guest's output whose complete lines have been looked at.
+    scanned: usize,
     pub state: LinkState,
     /// Refused actions, each a failure of the run.
     pub failures: Vec<String>,
@@ -218,7 +218,7 @@ impl HostLink {
             fifo,
             path,
             log,
-            handled: 0,
+            scanned: 0,
             state: LinkState::default(),
             failures: Vec::new(),
         })
@@ -229,19 +229,22 @@ impl HostLink {
         self.fifo.try_clone()
     }
 
-    /// Handles every complete VUP-SYNC line of `guest_out` not handled yet.
+    /// Handles every complete VUP-SYNC line of `guest_out` not handled yet. `guest_out` only
+    /// grows, so each poll looks at the new lines alone.
     pub fn poll(&mut self, guest_out: &str, mut host: Host) {
-        let complete = match guest_out.rfind('\n') {
-            Some(i) => &guest_out[..=i],
-            None => return,
+        let Some(end) = guest_out.rfind('\n').map(|i| i + 1) else {
+            return;
         };
-        let lines: Vec<&str> = complete
+        if end <= self.scanned {
+            return;
+        }
+        let new = &guest_out[self.scanned..end];
+        self.scanned = end;
+        for line in new
             .lines()
             .map(|l| l.trim_end_matches('\r'))
             .filter(|l| l.starts_with("VUP-SYNC "))
-            .collect();
-        for line in &lines[self.handled.min(lines.len())..] {
-            self.handled += 1;
+        {
             let _ = writeln!(self.log, "{} guest: {line}", clock());
             let mut words = line.split_whitespace().skip(1);
             let action = words.next().unwrap_or("");

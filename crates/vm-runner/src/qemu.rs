@@ -206,9 +206,7 @@ pub fn kvm_usable(qemu: &Path, kernel: &Path, cache: &Path) -> bool {
     if let Ok(v) = std::fs::read_to_string(&cached) {
         return v.trim() == "yes";
     }
-    let Ok(log) = tempfile_path() else {
-        return false;
-    };
+    let log = std::env::temp_dir().join(format!("vmrun-kvm-probe-{}.log", std::process::id()));
     let ok = (|| {
         let out = std::fs::File::create(&log).ok()?;
         let mut child = Command::new(qemu)
@@ -250,10 +248,6 @@ pub fn kvm_usable(qemu: &Path, kernel: &Path, cache: &Path) -> bool {
     let _ = std::fs::create_dir_all(cache);
     let _ = std::fs::write(&cached, if ok { "yes\n" } else { "no\n" });
     ok
-}
-
-fn tempfile_path() -> std::io::Result<PathBuf> {
-    Ok(std::env::temp_dir().join(format!("vmrun-kvm-probe-{}.log", std::process::id())))
 }
 
 #[cfg(test)]

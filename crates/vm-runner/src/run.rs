@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use faultfs::harness::{FaultFsMount, Launcher};
-use pmem_frontend::daemon::{DaemonCommand, Side as DaemonSide};
+use pmem_frontend::daemon::{is_socket, DaemonCommand, Side as DaemonSide};
 use pmem_metrics::Metrics;
 
 use crate::checks;
@@ -181,11 +181,6 @@ fn socket_path(log_dir: &Path) -> Result<(PathBuf, Option<tempfile::TempDir>), R
         .tempdir_in("/tmp")
         .map_err(io("create a socket directory in /tmp"))?;
     Ok((d.path().join("pmem0.sock"), Some(d)))
-}
-
-fn is_socket(p: &Path) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    std::fs::metadata(p).is_ok_and(|m| m.file_type().is_socket())
 }
 
 fn daemon_command(
