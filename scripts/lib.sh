@@ -197,8 +197,7 @@ fetch_locked() {
     if [[ $force == 0 && -f $dir/.complete ]]; then
         if desc="$(fetch_verify "$dir")"; then
             info "cached: $desc"
-            printf '%s
-' "$dir/$result"
+            printf '%s\n' "$dir/$result"
             return 0
         fi
         warn "the cached $name in $dir is not usable; fetching it again"
@@ -219,8 +218,7 @@ fetch_locked() {
     desc="$(fetch_verify "$dir")" || die "the $name just built in $dir does not work (see above)"
     touch "$dir/.complete"
     info "ready in $(( ($(now_ms) - t0) / 1000 )) s: $desc ($(du -sh "$dir" | cut -f1))"
-    printf '%s
-' "$dir/$result"
+    printf '%s\n' "$dir/$result"
 }
 
 # ---------------------------------------------------------------------------
