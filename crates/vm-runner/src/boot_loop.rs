@@ -5,13 +5,12 @@
 //! good boot. This is the evidence for QEMU pitfall 3 (docs/qemu.md): the map is sent from
 //! another thread after SET_FEATURES, so a guest could otherwise see an unmapped region.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use pmem_frontend::daemon::{DaemonCommand, Side};
 
-use crate::cli::{AccelArg, RunArgs};
+use crate::cli::RunArgs;
+use crate::one_daemon::{OneDaemon, OneDaemonArgs};
 use crate::run;
 
 #[derive(Args, Debug)]
@@ -19,26 +18,8 @@ pub struct BootLoopArgs {
     /// Number of boots.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub boots: u32,
-    /// Device size.
-    #[arg(long, default_value = "1G")]
-    pub size: String,
-    /// Where the logs go (emptied first; default $VUP_BUILD/boot-loop).
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// The initramfs to boot.
-    #[arg(long)]
-    pub initrd: PathBuf,
-    /// Daemon binary (default: vhost-user-pmem beside vmrun).
-    #[arg(long)]
-    pub daemon: Option<PathBuf>,
-    /// qemu-system-x86_64 (default $QEMU, else the fetched one).
-    #[arg(long)]
-    pub qemu: Option<PathBuf>,
-    /// The guest kernel (default $KERNEL, else the fetched one).
-    #[arg(long)]
-    pub kernel: Option<PathBuf>,
-    #[arg(long, value_enum)]
-    pub accel: Option<AccelArg>,
+    #[command(flatten)]
+    pub common: OneDaemonArgs,
     /// Per-boot timeout in seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
@@ -63,32 +44,7 @@ pub fn main(a: BootLoopArgs, d: &crate::cli::Defaults) -> i32 {
 }
 
 fn boot_loop(a: BootLoopArgs, d: &crate::cli::Defaults) -> Result<(usize, usize), String> {
-    let out = a.out.clone().unwrap_or_else(|| d.build.join("boot-loop"));
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out).map_err(|e| format!("create {}: {e}", out.display()))?;
-    let out = out.canonicalize().map_err(|e| e.to_string())?;
-    let sockdir = tempfile::Builder::new()
-        .prefix("vmrun-boot-loop.")
-        .tempdir_in("/tmp")
-        .map_err(|e| format!("create a socket directory: {e}"))?;
-    let socket = sockdir.path().join("pmem0.sock");
-    let image = out.join("pmem0.img");
-    let bin = a
-        .daemon
-        .clone()
-        .unwrap_or_else(|| d.exe_dir.join("vhost-user-pmem"));
-    let cmd = DaemonCommand::new(bin, Side::Listen(socket.clone()), &image)
-        .size(&a.size)
-        .metrics(out.join("daemon-metrics.json"))
-        .log(out.join("daemon.log"))
-        .rust_log(d.rust_log.clone().unwrap_or_else(|| "info".into()))
-        .die_with_parent(libc::SIGTERM);
-    info(format!("starting daemon: {}", cmd.display()));
-    let mut daemon = cmd.spawn().map_err(|e| e.to_string())?;
-    daemon
-        .wait_socket(Duration::from_secs(10))
-        .map_err(|e| e.to_string())?;
-
+    let mut one = OneDaemon::start(&a.common, d, "boot-loop")?;
     let (mut passed, mut failed, mut tried) = (0usize, 0usize, 0usize);
     let t0 = Instant::now();
     for b in 1..=a.boots {
@@ -101,17 +57,8 @@ fn boot_loop(a: BootLoopArgs, d: &crate::cli::Defaults) -> Result<(usize, usize)
             format!("--expect-gen {} persist", b - 1)
         };
         let run_args = RunArgs {
-            image: Some(image.clone()),
-            size: a.size.clone(),
-            external_socket: Some(socket.clone()),
-            args,
-            kernel: a.kernel.clone(),
-            initrd: Some(a.initrd.clone()),
-            qemu: a.qemu.clone(),
-            accel: a.accel,
             timeout: a.timeout,
-            log_dir: Some(out.join(format!("boot{b}"))),
-            ..RunArgs::defaults()
+            ..one.run_args(&a.common, &format!("boot{b}"), args)
         };
         let spec = run_args.spec(d).map_err(|e| e.to_string())?;
         tried += 1;
@@ -133,14 +80,14 @@ fn boot_loop(a: BootLoopArgs, d: &crate::cli::Defaults) -> Result<(usize, usize)
                 info(format!("boot {b}/{}: FAILED: {e}", a.boots));
             }
         }
-        if !daemon.is_running() {
+        if !one.daemon.is_running() {
             failed += (a.boots - b) as usize + 1;
             info("the daemon died");
             break;
         }
     }
     let elapsed = t0.elapsed().as_secs();
-    match daemon.stop(Duration::from_secs(15)) {
+    match one.daemon.stop(Duration::from_secs(15)) {
         Ok(st) if st.success() => {}
         Ok(st) => {
             failed += 1;
@@ -151,7 +98,7 @@ fn boot_loop(a: BootLoopArgs, d: &crate::cli::Defaults) -> Result<(usize, usize)
             info(e.to_string());
         }
     }
-    match daemon.metrics() {
+    match one.daemon.metrics() {
         Ok(Some(m)) => {
             let c = m.counters;
             let l = m.map_latency_us;

@@ -65,6 +65,9 @@ pub enum Command {
     /// Boot QEMU again and again on one image behind ONE daemon; every boot must find the
     /// previous boot's data, and the daemon must have mapped the region once per boot.
     BootLoop(crate::boot_loop::BootLoopArgs),
+    /// Minutes of mixed guest load, reboots, kernel crashes and QEMU kills behind ONE daemon;
+    /// every boot checks the one before, and the daemon's RSS, threads and fds must not grow.
+    Soak(crate::soak::SoakArgs),
     /// Read a daemon metrics file (format 2, checked) and print every field as one
     /// `name value` line (`counters.maps 3`), for scripts that decide from the metrics.
     Metrics {

@@ -1,9 +1,10 @@
-//! `vmrun`: one guest run (see `vmrun --help`), or a boot loop (`vmrun boot-loop --help`).
+//! `vmrun`: one guest run (see `vmrun --help`), a boot loop (`vmrun boot-loop --help`) or a
+//! soak (`vmrun soak --help`).
 
 use clap::Parser;
 
 use vm_runner::cli::{Cli, Command, Defaults};
-use vm_runner::{boot_loop, children, hostlink, run};
+use vm_runner::{boot_loop, children, hostlink, run, soak};
 
 fn main() {
     let cli = Cli::parse();
@@ -18,6 +19,7 @@ fn main() {
     let defaults = Defaults::from_env();
     let code = match cli.command {
         Some(Command::BootLoop(args)) => boot_loop::main(args, &defaults),
+        Some(Command::Soak(args)) => soak::main(args, &defaults),
         Some(Command::Metrics { file }) => match pmem_metrics::Metrics::read(&file) {
             Ok(m) => {
                 print!("{}", vm_runner::report::flatten(&m));
