@@ -37,8 +37,9 @@ use crate::size::ByteSize;
 /// `debug` or `vhost_user_pmem::flush=trace`) and overrides --log-level; otherwise
 /// --log-level (default info). At debug level every fdatasync is logged with its start time
 /// and the pop times of the requests it answered. When stderr is not a terminal the lines carry
-/// no colours; under journald (JOURNAL_STREAM set) they carry no timestamp and start with a
-/// syslog priority (<3> error .. <7> debug and trace), as sd-daemon(3) describes.
+/// no colours; under journald (JOURNAL_STREAM naming stderr's device and inode) they carry no
+/// timestamp and start with a syslog priority (<3> error .. <7> debug and trace), as
+/// sd-daemon(3) describes.
 ///
 /// Metrics: counters and latency histograms (fdatasync, and request from pop to answer) are
 /// printed at exit and summarised in the log line of each disconnect. SIGUSR1 writes them as
@@ -84,7 +85,7 @@ pub struct Args {
     /// Permissions of the --socket-path socket file, in octal [default: 0600]. Anyone who can
     /// connect to the socket can drive the device, so only the frontend's user should be able
     /// to. The socket is created with these permissions (no window with wider ones). Does not
-    /// apply to --connect, whose socket belongs to the frontend.
+    /// apply to --connect or --fd, whose socket belongs to the frontend or the parent.
     #[arg(long, value_name = "OCTAL")]
     pub socket_mode: Option<String>,
 

@@ -99,9 +99,19 @@ fn priority(level: Level) -> u8 {
     }
 }
 
-/// One line for the journal: priority prefix, no timestamp (journald adds its own).
+/// A record for the journal: priority prefix, no timestamp (journald adds its own). journald
+/// makes every line an entry of its own, so each line of a multi-line record (the exit
+/// statistics) carries the prefix, or the continuation lines would be filed at the default
+/// priority.
 fn journal_line(level: Level, target: &str, args: &std::fmt::Arguments) -> String {
-    format!("<{}>{target}: {args}", priority(level))
+    let prio = priority(level);
+    let text = args.to_string();
+    let mut lines = text.split('\n');
+    let mut out = format!("<{prio}>{target}: {}", lines.next().unwrap_or_default());
+    for line in lines {
+        out.push_str(&format!("\n<{prio}>{line}"));
+    }
+    out
 }
 
 /// Whether stderr is the journal stream that JOURNAL_STREAM (`DEVICE:INODE`) names.
@@ -174,5 +184,9 @@ mod tests {
         assert_eq!(line(Level::Info), "<6>vhost_user_pmem: hello");
         assert_eq!(line(Level::Debug), "<7>vhost_user_pmem: hello");
         assert_eq!(line(Level::Trace), "<7>vhost_user_pmem: hello");
+        assert_eq!(
+            journal_line(Level::Info, "t", &format_args!("a\n  b")),
+            "<6>t: a\n<6>  b"
+        );
     }
 }

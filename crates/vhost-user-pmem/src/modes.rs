@@ -72,7 +72,7 @@ pub enum LogLevel {
     Info,
     Debug,
     Trace,
-    /// Nothing at all (warnings and errors are still counted in the metrics)
+    // Nothing at all; warnings and errors are still counted in the metrics.
     Off,
 }
 

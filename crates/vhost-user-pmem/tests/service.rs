@@ -203,3 +203,46 @@ fn log_level_off_is_silent_unless_rust_log_says_otherwise() {
     let log = std::fs::read_to_string(&loud).unwrap();
     assert!(log.contains("SIGTERM received"), "log:\n{log}");
 }
+
+#[test]
+fn under_journald_lines_carry_a_priority_and_no_timestamp() {
+    let env = Env::new();
+    env.create_file(2 * MIB);
+    // JOURNAL_STREAM names the device and inode of stderr; here the log file plays the
+    // journal's stream.
+    let log = env.path("journal.log");
+    std::fs::write(&log, b"").unwrap();
+    let meta = std::fs::metadata(&log).unwrap();
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let mut d = Daemon::start_with(&env.args(&[]), &env.socket, &log, |c| {
+        c.rust_log("debug").env("JOURNAL_STREAM", &stream)
+    });
+    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.is_empty());
+    for line in text.lines() {
+        assert!(
+            ["<3>", "<4>", "<6>", "<7>"]
+                .iter()
+                .any(|p| line.starts_with(p)),
+            "{line:?}"
+        );
+        assert!(!line.contains('\x1b'), "colour in {line:?}");
+    }
+    assert!(
+        text.contains("<6>vhost_user_pmem: SIGTERM received"),
+        "{text}"
+    );
+    assert!(text.contains("<7>"), "no debug line: {text}");
+    // Nothing that looks like env_logger's own timestamp ("[2026-...").
+    assert!(!text.contains("[20"), "{text}");
+
+    // A JOURNAL_STREAM that is not our stderr (inherited by a redirected child) is ignored.
+    let plain = env.path("plain.log");
+    let mut d = Daemon::start_with(&env.args(&[]), &env.socket, &plain, |c| {
+        c.rust_log("info").env("JOURNAL_STREAM", &stream)
+    });
+    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    let text = std::fs::read_to_string(&plain).unwrap();
+    assert!(text.starts_with("[20"), "{text}");
+}
