@@ -3,7 +3,7 @@
 //!
 //! Beyond "never panics" (clap's rendering of errors and help included), the target checks
 //! what the rest of the daemon assumes of a `Config`: non-empty paths, a socket mode within
-//! 0o777, a size that is a power
+//! 0o777, an inherited descriptor that is not negative, a size that is a power
 //! of two of at least 2 MiB, a bounded metrics interval; and that every printed `ByteSize`
 //! parses back to itself, as `--size` promises.
 
@@ -61,9 +61,14 @@ fuzz_target!(|data: &[u8]| {
     }
     match Config::try_from(args) {
         Ok(config) => {
-            assert!(!config.endpoint.path().as_os_str().is_empty());
-            if let Endpoint::Listen { mode, .. } = config.endpoint {
-                assert!(mode <= 0o777, "socket mode {mode:o} accepted");
+            match &config.endpoint {
+                Endpoint::Listen { path, mode, .. } => {
+                    assert!(!path.as_os_str().is_empty());
+                    assert!(*mode <= 0o777, "socket mode {mode:o} accepted");
+                }
+                Endpoint::Connect(path) => assert!(!path.is_empty()),
+                // Accepted only after the descriptor was found to be a listening socket.
+                Endpoint::Fd(inherited) => assert!(inherited.fd() >= 0),
             }
             assert!(!config.file.as_os_str().is_empty());
             if let Some(size) = config.size {

@@ -134,6 +134,7 @@ fn harness() -> &'static Harness {
             endpoint: Endpoint::Listen {
                 path: dir.join("pmem.sock"),
                 mode: 0o600,
+                group: None,
             },
             file: dir.join("pmem.img"),
             size: Some(2 << 20),
@@ -143,6 +144,8 @@ fn harness() -> &'static Harness {
             // The fuzzer runs the backend inside its own process, which needs far more
             // calls than the daemon's allow-list.
             seccomp: SeccompMode::Off,
+            notify: None,
+            notes: Vec::new(),
         };
         let (device, frontends) = vhost_user_pmem::prepare(&config).expect("prepare the device");
         let Frontends::Listen(listener) = frontends else {
@@ -160,7 +163,7 @@ fn harness() -> &'static Harness {
         )])
         .unwrap();
         Harness {
-            socket: config.endpoint.path().to_path_buf(),
+            socket: dir.join("pmem.sock"),
             done: Mutex::new(rx),
             ram,
             ram_fd,

@@ -7,6 +7,7 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
+use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -79,8 +80,47 @@ pub struct DaemonCommand {
     append_log: bool,
     rust_log: String,
     death_signal: Option<i32>,
+    /// Environment variables to set (`Some`) or remove (`None`), after RUST_LOG.
+    envs: Vec<(OsString, Option<OsString>)>,
+    /// Descriptors of ours that the daemon gets as `(ours, its number)`.
+    fds: Vec<(RawFd, RawFd)>,
     /// The whole argument list as given, for tests of the command line itself.
     verbatim: Option<Vec<OsString>>,
+}
+
+/// Makes the child of `cmd` get each `(ours, its)` descriptor of ours under its own number,
+/// without close-on-exec: the way a parent hands a vhost-user backend its socket (`--fd`) or
+/// a service manager its activated socket (fd 3). The descriptors must stay open until the
+/// child is spawned.
+pub fn pass_fds(cmd: &mut Command, fds: Vec<(RawFd, RawFd)>) {
+    if fds.is_empty() {
+        return;
+    }
+    // Filled in the child; allocated here, since the child may not allocate.
+    let mut moved: Vec<RawFd> = vec![-1; fds.len()];
+    // SAFETY: the closure runs in the forked child before exec and calls only fcntl(2) and
+    // dup2(2), which are async-signal-safe, on descriptors the child inherited; it writes
+    // only into `moved`, which was allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            // First out of the way of every target, so that one pair's target cannot be
+            // another pair's source (fd 3 of ours must not be overwritten before it moved).
+            let lowest = fds.iter().map(|&(_, its)| its).max().unwrap_or(0) + 1;
+            for (slot, &(ours, _)) in moved.iter_mut().zip(&fds) {
+                *slot = libc::fcntl(ours, libc::F_DUPFD_CLOEXEC, lowest);
+                if *slot < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // dup2 gives the target without close-on-exec.
+            for (&tmp, &(_, its)) in moved.iter().zip(&fds) {
+                if libc::dup2(tmp, its) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
 }
 
 impl DaemonCommand {
@@ -96,6 +136,8 @@ impl DaemonCommand {
             append_log: false,
             rust_log: "info".into(),
             death_signal: None,
+            envs: Vec::new(),
+            fds: Vec::new(),
             verbatim: None,
         }
     }
@@ -148,6 +190,25 @@ impl DaemonCommand {
 
     pub fn rust_log(mut self, filter: impl Into<String>) -> Self {
         self.rust_log = filter.into();
+        self
+    }
+
+    /// Sets an environment variable for the daemon (after RUST_LOG, so this one wins).
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.envs.push((key.into(), Some(value.into())));
+        self
+    }
+
+    /// Removes an environment variable (RUST_LOG too) from the daemon's environment.
+    pub fn env_remove(mut self, key: impl Into<OsString>) -> Self {
+        self.envs.push((key.into(), None));
+        self
+    }
+
+    /// Hands our descriptor `ours` to the daemon as its descriptor `its` (see [`pass_fds`]).
+    /// `ours` must stay open until [`Self::spawn`].
+    pub fn pass_fd(mut self, ours: RawFd, its: RawFd) -> Self {
+        self.fds.push((ours, its));
         self
     }
 
@@ -220,6 +281,13 @@ impl DaemonCommand {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);
+        for (key, value) in &self.envs {
+            match value {
+                Some(v) => cmd.env(key, v),
+                None => cmd.env_remove(key),
+            };
+        }
+        pass_fds(&mut cmd, self.fds.clone());
         if let Some(sig) = self.death_signal {
             // SAFETY: the closure runs in the forked child before exec and calls only
             // prctl(2), which is async-signal-safe, and touches no memory of the parent.

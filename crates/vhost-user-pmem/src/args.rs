@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::modes::{FlushMode, SeccompMode};
+use crate::modes::{FlushMode, LogLevel, SeccompMode};
 use crate::size::ByteSize;
 
 /// Serve a host file to a QEMU guest as a virtio-pmem device over vhost-user.
@@ -20,18 +20,44 @@ use crate::size::ByteSize;
 /// or, with --connect SOCKET, let QEMU listen: -chardev socket,id=pmem0,path=SOCKET,server=on,wait=on
 /// (wait=on is needed: with wait=off QEMU 11.1 sets the device up before the daemon connects)
 ///
+/// The socket is one of --socket-path, --connect or --fd. Without any of them the daemon takes
+/// a socket from systemd-style socket activation: LISTEN_FDS=1 with LISTEN_PID equal to its own
+/// pid means fd 3 is a listening socket, used as --fd 3 would be. LISTEN_FDS with another
+/// LISTEN_PID is ignored; more than one socket, or LISTEN_FDS together with an endpoint option,
+/// is refused. The daemon unsets LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES.
+///
+/// With NOTIFY_SOCKET set (systemd Type=notify), the daemon sends READY=1 once the file is open
+/// and the socket listens (with --connect: once the first connection is made), and STOPPING=1
+/// when a signal stops it.
+///
 /// Once the file is open and the socket is ready, the daemon confines itself with a seccomp
 /// allow-list (see --seccomp and docs/security.md).
 ///
-/// Logging is controlled by RUST_LOG (default: info); at debug level every fdatasync is logged
-/// with its start time and the pop times of the requests it answered.
+/// Logging: RUST_LOG, when set, is the filter (env_logger syntax, for example
+/// `debug` or `vhost_user_pmem::flush=trace`) and overrides --log-level; otherwise
+/// --log-level (default info). At debug level every fdatasync is logged with its start time
+/// and the pop times of the requests it answered. When stderr is not a terminal the lines carry
+/// no colours; under journald (JOURNAL_STREAM naming stderr's device and inode) they carry no
+/// timestamp and start with a syslog priority (<3> error .. <7> debug and trace), as
+/// sd-daemon(3) describes.
 ///
 /// Metrics: counters and latency histograms (fdatasync, and request from pop to answer) are
 /// printed at exit and summarised in the log line of each disconnect. SIGUSR1 writes them as
 /// JSON to --metrics-path if given, otherwise as one line of JSON on stderr.
+///
+/// Signals: SIGINT, SIGTERM and SIGHUP make a final fdatasync, remove the socket file (not with
+/// --connect or --fd, whose socket is not the daemon's) and exit.
+///
+/// Exit status: 0 after a clean shutdown; 2 for a usage error (a bad or conflicting option,
+/// a --fd that is not a listening UNIX stream socket, an unknown --socket-group, bad
+/// socket-activation variables); 1 when something fails at run time (the file cannot be
+/// opened or locked, the socket cannot be bound, the seccomp filter cannot be installed, the
+/// file could not be made durable at exit).
 #[derive(Parser, Debug, Clone, PartialEq, Eq)]
 #[command(version, about, long_about, verbatim_doc_comment)]
-#[command(group = clap::ArgGroup::new("endpoint").required(true).args(["socket_path", "connect"]))]
+// Not `required`: with none of the three, socket activation may supply the socket, and
+// --print-capabilities needs none; Config decides, with a message that names all the ways.
+#[command(group = clap::ArgGroup::new("endpoint").multiple(false).args(["socket_path", "connect", "fd"]))]
 pub struct Args {
     /// Path of the vhost-user UNIX socket to listen on. A stale socket file left by a dead
     /// daemon is removed; a socket on which a live daemon listens is an error. The daemon
@@ -43,16 +69,32 @@ pub struct Args {
     /// listening. PATH must be a socket when the daemon starts, and the first connection must
     /// succeed, or the daemon exits with an error. When a connection ends the daemon connects
     /// again, retrying with a growing delay (0.1 s up to 5 s, each attempt logged) until it
-    /// succeeds or is stopped by SIGINT/SIGTERM. Excludes --socket-path and --socket-mode.
+    /// succeeds or is stopped by a signal. Excludes --socket-path, --fd, --socket-mode and
+    /// --socket-group.
     #[arg(long, value_name = "PATH")]
     pub connect: Option<PathBuf>,
+
+    /// Serve on an already listening UNIX stream socket that was passed to the daemon as file
+    /// descriptor FD (the vhost-user backend convention; the parent keeps the socket file).
+    /// The daemon serves one frontend after another on it, like on --socket-path, and removes
+    /// no file at exit. FD must be open, an AF_UNIX SOCK_STREAM socket, and listening.
+    /// Excludes --socket-path, --connect, --socket-mode and --socket-group.
+    #[arg(long, value_name = "FD")]
+    pub fd: Option<i32>,
 
     /// Permissions of the --socket-path socket file, in octal [default: 0600]. Anyone who can
     /// connect to the socket can drive the device, so only the frontend's user should be able
     /// to. The socket is created with these permissions (no window with wider ones). Does not
-    /// apply to --connect, whose socket belongs to the frontend.
+    /// apply to --connect or --fd, whose socket belongs to the frontend or the parent.
     #[arg(long, value_name = "OCTAL")]
     pub socket_mode: Option<String>,
+
+    /// Give the --socket-path socket file to group NAME (chown before the socket listens, so
+    /// it is never reachable with another group), to let a frontend of that group connect.
+    /// With it you usually want --socket-mode 0660: the default 0600 lets only the owner in.
+    /// Only with --socket-path. The group must exist.
+    #[arg(long, value_name = "NAME")]
+    pub socket_group: Option<String>,
 
     /// The seccomp sandbox: `on` (default) installs a system-call allow-list once the file is
     /// open and the socket is ready, and a call outside it makes the daemon log the call's
@@ -62,9 +104,10 @@ pub struct Args {
     #[arg(long, value_name = "MODE", value_enum, default_value_t = SeccompMode::On)]
     pub seccomp: SeccompMode,
 
-    /// The backing file whose contents the guest sees as persistent memory.
+    /// The backing file whose contents the guest sees as persistent memory (required unless
+    /// --print-capabilities).
     #[arg(long, value_name = "PATH")]
-    pub file: PathBuf,
+    pub file: Option<PathBuf>,
 
     /// Device size, with binary units (512M, 1G = 1 GiB, 2GiB). A missing file is created
     /// sparse, a smaller one is extended; a larger one is an error, since shrinking would lose
@@ -93,4 +136,14 @@ pub struct Args {
     /// start, on SIGUSR1 and at exit. Apart from these writes an idle daemon never wakes up.
     #[arg(long, value_name = "SECS")]
     pub metrics_interval: Option<u64>,
+
+    /// The log filter when RUST_LOG is not set [default: info]. RUST_LOG, when set, wins.
+    /// `off` prints nothing (warnings and errors are still counted in the metrics).
+    #[arg(long, value_name = "LEVEL", value_enum)]
+    pub log_level: Option<LogLevel>,
+
+    /// Print the backend's capabilities as JSON on stdout, {"type": "pmem", "features": [...]}
+    /// (the vhost-user backend convention), and exit 0. Needs no other option.
+    #[arg(long)]
+    pub print_capabilities: bool,
 }

@@ -1,12 +1,17 @@
 //! Validated daemon configuration. Every rule about what the command line may ask for lives
 //! here, so that the rest of the daemon can trust its `Config`.
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::activation::{self, Activation, ActivationError, ListenEnv};
 use crate::args::Args;
 use crate::modes::{FlushMode, SeccompMode};
+use crate::notify::NotifyAddr;
 use crate::size::{self, SizeError};
+use crate::socket::{self, FdFacts};
 
 /// Permissions of a listening socket when --socket-mode is not given: only its owner (the
 /// frontend's user) may connect, because whoever connects drives the device.
@@ -18,6 +23,9 @@ pub const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(10);
 /// given as seconds), and a bound keeps the timer arithmetic trivially in range.
 pub const MAX_METRICS_INTERVAL_SECS: u64 = 86_400;
 
+/// A refused command line (with the environment variables of socket activation). Every
+/// variant is a usage error: the daemon exits 2 for it, before anything is touched. Failures
+/// of the system itself (the file, binding the socket, the sandbox) are other types, exit 1.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error(transparent)]
@@ -27,21 +35,77 @@ pub enum ConfigError {
     #[error("--connect is empty")]
     EmptyConnectPath,
     #[error(
-        "give --socket-path PATH to listen for a frontend, or --connect PATH to connect to one"
+        "no socket to serve on: give --socket-path PATH to listen, --connect PATH to connect to a \
+         listening frontend, or --fd FD for an inherited listening socket, or start the daemon \
+         by socket activation (LISTEN_FDS=1)"
     )]
     NoEndpoint,
     #[error(
-        "--socket-path and --connect exclude each other: the daemon either listens or connects"
+        "--socket-path, --connect and --fd exclude each other: give one socket for the daemon"
     )]
     TwoEndpoints,
+    #[error(
+        "{option} {} is {} bytes long; a UNIX socket path holds at most {max}: choose a shorter \
+         one", path.display(), path.as_os_str().len(), max = socket::MAX_SOCKET_PATH
+    )]
+    SocketPathTooLong { option: &'static str, path: PathBuf },
     #[error("--connect path {0:?} is not valid UTF-8, which the vhost-user library needs")]
     ConnectPathNotUtf8(PathBuf),
     #[error(
         "--socket-mode applies only to --socket-path; with --connect the frontend owns the socket"
     )]
     SocketModeWithConnect,
+    #[error(
+        "--socket-mode applies only to --socket-path; an inherited socket (--fd or socket \
+         activation) keeps the permissions its creator gave it"
+    )]
+    SocketModeWithFd,
     #[error("--socket-mode {0:?} is not an octal mode from 0 to 0777 (for example 0600 or 660)")]
     BadSocketMode(String),
+    #[error(
+        "--socket-group applies only to --socket-path; with --connect or an inherited socket \
+         (--fd, socket activation) the daemon creates no socket file"
+    )]
+    SocketGroupWithoutPath,
+    #[error("--socket-group {0:?}: no such group; create it (groupadd) or name an existing one")]
+    UnknownGroup(String),
+    #[error("--socket-group {name:?}: cannot look the group up: {reason}")]
+    GroupLookup { name: String, reason: String },
+    #[error("{0} is negative; give the number of an open file descriptor")]
+    NegativeFd(Inherited),
+    #[error(
+        "{0} is not an open file descriptor; pass the listening socket to the daemon as that \
+         descriptor, without close-on-exec"
+    )]
+    FdNotOpen(Inherited),
+    #[error("{0} is not a socket; pass a listening AF_UNIX stream socket (socket, bind, listen)")]
+    FdNotASocket(Inherited),
+    #[error(
+        "{fd} is a socket of address family {family}, not AF_UNIX; vhost-user needs a UNIX \
+         domain socket"
+    )]
+    FdNotUnix { fd: Inherited, family: i32 },
+    #[error(
+        "{0} is not a stream socket; vhost-user needs SOCK_STREAM (a datagram or seqpacket \
+         socket cannot carry it)"
+    )]
+    FdNotStream(Inherited),
+    #[error(
+        "{0} is a UNIX stream socket that is not listening; call listen() on it before passing \
+         it (for a frontend that listens itself, use --connect PATH)"
+    )]
+    FdNotListening(Inherited),
+    #[error("cannot inspect {fd}: {reason}")]
+    FdInspect { fd: Inherited, reason: String },
+    #[error(transparent)]
+    Activation(#[from] ActivationError),
+    #[error(
+        "socket activation passed a socket (LISTEN_FDS=1 for this process) and {0} was given \
+         too; use one: drop {0}, or start the daemon without socket activation"
+    )]
+    ActivationWithEndpoint(&'static str),
+    #[error("--file PATH is required: the backing file the guest sees as persistent memory")]
+    NoFile,
     #[error("--file is empty")]
     EmptyFile,
     #[error("--metrics-path is empty")]
@@ -60,32 +124,86 @@ pub struct MetricsFile {
     pub interval: Option<Duration>,
 }
 
+/// How an inherited listening socket reached the daemon, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inherited {
+    /// `--fd N`.
+    Flag(RawFd),
+    /// Socket activation: LISTEN_FDS=1, always fd 3.
+    Activation(RawFd),
+}
+
+impl Inherited {
+    pub fn fd(self) -> RawFd {
+        match self {
+            Inherited::Flag(fd) | Inherited::Activation(fd) => fd,
+        }
+    }
+}
+
+impl std::fmt::Display for Inherited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Inherited::Flag(fd) => write!(f, "--fd {fd}"),
+            Inherited::Activation(fd) => {
+                write!(f, "the socket-activation descriptor {fd} (LISTEN_FDS=1)")
+            }
+        }
+    }
+}
+
+/// The group that gets the listening socket file (`--socket-group`), resolved at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketGroup {
+    pub name: String,
+    pub gid: u32,
+}
+
 /// Which side of the vhost-user socket the daemon is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
-    /// Listen on this path (the default), creating the socket with `mode`.
-    Listen { path: PathBuf, mode: u32 },
+    /// Listen on this path (the default), creating the socket with `mode` (and `group`).
+    Listen {
+        path: PathBuf,
+        mode: u32,
+        group: Option<SocketGroup>,
+    },
     /// Connect to a frontend that listens on this path (QEMU `server=on`). Kept as a `String`
     /// because vhost-user-backend's `start_client` takes a `&str`.
     Connect(String),
+    /// Serve on a listening socket the daemon inherited, already checked to be an AF_UNIX
+    /// stream socket that listens. Its file, if it has one, is not the daemon's.
+    Fd(Inherited),
 }
 
 impl Endpoint {
-    pub fn path(&self) -> &std::path::Path {
+    /// The socket file the daemon creates or connects to; `None` for an inherited socket.
+    pub fn path(&self) -> Option<&Path> {
         match self {
-            Endpoint::Listen { path, .. } => path,
-            Endpoint::Connect(path) => std::path::Path::new(path),
+            Endpoint::Listen { path, .. } => Some(path),
+            Endpoint::Connect(path) => Some(Path::new(path)),
+            Endpoint::Fd(_) => None,
         }
+    }
+
+    /// Whether the daemon accepts frontends (as opposed to connecting to one).
+    pub fn listens(&self) -> bool {
+        !matches!(self, Endpoint::Connect(_))
     }
 }
 
 impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Endpoint::Listen { path, mode } => {
-                write!(f, "listening on {} (mode {mode:04o})", path.display())
+            Endpoint::Listen { path, mode, group } => {
+                write!(f, "listening on {} (mode {mode:04o}", path.display())?;
+                if let Some(g) = group {
+                    write!(f, ", group {}", g.name)?;
+                }
+                write!(f, ")")
             }
             Endpoint::Connect(path) => write!(f, "connecting to {path}"),
+            Endpoint::Fd(inherited) => write!(f, "listening on {inherited}"),
         }
     }
 }
@@ -100,14 +218,78 @@ pub struct Config {
     pub flush_mode: FlushMode,
     pub metrics: Option<MetricsFile>,
     pub seccomp: SeccompMode,
+    /// Where to send READY=1 and STOPPING=1 (NOTIFY_SOCKET), if anywhere.
+    pub notify: Option<NotifyAddr>,
+    /// What the daemon found in its environment and ignored, to log once the logger is up.
+    pub notes: Vec<String>,
 }
 
+/// The environment variables through which a service manager talks to the daemon: socket
+/// activation (sd_listen_fds(3)) and readiness notification (sd_notify(3)). RUST_LOG and
+/// JOURNAL_STREAM are the logger's (logging.rs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessEnv {
+    pub listen: ListenEnv,
+    pub notify_socket: Option<OsString>,
+    /// The daemon's pid, which LISTEN_PID must name.
+    pub pid: u32,
+}
+
+impl ProcessEnv {
+    /// Reads the variables and removes them from the environment, as sd_listen_fds(3) and
+    /// sd_notify(3) do with `unset_environment`: they describe this process only, and nothing
+    /// the daemon starts may take them for its own. Call before any thread exists (changing
+    /// the environment is not thread-safe).
+    pub fn take() -> ProcessEnv {
+        let take = |name: &str| {
+            let v = std::env::var_os(name);
+            std::env::remove_var(name);
+            v
+        };
+        let env = ProcessEnv {
+            listen: ListenEnv {
+                fds: take("LISTEN_FDS"),
+                pid: take("LISTEN_PID"),
+            },
+            notify_socket: take("NOTIFY_SOCKET"),
+            pid: std::process::id(),
+        };
+        std::env::remove_var("LISTEN_FDNAMES");
+        env
+    }
+}
+
+/// Without the environment: what `Config::new(args, ProcessEnv::default())` gives.
 impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(args: Args) -> Result<Self, Self::Error> {
-        let endpoint = endpoint(args.socket_path, args.connect, args.socket_mode)?;
-        if args.file.as_os_str().is_empty() {
+        Config::new(args, ProcessEnv::default())
+    }
+}
+
+impl Config {
+    /// Every check of the command line and the service manager's variables, in one place.
+    pub fn new(args: Args, env: ProcessEnv) -> Result<Config, ConfigError> {
+        let mut notes = Vec::new();
+        let activated = match activation::interpret(&env.listen, env.pid)? {
+            Activation::None => None,
+            Activation::Ignored(why) => {
+                notes.push(why);
+                None
+            }
+            Activation::Socket(fd) => Some(fd),
+        };
+        let endpoint = endpoint(
+            args.socket_path,
+            args.connect,
+            args.fd,
+            activated,
+            args.socket_mode,
+            args.socket_group,
+        )?;
+        let file = args.file.ok_or(ConfigError::NoFile)?;
+        if file.as_os_str().is_empty() {
             return Err(ConfigError::EmptyFile);
         }
         if let Some(size) = args.size {
@@ -131,14 +313,31 @@ impl TryFrom<Args> for Config {
                 },
             }),
         };
+        let notify = match env.notify_socket {
+            None => None,
+            Some(text) => match NotifyAddr::parse(&text) {
+                Some(addr) => Some(addr),
+                None => {
+                    // A service manager's business, not the user's: serving matters more than
+                    // telling it so.
+                    notes.push(format!(
+                        "NOTIFY_SOCKET={text:?} is neither a path nor an abstract address \
+                         (@name); not notifying"
+                    ));
+                    None
+                }
+            },
+        };
         Ok(Config {
             endpoint,
-            file: args.file,
+            file,
             size: args.size.map(|s| s.0),
             read_only: args.read_only,
             flush_mode: args.flush_mode,
             metrics,
             seccomp: args.seccomp,
+            notify,
+            notes,
         })
     }
 }
@@ -146,8 +345,39 @@ impl TryFrom<Args> for Config {
 fn endpoint(
     listen: Option<PathBuf>,
     connect: Option<PathBuf>,
+    fd: Option<RawFd>,
+    activated: Option<RawFd>,
     socket_mode: Option<String>,
+    socket_group: Option<String>,
 ) -> Result<Endpoint, ConfigError> {
+    let given = [
+        listen.as_ref().map(|_| "--socket-path"),
+        connect.as_ref().map(|_| "--connect"),
+        fd.map(|_| "--fd"),
+    ];
+    let mut given = given.into_iter().flatten();
+    let first = given.next();
+    if given.next().is_some() {
+        return Err(ConfigError::TwoEndpoints);
+    }
+    if let (Some(flag), Some(_)) = (first, activated) {
+        return Err(ConfigError::ActivationWithEndpoint(flag));
+    }
+    let inherited = match (fd, activated) {
+        (Some(fd), _) => Some(Inherited::Flag(fd)),
+        (None, Some(fd)) => Some(Inherited::Activation(fd)),
+        (None, None) => None,
+    };
+    if let Some(inherited) = inherited {
+        if socket_mode.is_some() {
+            return Err(ConfigError::SocketModeWithFd);
+        }
+        if socket_group.is_some() {
+            return Err(ConfigError::SocketGroupWithoutPath);
+        }
+        check_inherited(inherited)?;
+        return Ok(Endpoint::Fd(inherited));
+    }
     match (listen, connect) {
         (None, None) => Err(ConfigError::NoEndpoint),
         (Some(_), Some(_)) => Err(ConfigError::TwoEndpoints),
@@ -155,22 +385,86 @@ fn endpoint(
             if path.as_os_str().is_empty() {
                 return Err(ConfigError::EmptySocketPath);
             }
+            if path.as_os_str().len() > socket::MAX_SOCKET_PATH {
+                return Err(ConfigError::SocketPathTooLong {
+                    option: "--socket-path",
+                    path,
+                });
+            }
             let mode = match socket_mode {
                 None => DEFAULT_SOCKET_MODE,
                 Some(text) => parse_socket_mode(&text)?,
             };
-            Ok(Endpoint::Listen { path, mode })
+            let group = socket_group.map(resolve_group).transpose()?;
+            Ok(Endpoint::Listen { path, mode, group })
         }
         (None, Some(path)) => {
             if path.as_os_str().is_empty() {
                 return Err(ConfigError::EmptyConnectPath);
             }
+            if path.as_os_str().len() > socket::MAX_SOCKET_PATH {
+                return Err(ConfigError::SocketPathTooLong {
+                    option: "--connect",
+                    path,
+                });
+            }
             if socket_mode.is_some() {
                 return Err(ConfigError::SocketModeWithConnect);
+            }
+            if socket_group.is_some() {
+                return Err(ConfigError::SocketGroupWithoutPath);
             }
             match path.into_os_string().into_string() {
                 Ok(path) => Ok(Endpoint::Connect(path)),
                 Err(path) => Err(ConfigError::ConnectPathNotUtf8(path.into())),
+            }
+        }
+    }
+}
+
+/// The group's id, looked up before anything is created, so that a misspelt name costs
+/// nothing but the message.
+fn resolve_group(name: String) -> Result<SocketGroup, ConfigError> {
+    match socket::group_id(&name) {
+        Ok(Some(gid)) => Ok(SocketGroup { name, gid }),
+        Ok(None) => Err(ConfigError::UnknownGroup(name)),
+        Err(e) => Err(ConfigError::GroupLookup {
+            name,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// An inherited descriptor must be what vhost-user's listener needs: a listening AF_UNIX
+/// stream socket. Each way it can be wrong gets its own message, since each has another fix.
+fn check_inherited(inherited: Inherited) -> Result<(), ConfigError> {
+    let fd = inherited.fd();
+    if fd < 0 {
+        return Err(ConfigError::NegativeFd(inherited));
+    }
+    match socket::fd_facts(fd) {
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => Err(ConfigError::FdNotOpen(inherited)),
+        Err(e) => Err(ConfigError::FdInspect {
+            fd: inherited,
+            reason: e.to_string(),
+        }),
+        Ok(FdFacts::NotASocket) => Err(ConfigError::FdNotASocket(inherited)),
+        Ok(FdFacts::Socket {
+            family,
+            stream,
+            listening,
+        }) => {
+            if family != libc::AF_UNIX {
+                Err(ConfigError::FdNotUnix {
+                    fd: inherited,
+                    family,
+                })
+            } else if !stream {
+                Err(ConfigError::FdNotStream(inherited))
+            } else if !listening {
+                Err(ConfigError::FdNotListening(inherited))
+            } else {
+                Ok(())
             }
         }
     }
@@ -200,14 +494,18 @@ mod tests {
         Args {
             socket_path: Some("/tmp/s.sock".into()),
             connect: None,
+            fd: None,
             socket_mode: None,
+            socket_group: None,
             seccomp: SeccompMode::On,
-            file: "/tmp/f.img".into(),
+            file: Some("/tmp/f.img".into()),
             size: size.map(|s| s.parse().unwrap()),
             read_only: false,
             flush_mode: FlushMode::Group,
             metrics_path: None,
             metrics_interval: None,
+            log_level: None,
+            print_capabilities: false,
         }
     }
 
@@ -297,7 +595,8 @@ mod tests {
             Config::try_from(a.clone()).unwrap().endpoint,
             Endpoint::Listen {
                 path: "/tmp/s.sock".into(),
-                mode: 0o600
+                mode: 0o600,
+                group: None,
             }
         );
         a.connect = Some("/tmp/qemu.sock".into());
@@ -338,7 +637,7 @@ mod tests {
             a.socket_mode = Some(m.into());
             Config::try_from(a).map(|c| match c.endpoint {
                 Endpoint::Listen { mode, .. } => mode,
-                Endpoint::Connect(_) => unreachable!(),
+                other => panic!("{other:?}"),
             })
         };
         assert_eq!(mode("0600"), Ok(0o600));
@@ -382,5 +681,183 @@ mod tests {
         );
         a.seccomp = SeccompMode::Log;
         assert_eq!(Config::try_from(a).unwrap().seccomp, SeccompMode::Log);
+    }
+
+    /// A process environment in which socket activation passed `fds` sockets to us.
+    fn activated(fds: &str) -> ProcessEnv {
+        ProcessEnv {
+            listen: ListenEnv {
+                fds: Some(fds.into()),
+                pid: Some("4242".into()),
+            },
+            notify_socket: None,
+            pid: 4242,
+        }
+    }
+
+    /// A listening UNIX stream socket, and its descriptor.
+    fn listening() -> (tempfile::TempDir, std::os::unix::net::UnixListener) {
+        let dir = tempfile::tempdir().unwrap();
+        let l = std::os::unix::net::UnixListener::bind(dir.path().join("l.sock")).unwrap();
+        (dir, l)
+    }
+
+    #[test]
+    fn an_inherited_listening_socket_is_an_endpoint() {
+        use std::os::fd::AsRawFd;
+        let (_dir, l) = listening();
+        let mut a = args(None);
+        a.socket_path = None;
+        a.fd = Some(l.as_raw_fd());
+        assert_eq!(
+            Config::try_from(a.clone()).unwrap().endpoint,
+            Endpoint::Fd(Inherited::Flag(l.as_raw_fd()))
+        );
+        a.socket_mode = Some("0600".into());
+        assert_eq!(
+            Config::try_from(a.clone()).unwrap_err(),
+            ConfigError::SocketModeWithFd
+        );
+        a.socket_mode = None;
+        a.socket_group = Some("root".into());
+        assert_eq!(
+            Config::try_from(a).unwrap_err(),
+            ConfigError::SocketGroupWithoutPath
+        );
+    }
+
+    #[test]
+    fn inherited_descriptors_that_cannot_serve() {
+        use std::os::fd::AsRawFd;
+        let check = |fd| {
+            let mut a = args(None);
+            a.socket_path = None;
+            a.fd = Some(fd);
+            Config::try_from(a).unwrap_err()
+        };
+        let file = std::fs::File::open("/dev/null").unwrap();
+        assert_eq!(
+            check(file.as_raw_fd()),
+            ConfigError::FdNotASocket(Inherited::Flag(file.as_raw_fd()))
+        );
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(matches!(
+            check(a.as_raw_fd()),
+            ConfigError::FdNotListening(_)
+        ));
+        let d = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        assert!(matches!(check(d.as_raw_fd()), ConfigError::FdNotStream(_)));
+        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(matches!(
+            check(t.as_raw_fd()),
+            ConfigError::FdNotUnix {
+                family: libc::AF_INET,
+                ..
+            }
+        ));
+        assert!(matches!(check(-1), ConfigError::NegativeFd(_)));
+        // Far above any descriptor limit, so no other test's file can get this number.
+        assert!(matches!(check(1 << 24), ConfigError::FdNotOpen(_)));
+    }
+
+    #[test]
+    fn socket_activation_rules() {
+        let mut a = args(None);
+        // With an endpoint option, a socket passed to us is a conflict...
+        assert_eq!(
+            Config::new(a.clone(), activated("1")).unwrap_err(),
+            ConfigError::ActivationWithEndpoint("--socket-path")
+        );
+        // ...and so is more than one, with or without.
+        assert_eq!(
+            Config::new(a.clone(), activated("2")).unwrap_err(),
+            ConfigError::Activation(ActivationError::TooMany(2))
+        );
+        // Another process's variables are ignored, and said so.
+        let mut theirs = activated("1");
+        theirs.pid = 1;
+        let c = Config::new(a.clone(), theirs.clone()).unwrap();
+        assert!(matches!(c.endpoint, Endpoint::Listen { .. }));
+        assert_eq!(c.notes.len(), 1, "{:?}", c.notes);
+        a.socket_path = None;
+        assert_eq!(
+            Config::new(a.clone(), theirs).unwrap_err(),
+            ConfigError::NoEndpoint
+        );
+        // fd 3 of the test process is whatever it is; it is checked like --fd 3.
+        match Config::new(a, activated("1")) {
+            Ok(c) => assert_eq!(c.endpoint, Endpoint::Fd(Inherited::Activation(3))),
+            Err(e) => assert!(
+                e.to_string().contains("socket-activation descriptor 3"),
+                "{e}"
+            ),
+        }
+    }
+
+    #[test]
+    fn no_endpoint_names_every_way_to_give_one() {
+        let mut a = args(None);
+        a.socket_path = None;
+        let e = Config::try_from(a).unwrap_err().to_string();
+        for way in ["--socket-path", "--connect", "--fd", "socket activation"] {
+            assert!(e.contains(way), "{e}");
+        }
+    }
+
+    #[test]
+    fn socket_groups_are_resolved_or_refused() {
+        let mut a = args(None);
+        a.socket_group = Some("root".into());
+        match Config::try_from(a.clone()).unwrap().endpoint {
+            Endpoint::Listen { group, .. } => assert_eq!(
+                group,
+                Some(SocketGroup {
+                    name: "root".into(),
+                    gid: 0
+                })
+            ),
+            other => panic!("{other:?}"),
+        }
+        a.socket_group = Some("no-such-group-here".into());
+        assert_eq!(
+            Config::try_from(a.clone()).unwrap_err(),
+            ConfigError::UnknownGroup("no-such-group-here".into())
+        );
+        a.socket_path = None;
+        a.connect = Some("/tmp/q.sock".into());
+        a.socket_group = Some("root".into());
+        assert_eq!(
+            Config::try_from(a).unwrap_err(),
+            ConfigError::SocketGroupWithoutPath
+        );
+    }
+
+    #[test]
+    fn file_and_socket_path_limits() {
+        let mut a = args(None);
+        a.file = None;
+        assert_eq!(
+            Config::try_from(a.clone()).unwrap_err(),
+            ConfigError::NoFile
+        );
+        a.file = Some("/tmp/f.img".into());
+        a.socket_path = Some(format!("/tmp/{}", "s".repeat(120)).into());
+        assert!(matches!(
+            Config::try_from(a).unwrap_err(),
+            ConfigError::SocketPathTooLong { .. }
+        ));
+    }
+
+    #[test]
+    fn notify_socket_is_taken_or_noted() {
+        let a = args(None);
+        let env = |v: &str| ProcessEnv {
+            notify_socket: Some(v.into()),
+            ..ProcessEnv::default()
+        };
+        let c = Config::new(a.clone(), env("@manager")).unwrap();
+        assert_eq!(c.notify, Some(NotifyAddr::Abstract(b"manager".to_vec())));
+        let c = Config::new(a, env("vsock:2:99")).unwrap();
+        assert_eq!((c.notify, c.notes.len()), (None, 1));
     }
 }

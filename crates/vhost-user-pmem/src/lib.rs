@@ -2,15 +2,18 @@
 //! device, with the file's memory in a vhost-user shared-memory region and every guest flush
 //! answered only after an fdatasync of the file.
 
+pub mod activation;
 pub mod args;
 pub mod backend;
 pub mod backing;
+pub mod capabilities;
 pub mod config;
 pub mod device;
 pub mod flush;
 pub mod logging;
 pub mod metrics;
 pub mod modes;
+pub mod notify;
 pub mod queue;
 pub mod ratelimit;
 pub mod request;
@@ -40,10 +43,10 @@ use crate::device::Device;
 pub const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(100);
 pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(5);
 
+/// What can go wrong while setting up, once the configuration was accepted: failures of the
+/// system, not of the command line (exit 1, where a refused configuration exits 2).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(transparent)]
-    Config(#[from] config::ConfigError),
     #[error(transparent)]
     Backing(#[from] backing::BackingError),
     #[error(transparent)]
@@ -195,8 +198,14 @@ pub fn prepare(config: &config::Config) -> Result<(Arc<Device>, Frontends), Erro
     // bound or connected only once the file is ready, so a frontend that can talk to the
     // daemon finds a device it can use.
     match &config.endpoint {
-        Endpoint::Listen { path, .. } => socket::ensure_free(path)?,
+        Endpoint::Listen { path, .. } => {
+            // Found here rather than by bind(): by then the file would be created or extended.
+            socket::check_listen_dir(path)?;
+            socket::ensure_free(path)?;
+        }
         Endpoint::Connect(path) => socket::check_connect_path(std::path::Path::new(path))?,
+        // config.rs checked that it is a listening UNIX stream socket.
+        Endpoint::Fd(_) => {}
     }
     let access = if config.read_only {
         backing::Access::ReadOnly
@@ -208,13 +217,28 @@ pub fn prepare(config: &config::Config) -> Result<(Arc<Device>, Frontends), Erro
     let read_only = backing.read_only();
     // Bound before the flush workers start: listen() sets the process-wide umask for a moment.
     let mut frontends = match &config.endpoint {
-        Endpoint::Listen { path, mode } => Frontends::Listen(socket::listen(path, *mode)?),
+        Endpoint::Listen { path, mode, group } => Frontends::Listen(socket::listen(
+            path,
+            *mode,
+            group.as_ref().map(|g| (g.name.as_str(), g.gid)),
+        )?),
+        Endpoint::Fd(inherited) => Frontends::Listen(socket::adopt(inherited.fd())?),
         Endpoint::Connect(path) => Frontends::Connect {
             path: path.clone(),
             first: None,
         },
     };
-    let device = Arc::new(Device::new(backing, config.flush_mode).map_err(Error::Threads)?);
+    let device = match Device::new(backing, config.flush_mode) {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            if let Endpoint::Listen { path, .. } = &config.endpoint {
+                // The listener does not remove its file when dropped; a failed start leaves
+                // nothing behind.
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(Error::Threads(e));
+        }
+    };
     if let Frontends::Connect { path, first } = &mut frontends {
         // Unlike a reconnect, the first attempt is not retried: a wrong path fails at start.
         let mut d =

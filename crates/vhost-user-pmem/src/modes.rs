@@ -63,6 +63,32 @@ impl fmt::Display for SeccompMode {
     }
 }
 
+/// `--log-level`: the log filter when RUST_LOG is not set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+    // Nothing at all; warnings and errors are still counted in the metrics.
+    Off,
+}
+
+impl LogLevel {
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+            LogLevel::Off => log::LevelFilter::Off,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

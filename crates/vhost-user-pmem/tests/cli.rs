@@ -1,16 +1,31 @@
-//! The command line: every refused argument, file creation and extension, --help and
-//! --version.
+//! The command line: every refused argument, file creation and extension, --help,
+//! --version and --print-capabilities; bad inherited sockets and socket-activation variables.
 
 mod common;
 
-use common::{allocated_bytes, assert_error, run, Env, FileState, MIB};
+use std::os::fd::AsRawFd;
 
-/// Runs with `extra` after the usual socket and file arguments and checks the refusal:
+use common::{
+    allocated_bytes, assert_refused, assert_usage_error, run, run_activated, run_with, Env,
+    FileState, MIB,
+};
+use pmem_frontend::daemon::pass_fds;
+
+/// Runs with `extra` after the usual socket and file arguments and checks a run-time refusal:
 /// exit 1, one error line, the file and socket untouched. Returns the error line.
 fn refused(env: &Env, extra: &[&str]) -> String {
+    refused_with(env, extra, 1)
+}
+
+/// [`refused`] for a usage error: exit 2.
+fn refused_usage(env: &Env, extra: &[&str]) -> String {
+    refused_with(env, extra, 2)
+}
+
+fn refused_with(env: &Env, extra: &[&str], code: i32) -> String {
     let before = FileState::of(&env.file);
     let o = run(&env.args(extra));
-    let line = assert_error(&o);
+    let line = assert_refused(&o, code);
     assert_eq!(
         FileState::of(&env.file),
         before,
@@ -35,6 +50,15 @@ fn help_and_version_exit_zero() {
         "--flush-mode",
         "--metrics-path",
         "--metrics-interval",
+        "--fd",
+        "--socket-group",
+        "--log-level",
+        "--print-capabilities",
+        "LISTEN_FDS",
+        "NOTIFY_SOCKET",
+        "RUST_LOG",
+        "SIGHUP",
+        "Exit status",
     ] {
         assert!(o.stdout.contains(flag), "--help does not mention {flag}");
     }
@@ -75,7 +99,7 @@ fn unknown_flush_mode_is_a_usage_error() {
 fn metrics_arguments_are_checked_before_anything_is_touched() {
     let env = Env::new();
     env.create_file(2 * MIB);
-    let line = refused(&env, &["--metrics-interval", "5"]);
+    let line = refused_usage(&env, &["--metrics-interval", "5"]);
     assert!(line.contains("--metrics-path"), "{line}");
     // clap itself refuses an empty value.
     assert_eq!(run(&env.args(&["--metrics-path", ""])).code(), Some(2));
@@ -85,7 +109,7 @@ fn metrics_arguments_are_checked_before_anything_is_touched() {
         &["--metrics-path", &missing_dir.display().to_string()],
     );
     assert!(line.contains("m.json"), "{line}");
-    let line = refused(
+    let line = refused_usage(
         &env,
         &[
             "--metrics-path",
@@ -103,19 +127,19 @@ fn metrics_arguments_are_checked_before_anything_is_touched() {
 #[test]
 fn size_not_a_power_of_two_names_the_nearest_valid_sizes() {
     let env = Env::new();
-    let line = refused(&env, &["--size", "3G"]);
+    let line = refused_usage(&env, &["--size", "3G"]);
     assert!(
         line.contains("2 GiB") && line.contains("4 GiB"),
         "message does not name 2 GiB and 4 GiB: {line}"
     );
-    let line = refused(&env, &["--size", "6M"]);
+    let line = refused_usage(&env, &["--size", "6M"]);
     assert!(
         line.contains("4 MiB") && line.contains("8 MiB"),
         "message does not name 4 MiB and 8 MiB: {line}"
     );
     // Same for an existing file.
     env.create_file(2 * MIB);
-    let line = refused(&env, &["--size", "3M"]);
+    let line = refused_usage(&env, &["--size", "3M"]);
     assert!(line.contains("2 MiB") && line.contains("4 MiB"), "{line}");
 }
 
@@ -134,8 +158,8 @@ fn existing_file_of_a_size_that_is_not_a_power_of_two() {
 #[test]
 fn size_below_two_mib() {
     let env = Env::new();
-    refused(&env, &["--size", "1M"]);
-    refused(&env, &["--size", "4096"]);
+    refused_usage(&env, &["--size", "1M"]);
+    refused_usage(&env, &["--size", "4096"]);
     env.create_file(MIB);
     refused(&env, &[]);
 }
@@ -256,4 +280,235 @@ fn size_equal_to_the_file_is_fine() {
     fe.disconnect();
     drop(d);
     assert!(std::fs::read(&env.file).unwrap() == initial);
+}
+
+/// `--fd N --file F --size 2M` with `fd` of ours passed as the daemon's descriptor `n`
+/// (nothing passed for `None`); checks a usage error that leaves the file alone.
+fn refused_fd(fd: Option<i32>, n: i32) -> String {
+    let env = Env::new();
+    let args: Vec<String> = [
+        "--fd",
+        &n.to_string(),
+        "--file",
+        &env.file.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(["--size".into(), "2M".into()])
+    .collect();
+    let o = run_with(&args, |cmd| {
+        if let Some(fd) = fd {
+            pass_fds(cmd, vec![(fd, n)]);
+        }
+    });
+    let line = assert_usage_error(&o);
+    assert_eq!(FileState::of(&env.file), FileState::Missing, "{line}");
+    line
+}
+
+#[test]
+fn fd_that_is_not_open() {
+    let line = refused_fd(None, 200);
+    assert!(
+        line.contains("--fd 200 is not an open file descriptor"),
+        "{line}"
+    );
+    assert!(line.contains("without close-on-exec"), "{line}");
+}
+
+#[test]
+fn fd_that_is_not_a_socket() {
+    let f = std::fs::File::open("/dev/null").unwrap();
+    let line = refused_fd(Some(f.as_raw_fd()), 3);
+    assert!(line.contains("--fd 3 is not a socket"), "{line}");
+    assert!(line.contains("listening AF_UNIX stream socket"), "{line}");
+}
+
+#[test]
+fn fd_that_is_a_udp_or_tcp_socket() {
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let line = refused_fd(Some(udp.as_raw_fd()), 3);
+    assert!(line.contains("not AF_UNIX"), "{line}");
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let line = refused_fd(Some(tcp.as_raw_fd()), 4);
+    assert!(
+        line.contains("--fd 4") && line.contains("not AF_UNIX"),
+        "{line}"
+    );
+}
+
+#[test]
+fn fd_that_is_a_unix_datagram_socket() {
+    let d = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    let line = refused_fd(Some(d.as_raw_fd()), 3);
+    assert!(line.contains("SOCK_STREAM"), "{line}");
+}
+
+#[test]
+fn fd_that_is_not_listening() {
+    let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let line = refused_fd(Some(a.as_raw_fd()), 3);
+    assert!(line.contains("not listening"), "{line}");
+    assert!(line.contains("listen()"), "{line}");
+}
+
+#[test]
+fn endpoints_exclude_each_other() {
+    let env = Env::new();
+    env.create_file(2 * MIB);
+    let file = env.file.display().to_string();
+    let sock = env.socket.display().to_string();
+    for pair in [
+        ["--socket-path", &sock, "--fd", "3"],
+        ["--connect", &sock, "--fd", "3"],
+        ["--socket-path", &sock, "--connect", &sock],
+    ] {
+        let mut args: Vec<String> = pair.iter().map(|s| s.to_string()).collect();
+        args.extend(["--file".into(), file.clone()]);
+        let o = run(&args);
+        assert_eq!(o.code(), Some(2), "{pair:?}: {}", o.stderr);
+        assert!(o.stderr.contains("cannot be used with"), "{}", o.stderr);
+    }
+    assert!(!env.socket.exists());
+}
+
+#[test]
+fn no_endpoint_is_a_usage_error_naming_every_way() {
+    let env = Env::new();
+    let o = run(&["--file".into(), env.file.display().to_string()]);
+    let line = assert_usage_error(&o);
+    for way in ["--socket-path", "--connect", "--fd", "socket activation"] {
+        assert!(line.contains(way), "{line}");
+    }
+    assert_eq!(FileState::of(&env.file), FileState::Missing);
+}
+
+#[test]
+fn socket_activation_variables_that_cannot_work() {
+    let env = Env::new();
+    let file_args = vec![
+        "--file".to_string(),
+        env.file.display().to_string(),
+        "--size".into(),
+        "2M".into(),
+    ];
+    let a = std::os::unix::net::UnixListener::bind(env.path("a.sock")).unwrap();
+    let b = std::os::unix::net::UnixListener::bind(env.path("b.sock")).unwrap();
+    let two = vec![(a.as_raw_fd(), 3), (b.as_raw_fd(), 4)];
+    let line = assert_usage_error(&run_activated("2", &file_args, |c| pass_fds(c, two)));
+    assert!(
+        line.contains("2 sockets") && line.contains("ListenStream"),
+        "{line}"
+    );
+
+    // One socket, and an endpoint option as well.
+    let mut with_path = env.args(&[]);
+    with_path.extend(["--size".into(), "2M".into()]);
+    let one = vec![(a.as_raw_fd(), 3)];
+    let line = assert_usage_error(&run_activated("1", &with_path, |c| pass_fds(c, one)));
+    assert!(
+        line.contains("socket activation") && line.contains("--socket-path"),
+        "{line}"
+    );
+    assert!(!env.socket.exists());
+
+    // One socket claimed, but fd 3 is not one.
+    let f = std::fs::File::open("/dev/null").unwrap();
+    let one = vec![(f.as_raw_fd(), 3)];
+    let line = assert_usage_error(&run_activated("1", &file_args, |c| pass_fds(c, one)));
+    assert!(line.contains("socket-activation descriptor 3"), "{line}");
+
+    let line = assert_usage_error(&run_activated("many", &file_args, |_| {}));
+    assert!(line.contains("LISTEN_FDS"), "{line}");
+    assert_eq!(FileState::of(&env.file), FileState::Missing);
+}
+
+#[test]
+fn socket_group_must_exist_and_needs_a_socket_path() {
+    let env = Env::new();
+    env.create_file(2 * MIB);
+    let line = refused_usage(&env, &["--socket-group", "no-such-group-vup"]);
+    assert!(
+        line.contains("\"no-such-group-vup\"") && line.contains("no such group"),
+        "{line}"
+    );
+    let line = assert_usage_error(&run(&env.client_args(&["--socket-group", "root"])));
+    assert!(
+        line.contains("--socket-group applies only to --socket-path"),
+        "{line}"
+    );
+    let l = std::os::unix::net::UnixListener::bind(env.path("l.sock")).unwrap();
+    let args: Vec<String> = ["--fd", "3", "--socket-group", "root", "--file"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([env.file.display().to_string()])
+        .collect();
+    let line = assert_usage_error(&run_with(&args, |c| pass_fds(c, vec![(l.as_raw_fd(), 3)])));
+    assert!(
+        line.contains("--socket-group applies only to --socket-path"),
+        "{line}"
+    );
+}
+
+#[test]
+fn print_capabilities_needs_nothing_else_and_is_json() {
+    let o = run(&["--print-capabilities".into()]);
+    assert_eq!(o.code(), Some(0), "stderr: {}", o.stderr);
+    assert_eq!(o.stderr, "");
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("JSON on stdout");
+    assert_eq!(v["type"], "pmem");
+    let features: Vec<&str> = v["features"]
+        .as_array()
+        .expect("features is a list")
+        .iter()
+        .map(|f| f.as_str().expect("features are strings"))
+        .collect();
+    for f in [
+        "fd",
+        "socket-activation",
+        "sd-notify",
+        "read-only",
+        "connect",
+    ] {
+        assert!(features.contains(&f), "{features:?}");
+    }
+    assert_eq!(v.as_object().unwrap().len(), 2, "{v}");
+}
+
+#[test]
+fn a_socket_in_a_missing_directory_touches_no_file() {
+    let env = Env::new();
+    let socket = env.path("no-such-dir").join("pmem.sock");
+    let args = |extra: &[&str]| {
+        let mut v = vec![
+            "--socket-path".to_string(),
+            socket.display().to_string(),
+            "--file".into(),
+            env.file.display().to_string(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    // A missing image is not created...
+    let line = assert_refused(&run(&args(&["--size", "2M"])), 1);
+    assert!(line.contains("does not exist; create it first"), "{line}");
+    assert_eq!(FileState::of(&env.file), FileState::Missing);
+    // ...and an existing smaller one is not extended.
+    env.create_file(2 * MIB);
+    let before = FileState::of(&env.file);
+    assert_refused(&run(&args(&["--size", "4M"])), 1);
+    assert_eq!(FileState::of(&env.file), before);
+    // A socket directory that is a file is found the same way.
+    let socket = env.file.join("pmem.sock");
+    let o = run(&[
+        "--socket-path".into(),
+        socket.display().to_string(),
+        "--file".into(),
+        env.file.display().to_string(),
+        "--size".into(),
+        "4M".into(),
+    ]);
+    let line = assert_refused(&o, 1);
+    assert!(line.contains("is not a directory"), "{line}");
+    assert_eq!(FileState::of(&env.file), before);
 }

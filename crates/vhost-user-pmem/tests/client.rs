@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{assert_error, run, Daemon, Env, FileState, Frontends, Mode, MIB, TIMEOUT};
+use common::{
+    assert_error, assert_usage_error, run, Daemon, Env, FileState, Frontends, Mode, MIB, TIMEOUT,
+};
 use pmem_frontend::{FrontendListener, VhostUserMMapFlags};
 
 #[test]
@@ -168,8 +170,8 @@ fn endpoint_arguments_are_checked() {
         "{}",
         o.stderr
     );
-    // --socket-mode means nothing for a socket the frontend created.
-    let line = assert_error(&run(&env.client_args(&["--socket-mode", "0600"])));
+    // --socket-mode means nothing for a socket the frontend created: a usage error too.
+    let line = assert_usage_error(&run(&env.client_args(&["--socket-mode", "0600"])));
     assert!(
         line.contains("--socket-mode applies only to --socket-path"),
         "{line}"

@@ -149,6 +149,13 @@ fn sigint_exits_zero_and_removes_the_socket() {
     exits_cleanly_on(libc::SIGINT, true);
 }
 
+/// SIGHUP (a closed terminal or session) used to kill the daemon outright (status 129): no
+/// final fdatasync, the socket left behind. It is a stop like SIGTERM now.
+#[test]
+fn sighup_exits_zero_after_the_final_sync_and_removes_the_socket() {
+    exits_cleanly_on(libc::SIGHUP, true);
+}
+
 #[test]
 fn a_stale_socket_file_is_replaced() {
     let env = Env::new();

@@ -8,7 +8,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 
-use common::{assert_error, run, Daemon, Env, FileState, Frontends, Mode, MIB};
+use common::{assert_usage_error, run, Daemon, Env, FileState, Frontends, Mode, MIB};
 
 /// Every thread's seccomp mode; fails unless all are `want`. Returns the thread names.
 fn assert_all_threads(d: &Daemon, want: u32) -> Vec<String> {
@@ -114,7 +114,7 @@ fn a_bad_socket_mode_is_refused_before_anything_is_touched() {
     for bad in ["999", "4755", "u=rw", "0x180", ""] {
         let env = Env::new();
         let o = run(&env.args(&["--socket-mode", bad, "--size", "2M"]));
-        let line = assert_error(&o);
+        let line = assert_usage_error(&o);
         assert!(line.contains("--socket-mode"), "{line}");
         assert_eq!(FileState::of(&env.file), FileState::Missing, "{bad:?}");
         assert!(!env.socket.exists(), "{bad:?}");

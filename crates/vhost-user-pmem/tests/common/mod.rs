@@ -199,11 +199,47 @@ impl Daemon {
     /// Spawns the daemon without waiting for anything (for `--connect`, where the harness
     /// accepts the daemon's connection instead).
     pub fn spawn(args: &[String], socket: &Path, log: &Path) -> Daemon {
-        let process = DaemonCommand::verbatim(BIN, Side::Listen(socket.to_path_buf()), args)
+        Daemon::spawn_with(args, socket, log, |c| c)
+    }
+
+    /// [`Self::start`] with `setup` adding to the launcher's command (environment,
+    /// descriptors to pass).
+    pub fn start_with(
+        args: &[String],
+        socket: &Path,
+        log: &Path,
+        setup: impl FnOnce(DaemonCommand) -> DaemonCommand,
+    ) -> Daemon {
+        let mut d = Daemon::spawn_with(args, socket, log, setup);
+        if let Err(e) = d.process.wait_serving(TIMEOUT) {
+            panic!("{e}");
+        }
+        d
+    }
+
+    /// [`Self::spawn`] with `setup` adding to the launcher's command.
+    pub fn spawn_with(
+        args: &[String],
+        socket: &Path,
+        log: &Path,
+        setup: impl FnOnce(DaemonCommand) -> DaemonCommand,
+    ) -> Daemon {
+        Daemon::spawn_program(BIN, args, socket, log, setup)
+    }
+
+    /// Spawns `program` with `args`, which must end up running the daemon (a wrapper such as
+    /// systemd-socket-activate that execs it), without waiting.
+    pub fn spawn_program(
+        program: &str,
+        args: &[String],
+        socket: &Path,
+        log: &Path,
+        setup: impl FnOnce(DaemonCommand) -> DaemonCommand,
+    ) -> Daemon {
+        let cmd = DaemonCommand::verbatim(program, Side::Listen(socket.to_path_buf()), args)
             .log(log)
-            .rust_log("debug")
-            .spawn()
-            .expect("spawn daemon");
+            .rust_log("debug");
+        let process = setup(cmd).spawn().expect("spawn daemon");
         Daemon {
             process,
             socket: socket.to_path_buf(),
@@ -301,6 +337,13 @@ impl Daemon {
         })
     }
 
+    /// Waits until the socket file exists, without connecting.
+    pub fn wait_socket(&mut self) {
+        if let Err(e) = self.process.wait_socket(TIMEOUT) {
+            panic!("{e}");
+        }
+    }
+
     /// Waits up to `timeout` for the daemon to exit on its own.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         self.process.wait_exit(timeout)
@@ -355,14 +398,38 @@ impl Outcome {
 /// Runs the daemon with `args` (default log level) and waits up to [`TIMEOUT`] for it to
 /// exit; kills it and panics if it does not (for example because it started serving).
 pub fn run(args: &[String]) -> Outcome {
-    let mut child = Command::new(BIN)
+    run_with(args, |_| {})
+}
+
+/// [`run`], with `setup` changing the command first (environment, descriptors to pass).
+pub fn run_with(args: &[String], setup: impl FnOnce(&mut Command)) -> Outcome {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    setup(&mut cmd);
+    run_command(cmd, args)
+}
+
+/// [`run`] as a socket-activated process: LISTEN_FDS=`fds` and LISTEN_PID set to the daemon's
+/// own pid, which only a shell that execs the daemon knows in advance (`$$`). `setup` can
+/// pass the descriptors (from 3 on).
+pub fn run_activated(fds: &str, args: &[String], setup: impl FnOnce(&mut Command)) -> Outcome {
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+        .arg(BIN)
         .args(args)
-        .env_remove("RUST_LOG")
+        .env("LISTEN_FDS", fds);
+    setup(&mut cmd);
+    run_command(cmd, args)
+}
+
+/// Runs `cmd` (the daemon with `args`, default log level) as [`run`] does.
+fn run_command(mut cmd: Command, args: &[String]) -> Outcome {
+    cmd.env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn daemon");
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn daemon");
     let pid = child.id() as i32;
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
@@ -392,13 +459,25 @@ pub fn run(args: &[String]) -> Outcome {
     }
 }
 
-/// Asserts the contract for a refused command line: exit status 1 and exactly one line on
+/// Asserts the contract for a run-time failure: exit status 1 and exactly one line on
 /// stderr, `vhost-user-pmem: error: ...`. Returns that line.
 pub fn assert_error(o: &Outcome) -> String {
+    assert_refused(o, 1)
+}
+
+/// Asserts the contract for a usage error found after clap (a conflict of options, a bad
+/// value, a bad inherited socket): exit status 2 and exactly one line on stderr,
+/// `vhost-user-pmem: error: ...`. Returns that line.
+pub fn assert_usage_error(o: &Outcome) -> String {
+    assert_refused(o, 2)
+}
+
+/// Exit status `code` and exactly one line, `vhost-user-pmem: error: ...`, on stderr.
+pub fn assert_refused(o: &Outcome, code: i32) -> String {
     assert_eq!(
         o.code(),
-        Some(1),
-        "expected exit status 1, got {:?}; stderr:\n{}",
+        Some(code),
+        "expected exit status {code}, got {:?}; stderr:\n{}",
         o.status,
         o.stderr
     );
