@@ -20,7 +20,7 @@
 //! tests can drive it with a sync whose timing they control.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -105,16 +105,21 @@ struct Entry<J> {
 
 struct State<J> {
     queue: VecDeque<Entry<J>>,
-    /// Requests submitted and not yet answered: queued or being served.
-    in_flight: usize,
+    /// Requests submitted whose answer is not yet written and notified: what a device stop
+    /// must wait for before the ring's memory may go.
+    unfinished: usize,
     closed: bool,
 }
 
 struct Shared<J> {
     state: Mutex<State<J>>,
+    /// Requests submitted whose answer is not yet decided: counted out before the answer is
+    /// written, so a frontend that has seen its answer and then reads the metrics never finds
+    /// the request still in flight. (`State::unfinished` counts it out only after the notify.)
+    in_flight: AtomicUsize,
     /// Workers wait here for requests.
     work: Condvar,
-    /// [`FlushEngine::wait_idle`] waits here for `in_flight` to reach 0.
+    /// [`FlushEngine::wait_idle`] waits here for `unfinished` to reach 0.
     idle: Condvar,
 }
 
@@ -133,9 +138,10 @@ impl<S: Syncer, J: Job> FlushEngine<S, J> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
-                in_flight: 0,
+                unfinished: 0,
                 closed: false,
             }),
+            in_flight: AtomicUsize::new(0),
             work: Condvar::new(),
             idle: Condvar::new(),
         });
@@ -188,7 +194,8 @@ impl<S: Syncer, J: Job> FlushEngine<S, J> {
             .queue
             .extend(jobs.into_iter().map(|job| Entry { job, popped }));
         let n = state.queue.len() - before;
-        state.in_flight += n;
+        state.unfinished += n;
+        self.shared.in_flight.fetch_add(n, Ordering::Relaxed);
         // Counted before any worker can see them, so no answer precedes its count.
         Stats::add(&self.stats.requests, n as u64);
         self.stats.add_for_each(
@@ -205,21 +212,21 @@ impl<S: Syncer, J: Job> FlushEngine<S, J> {
 
     /// Requests submitted and not yet answered.
     pub fn in_flight(&self) -> usize {
-        lock(&self.shared.state).in_flight
+        self.shared.in_flight.load(Ordering::Acquire)
     }
 
     /// Blocks until every submitted request has been answered.
     pub fn wait_idle(&self) {
         let mut state = lock(&self.shared.state);
         let start = Instant::now();
-        while state.in_flight > 0 {
+        while state.unfinished > 0 {
             let (s, timeout) =
                 unpoison(self.shared.idle.wait_timeout(state, Duration::from_secs(5)));
             state = s;
-            if timeout.timed_out() && state.in_flight > 0 {
+            if timeout.timed_out() && state.unfinished > 0 {
                 warn!(
                     "device stop is waiting for {} flush(es) still in progress ({:.0?} so far)",
-                    state.in_flight,
+                    state.unfinished,
                     start.elapsed()
                 );
             }
@@ -324,6 +331,7 @@ impl<S: Syncer, J: Job> Worker<S, J> {
         let answered = Instant::now();
         self.stats
             .record_requests(batch.iter().map(|e| answered.duration_since(e.popped)));
+        self.shared.in_flight.fetch_sub(n, Ordering::Release);
 
         // Complete everything first and notify once per queue: the guest then takes the whole
         // batch with one interrupt.
@@ -341,8 +349,8 @@ impl<S: Syncer, J: Job> Worker<S, J> {
         batch.clear();
 
         let mut state = lock(&self.shared.state);
-        state.in_flight = state.in_flight.saturating_sub(n);
-        if state.in_flight == 0 {
+        state.unfinished = state.unfinished.saturating_sub(n);
+        if state.unfinished == 0 {
             self.shared.idle.notify_all();
         }
     }

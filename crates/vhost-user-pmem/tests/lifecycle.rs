@@ -356,6 +356,34 @@ fn a_fresh_daemon_after_sigkill_negotiates_and_maps_again_client() {
     a_fresh_daemon_after_sigkill_negotiates_and_maps_again(Mode::Client);
 }
 
+/// SIGSTOPs `pid` and returns once every one of its threads is stopped: kill(2) returns
+/// before a busy thread reaches the stop, and a thread still running could answer the request
+/// this is meant to hold back.
+fn stop_all_threads(pid: i32) {
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+        let all_stopped = tasks.flatten().all(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // The state is the first field after the parenthesised command name.
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next());
+            matches!(state, Some('T') | Some('t'))
+        });
+        if all_stopped {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon's threads did not stop"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// The frontend goes away in the middle of a flush: the request is on the ring and kicked but
 /// not answered. The daemon is stopped (SIGSTOP) while the request is submitted and the
 /// connection closed, so "not answered yet" is certain rather than a race; after SIGCONT it
@@ -372,8 +400,7 @@ fn a_disconnect_in_the_middle_of_a_flush(mode: Mode) {
     map.write(0, b"dirty before the cut").unwrap();
     let before = d.report(&env.metrics_path());
 
-    // SAFETY: kill(2) on our own child.
-    assert_eq!(unsafe { libc::kill(d.pid(), libc::SIGSTOP) }, 0);
+    stop_all_threads(d.pid());
     let head = fe.submit_request(0).unwrap();
     assert_eq!(fe.in_flight(), 1);
     assert_eq!(fe.request_status(head).unwrap(), STATUS_SENTINEL as i32);
