@@ -154,6 +154,15 @@ if [[ $vm == 1 ]]; then
         --expect-daemon-exit 1 --args "--mkfs flush"
     step "20 boots in a row on one image behind one daemon" "$VUP_RUNNER" boot-loop \
         --boots 20 --initrd "$out/initrd.cpio.gz" --out "$out/boot-loop"
+    # The shipped systemd units start the daemon by socket activation; systemd-socket-activate
+    # does what the .socket unit does (listen, exec the daemon with fd 3 at the first connect)
+    # without systemd as PID 1, which these machines do not have.
+    if command -v systemd-socket-activate >/dev/null; then
+        step "socket activation (systemd-socket-activate, as the shipped units): 2 QEMU runs on one activated daemon" \
+            "$VUP_RUNNER" boot-loop --boots 2 --socket-activate --initrd "$out/initrd.cpio.gz" --out "$out/activated"
+    else
+        info "=== socket activation: SKIPPED (no systemd-socket-activate; it comes with Debian's systemd package)"; skipped=$((skipped + 1))
+    fi
     if [[ -c /dev/fuse ]]; then
         step "runner killed (SIGKILL, then SIGTERM) mid-run: no QEMU, daemon or FUSE mount left" \
             runner_killed_twice "$out"

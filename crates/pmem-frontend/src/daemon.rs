@@ -56,12 +56,19 @@ pub enum Side {
     Listen(PathBuf),
     /// `--connect`: the frontend listens and the daemon connects.
     Connect(PathBuf),
+    /// Socket activation as systemd does it: `systemd-socket-activate -l PATH` listens on
+    /// PATH and execs the daemon, without an endpoint option, with the listening socket as
+    /// fd 3 and LISTEN_FDS=1, LISTEN_PID set. The pid stays the same across the exec.
+    Activated(PathBuf),
 }
+
+/// The stand-in for systemd's socket units, shipped with systemd (found on PATH).
+pub const SOCKET_ACTIVATE: &str = "systemd-socket-activate";
 
 impl Side {
     pub fn socket(&self) -> &Path {
         match self {
-            Side::Listen(p) | Side::Connect(p) => p,
+            Side::Listen(p) | Side::Connect(p) | Side::Activated(p) => p,
         }
     }
 }
@@ -229,6 +236,7 @@ impl DaemonCommand {
         match &self.side {
             Side::Listen(p) => v.extend(["--socket-path".into(), p.into()]),
             Side::Connect(p) => v.extend(["--connect".into(), p.into()]),
+            Side::Activated(_) => {}
         }
         v.extend(["--file".into(), self.file.clone().into()]);
         if let Some(s) = &self.size {
@@ -246,10 +254,25 @@ impl DaemonCommand {
         v
     }
 
+    /// The program to run and its arguments: the daemon with [`Self::argv`], or for
+    /// [`Side::Activated`] the activator, which execs the daemon.
+    fn program(&self) -> (OsString, Vec<OsString>) {
+        match &self.side {
+            Side::Activated(socket) if self.verbatim.is_none() => {
+                let mut v: Vec<OsString> =
+                    vec!["-l".into(), socket.into(), self.bin.clone().into()];
+                v.extend(self.argv());
+                (SOCKET_ACTIVATE.into(), v)
+            }
+            _ => (self.bin.clone().into(), self.argv()),
+        }
+    }
+
     /// The command as one line for logs (arguments with spaces quoted).
     pub fn display(&self) -> String {
-        std::iter::once(self.bin.as_os_str().to_owned())
-            .chain(self.argv())
+        let (program, args) = self.program();
+        std::iter::once(program)
+            .chain(args)
             .map(|a| {
                 let a = a.to_string_lossy().into_owned();
                 if a.contains(' ') || a.is_empty() {
@@ -275,8 +298,9 @@ impl DaemonCommand {
                 path: self.log.clone(),
                 source,
             })?;
-        let mut cmd = Command::new(&self.bin);
-        cmd.args(self.argv())
+        let (program, args) = self.program();
+        let mut cmd = Command::new(&program);
+        cmd.args(args)
             .env("RUST_LOG", &self.rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -301,7 +325,7 @@ impl DaemonCommand {
             }
         }
         let child = cmd.spawn().map_err(|source| DaemonError::Spawn {
-            bin: self.bin.clone(),
+            bin: program.into(),
             source,
         })?;
         Ok(DaemonProcess {
@@ -564,6 +588,16 @@ mod tests {
         );
         let l = DaemonCommand::new("/bin/d", Side::Listen("/a b".into()), "/img");
         assert_eq!(l.display(), "/bin/d --socket-path '/a b' --file /img");
+    }
+
+    #[test]
+    fn an_activated_daemon_runs_under_the_activator_without_an_endpoint() {
+        let c = DaemonCommand::new("/bin/d", Side::Activated("/run/p.sock".into()), "/img");
+        assert_eq!(
+            c.display(),
+            "systemd-socket-activate -l /run/p.sock /bin/d --file /img"
+        );
+        assert_eq!(c.argv(), ["--file", "/img"]);
     }
 
     #[test]

@@ -88,6 +88,9 @@ pub enum DaemonModeArg {
     Server,
     /// QEMU listens (server=on,wait=on) and the daemon connects (--connect).
     Client,
+    /// systemd-socket-activate -l SOCKET listens and execs the daemon with the socket as fd 3
+    /// (LISTEN_FDS=1), as the shipped systemd units do; QEMU connects.
+    Activated,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -504,11 +507,12 @@ impl RunArgs {
                             a.starts_with("--metrics-path")
                                 || a.starts_with("--socket-path")
                                 || a.starts_with("--connect")
+                                || a.starts_with("--fd")
                                 || a.starts_with("--file")
                         }) {
                             return Err(CliError::Conflict(
-                                "--daemon-arg cannot set --socket-path, --connect, --file or \
-                                 --metrics-path: the runner sets them (its checks read the \
+                                "--daemon-arg cannot set --socket-path, --connect, --fd, --file \
+                                 or --metrics-path: the runner sets them (its checks read the \
                                  metrics file)"
                                     .into(),
                             ));
@@ -517,7 +521,8 @@ impl RunArgs {
                             bin,
                             side: match self.daemon_mode {
                                 Some(DaemonModeArg::Client) => Side::Connect,
-                                _ => Side::Listen,
+                                Some(DaemonModeArg::Activated) => Side::Activated,
+                                Some(DaemonModeArg::Server) | None => Side::Listen,
                             },
                             args: self.daemon_args.clone(),
                             faultfs,
@@ -715,6 +720,15 @@ mod tests {
         let mut all = vec!["--initrd", initrd.as_str()];
         all.extend_from_slice(args);
         parse(&all).expect("clap accepts").run.spec(&defaults(dir))
+    }
+
+    #[test]
+    fn an_activated_daemon_listens_through_the_activator_and_no_fd_option_slips_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = spec(dir.path(), &["--daemon-mode", "activated"]).unwrap();
+        assert_eq!(s.managed_daemon().unwrap().side, Side::Activated);
+        let e = spec(dir.path(), &["--daemon-arg=--fd=3"]).unwrap_err();
+        assert!(e.to_string().contains("--fd"), "{e}");
     }
 
     #[test]

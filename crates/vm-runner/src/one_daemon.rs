@@ -33,6 +33,10 @@ pub struct OneDaemonArgs {
     pub kernel: Option<PathBuf>,
     #[arg(long, value_enum)]
     pub accel: Option<AccelArg>,
+    /// Start the daemon as the shipped systemd units do, by socket activation:
+    /// `systemd-socket-activate -l SOCKET` listens and execs it with the socket as fd 3.
+    #[arg(long)]
+    pub socket_activate: bool,
 }
 
 /// The running daemon, its socket (in a private directory removed on drop) and the image.
@@ -63,7 +67,12 @@ impl OneDaemon {
             .daemon
             .clone()
             .unwrap_or_else(|| d.exe_dir.join("vhost-user-pmem"));
-        let cmd = DaemonCommand::new(bin, Side::Listen(socket.clone()), &image)
+        let side = if a.socket_activate {
+            Side::Activated(socket.clone())
+        } else {
+            Side::Listen(socket.clone())
+        };
+        let cmd = DaemonCommand::new(bin, side, &image)
             .size(&a.size)
             .metrics(out.join("daemon-metrics.json"))
             .log(out.join("daemon.log"))

@@ -193,6 +193,7 @@ fn daemon_command(
     let side = match m.side {
         Side::Listen => DaemonSide::Listen(socket.to_path_buf()),
         Side::Connect => DaemonSide::Connect(socket.to_path_buf()),
+        Side::Activated => DaemonSide::Activated(socket.to_path_buf()),
     };
     DaemonCommand::new(&m.bin, side, file)
         .size(&spec.size.text)
@@ -461,7 +462,7 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
             socket_dir = dir;
             let cmd = daemon_command(m, spec, &socket, &file, &log_dir);
             match m.side {
-                Side::Listen => {
+                Side::Listen | Side::Activated => {
                     start_daemon(&mut children, &cmd, &log_dir)?;
                     children
                         .daemon

@@ -74,6 +74,9 @@ pub enum Side {
     Listen,
     /// QEMU listens (`server=on,wait=on`) and the daemon connects (`--connect`).
     Connect,
+    /// `systemd-socket-activate -l SOCKET` listens and execs the daemon with the socket as
+    /// fd 3 (LISTEN_FDS=1): how the shipped systemd units start it.
+    Activated,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
