@@ -21,8 +21,8 @@ For every patch scripts/mutations/NAME.patch (all of them without NAME arguments
      line (--only), with the unpatched other half (guest or daemon);
   4. undo the patch.
 A patch is KILLED when its target case failed (a "not ok" line for it, or for fsync_persists a
-failed VUP-HOSTCHECK), SURVIVED otherwise. Other failures are listed too. The table goes to
-stdout and to \$VUP_BUILD/mutation/results.md; each run's logs stay in \$VUP_BUILD/mutation/NAME/.
+failed VUP-HOSTCHECK), SURVIVED when it passed, and ERROR when no guest ran (a refused
+argument, a failed build). Other failures are listed too. The table goes to stdout and to \$VUP_BUILD/mutation/results.md; each run's logs stay in \$VUP_BUILD/mutation/NAME/.
 Exit status 0 iff every patch was killed.
 
   --timeout SEC   per VM run (default 420; a lost completion hangs the guest until then)
@@ -94,13 +94,15 @@ cp "$CARGO_TARGET_DIR/release/vhost-user-pmem" "$CARGO_TARGET_DIR/release/faultf
 build_initrd "$work/base/initrd.cpio.gz" "$work/base-build.log" \
     || die "the unpatched guest does not build; see $work/base-build.log"
 
-# run_args TARGET: the run-vm.sh arguments that run only TARGET
+# run_args TARGET: the run-vm.sh arguments that run only TARGET (the flush cases on faultfs,
+# the unpatched one)
+ffs=(--faultfs --faultfs-bin "$work/base/faultfs")
 run_args() {
     case "$1" in
         fsync_persists) ra=(--args "--mkfs e2e") ;;
-        flush_reaches_host) ra=(--faultfs --args "--mkfs flush --only flush_reaches_host") ;;
-        flush_error_eio) ra=(--faultfs --expect-daemon-exit 1 --args "--mkfs flush --only flush_error_eio") ;;
-        flush_queue_full) ra=(--faultfs --args "--mkfs flush --only flush_queue_full") ;;
+        flush_reaches_host) ra=("${ffs[@]}" --args "--mkfs flush --only flush_reaches_host") ;;
+        flush_error_eio) ra=("${ffs[@]}" --expect-daemon-exit 1 --args "--mkfs flush --only flush_error_eio") ;;
+        flush_queue_full) ra=("${ffs[@]}" --args "--mkfs flush --only flush_queue_full") ;;
         hole_then_write) ra=(--args "--mkfs faults --only hole_then_write") ;;
         map_sync_fallback) ra=(--args "--mkfs mapsync") ;;
         sigbus_rules) ra=(--args "--mkfs truncate --only sigbus_rules") ;;
@@ -136,7 +138,7 @@ for n in "${names[@]}"; do
     t0=$(now_ms)
     # --seccomp=off: a mutated daemon may make calls outside the allow-list (e15 opens a file),
     # and the case must fail on the property the patch breaks, not on the sandbox.
-    "$VUP_ROOT/scripts/run-vm.sh" --size 1G --daemon "$daemon" --faultfs-bin "$work/base/faultfs" \
+    "$VUP_ROOT/scripts/run-vm.sh" --size 1G --daemon "$daemon" \
         --daemon-arg --seccomp=off --initrd "$initrd" --log-dir "$out/vm" --timeout "$timeout_s" "${ra[@]}" >"$out/run-vm.log" 2>&1 \
         && rc=0 || rc=$?
     secs=$(( ($(now_ms) - t0) / 1000 ))
@@ -147,7 +149,13 @@ for n in "${names[@]}"; do
     others=$(grep -E '^not ok' "$out/vm/tap.txt" 2>/dev/null | grep -vE "^not ok [0-9]+ - $target( |$)" \
              | sed 's/^not ok [0-9]* - \([^ ]*\).*/\1/' | paste -sd, - || true)
     why=${why//|/\\|}
-    if [[ -n $why ]]; then
+    if [[ ! -s $out/vm/tap.txt ]]; then
+        # No guest ran (the runner refused its arguments, or QEMU did not boot): that says
+        # nothing about the patch, so it is an error, never a survivor or a kill.
+        verdict=ERROR; killed_all=0
+        why="no guest output (run-vm exit $rc): $(grep -m1 -iE 'error' "$out/run-vm.log" || tail -n 1 "$out/run-vm.log")"
+        info "$n: ERROR: $why"
+    elif [[ -n $why ]]; then
         verdict=KILLED
         info "$n: $target failed: $why"
     else
