@@ -30,17 +30,7 @@ fn info(msg: impl AsRef<str>) {
 }
 
 pub fn main(a: BootLoopArgs, d: &crate::cli::Defaults) -> i32 {
-    match boot_loop(a, d) {
-        Ok((passed, failed)) => {
-            println!("boot-loop: {passed} passed, {failed} failed");
-            i32::from(failed > 0)
-        }
-        Err(e) => {
-            eprintln!("boot-loop: error: {e}");
-            println!("boot-loop: 0 passed, 1 failed");
-            1
-        }
-    }
+    crate::one_daemon::closing_line("boot-loop", boot_loop(a, d))
 }
 
 fn boot_loop(a: BootLoopArgs, d: &crate::cli::Defaults) -> Result<(usize, usize), String> {

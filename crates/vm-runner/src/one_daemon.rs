@@ -117,3 +117,14 @@ impl OneDaemon {
         &self.image
     }
 }
+
+/// The closing line (`NAME: P passed, F failed`, which CI log readers look for) and the exit
+/// status of a command over many runs; a set-up error counts as one failure.
+pub fn closing_line(name: &str, result: Result<(usize, usize), String>) -> i32 {
+    let (passed, failed) = result.unwrap_or_else(|e| {
+        eprintln!("{name}: error: {e}");
+        (0, 1)
+    });
+    println!("{name}: {passed} passed, {failed} failed");
+    i32::from(failed > 0)
+}

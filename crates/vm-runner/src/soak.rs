@@ -56,17 +56,7 @@ fn info(msg: impl AsRef<str>) {
 }
 
 pub fn main(a: SoakArgs, d: &Defaults) -> i32 {
-    match soak(a, d) {
-        Ok((passed, failed)) => {
-            println!("soak: {passed} passed, {failed} failed");
-            i32::from(failed > 0)
-        }
-        Err(e) => {
-            eprintln!("soak: error: {e}");
-            println!("soak: 0 passed, 1 failed");
-            1
-        }
-    }
+    crate::one_daemon::closing_line("soak", soak(a, d))
 }
 
 /// What /proc says about a process: resident KiB, threads, open fds.
