@@ -73,6 +73,11 @@ unexpected="$(grep -E '^/usr/(bin|libexec)/.' "$scratch/list" \
     | grep -vxF -e /usr/bin/vhost-user-pmem -e /usr/libexec/vhost-user-pmem || true)"
 [[ -z $unexpected ]] || fail "unexpected programs in the package: $(paste -sd' ' <<<"$unexpected")"
 info "file list: $(grep -vc '/$' "$scratch/list") files, every expected one there"
+# Installing must enable, start and create nothing (a device needs its NAME.conf first), so
+# the package has no maintainer scripts: only the control files cargo-deb always writes.
+dpkg-deb -e "$deb" "$scratch/control"
+extra="$(find "$scratch/control" -mindepth 1 -printf '%f\n' | grep -vxE 'control|md5sums|conffiles' || true)"
+[[ -z $extra ]] || fail "the package has maintainer scripts or triggers: $(paste -sd' ' <<<"$extra")"
 
 # 2. Unpacked into a scratch root (dpkg -x runs no maintainer script and needs no root).
 root="$scratch/root"
