@@ -106,6 +106,15 @@ if [[ $lint == 1 ]]; then
 fi
 step "cargo test (unit + integration)" cargo test --workspace
 step "fuzz: 20 s per target (request_parse, config, vhost_messages)" "$VUP_ROOT/scripts/fuzz.sh" --time 20
+pkg_missing=()
+for c in dpkg-deb systemd-analyze man jq; do command -v "$c" >/dev/null 2>&1 || pkg_missing+=("$c"); done
+if ((${#pkg_missing[@]} == 0)); then
+    step "package: .deb built, installed into a scratch root, files and --print-capabilities checked, systemd units verified" \
+        "$VUP_ROOT/scripts/package.sh" --check
+else
+    info "=== package: SKIPPED (scripts/package.sh --check needs ${pkg_missing[*]}, not found here)"; skipped=$((skipped + 1))
+fi
+step "man page and completions match --help" cargo run -q -p pmem-docgen -- --check
 
 if [[ $vm == 1 ]]; then
     out="$VUP_BUILD/test"
