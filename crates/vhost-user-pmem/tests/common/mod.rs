@@ -277,6 +277,26 @@ impl Daemon {
     }
 
     /// Asks for a fresh report (SIGUSR1) in the metrics file at `path` and returns it.
+    /// Asks for a report (SIGUSR1) every 50 ms until one satisfies `pred`, for what the daemon
+    /// counts after the frontend already saw its effect (a refused map is counted once the
+    /// refusal reached the daemon's thread, not when the frontend sent it).
+    pub fn report_until(&self, path: &Path, pred: impl Fn(&Metrics) -> bool) -> Metrics {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let m = self.report(path);
+            if pred(&m) {
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never matched within {TIMEOUT:?}; last: {m:?}; log:\n{}",
+                path.display(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn report(&self, path: &Path) -> Metrics {
         let seq = read_metrics(path).map_or(0, |m| m.seq);
         self.sigusr1();
