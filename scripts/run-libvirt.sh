@@ -45,6 +45,12 @@ daemon="$VUP_ROOT/target/release/vhost-user-pmem"
 [[ -x $daemon ]] || (cd "$VUP_ROOT" && env -u CARGO_TARGET_DIR cargo build --release -q -p vhost-user-pmem) \
     || die "building the daemon failed"
 
+# The template repeats qemu.rs's device string (XML cannot include it); refuse a drifted copy.
+dev="$(sed -n '/VHOST_USER_PMEM_DEVICE: &str =/{n;s/^ *"\([^"]*\)";$/\1/p}' "$VUP_ROOT/crates/vm-runner/src/qemu.rs")"
+[[ -n $dev ]] || die "cannot read VHOST_USER_PMEM_DEVICE from crates/vm-runner/src/qemu.rs"
+grep -qF "value='$dev,bus=" "$VUP_ROOT/contrib/libvirt/vhost-user-pmem-domain.xml" \
+    || die "contrib/libvirt/vhost-user-pmem-domain.xml does not carry qemu.rs's device string '$dev'"
+
 rm -rf "$dir"
 mkdir -p "$dir/etc"
 dir="$(cd "$dir" && pwd -P)"
