@@ -2,7 +2,7 @@
 //! daemon is started here, not by each run, because what these commands test is that it
 //! outlives every QEMU: each run attaches to it as an external daemon (`--socket`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
@@ -111,10 +111,6 @@ impl OneDaemon {
 
     pub fn log_dir(&self, run: &str) -> PathBuf {
         self.out.join(run)
-    }
-
-    pub fn image(&self) -> &Path {
-        &self.image
     }
 }
 

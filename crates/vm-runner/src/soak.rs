@@ -264,7 +264,7 @@ impl Soak<'_> {
         {
             n += 1;
             let same = hostcheck::parse(line).ok().and_then(|c| {
-                let got = hostcheck::sha256_of(self.one.image(), c.offset, c.len).ok()?;
+                let got = hostcheck::sha256_of(&self.one.image, c.offset, c.len).ok()?;
                 Some(got == c.sha256)
             });
             if same != Some(true) {

@@ -260,9 +260,19 @@ impl Daemon {
 
     /// Waits up to [`TIMEOUT`] for the metrics file at `path` to satisfy `pred`.
     pub fn wait_metrics(&self, path: &Path, pred: impl Fn(&Metrics) -> bool) -> Metrics {
+        self.poll_metrics(path, pred, false)
+    }
+
+    /// The metrics at `path` once they satisfy `pred`, read every 10 ms (with `ask`, after a
+    /// SIGUSR1 each time) for up to [`TIMEOUT`].
+    fn poll_metrics(&self, path: &Path, pred: impl Fn(&Metrics) -> bool, ask: bool) -> Metrics {
         let deadline = Instant::now() + TIMEOUT;
         loop {
-            let m = read_metrics(path);
+            let m = if ask {
+                Some(self.report(path))
+            } else {
+                read_metrics(path)
+            };
             if let Some(m) = m.as_ref().filter(|m| pred(m)) {
                 return m.clone();
             }
@@ -277,30 +287,17 @@ impl Daemon {
     }
 
     /// Asks for a fresh report (SIGUSR1) in the metrics file at `path` and returns it.
-    /// Asks for a report (SIGUSR1) every 50 ms until one satisfies `pred`, for what the daemon
-    /// counts after the frontend already saw its effect (a refused map is counted once the
-    /// refusal reached the daemon's thread, not when the frontend sent it).
-    pub fn report_until(&self, path: &Path, pred: impl Fn(&Metrics) -> bool) -> Metrics {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let m = self.report(path);
-            if pred(&m) {
-                return m;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} never matched within {TIMEOUT:?}; last: {m:?}; log:\n{}",
-                path.display(),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
     pub fn report(&self, path: &Path) -> Metrics {
         let seq = read_metrics(path).map_or(0, |m| m.seq);
         self.sigusr1();
         self.wait_metrics_seq_above(path, seq)
+    }
+
+    /// Asks for reports (SIGUSR1) until one satisfies `pred`, for what the daemon counts after
+    /// the frontend already saw its effect (a refused map is counted once the refusal reached
+    /// the daemon's thread, not when the frontend sent it).
+    pub fn report_until(&self, path: &Path, pred: impl Fn(&Metrics) -> bool) -> Metrics {
+        self.poll_metrics(path, pred, true)
     }
 
     /// The daemon's threads' `Seccomp:` mode from /proc (0 none, 2 filter), by thread name.
