@@ -32,6 +32,14 @@ can_fuse() {
     fi
 }
 
+# can_libvirt: whether the libvirt step can run here; otherwise no_libvirt says why. virsh runs
+# in a private mount namespace (root), and libvirt is fetched as Debian packages (apt-get).
+can_libvirt() {
+    if ((EUID != 0)); then no_libvirt="not root: virsh runs under unshare --mount (docs/libvirt.md)"; return 1; fi
+    if ! command -v unshare >/dev/null; then no_libvirt="no unshare (util-linux) for virsh's mount namespace"; return 1; fi
+    if ! command -v apt-get >/dev/null; then no_libvirt="no apt-get to fetch libvirt's Debian packages"; return 1; fi
+}
+
 # runner_killed LOGDIR SIGNAL: a runner that is killed mid-run (SIGKILL: the children's
 # parent-death signals; SIGTERM: the runner's own clean-up) must leave no QEMU, daemon or
 # faultfs process and no FUSE mount behind.
@@ -91,13 +99,25 @@ if [[ $vm == 1 ]]; then
     ("$VUP_ROOT/scripts/fetch-qemu.sh" && "$VUP_ROOT/scripts/fetch-kernel.sh" &&
         "$VUP_ROOT/scripts/fetch-guest-tools.sh") >"$fetch_log" 2>&1 &
     fetch_pid=$!
+    if can_libvirt; then
+        libvirt_log="$VUP_BUILD/test-fetch-libvirt.log"
+        "$VUP_ROOT/scripts/fetch-libvirt.sh" >"$libvirt_log" 2>&1 &
+        libvirt_pid=$!
+    fi
 fi
-# fetched: the background downloads' result, with their output.
+# fetched [PID LOG]: a background download's result, with its output (default: QEMU, kernel,
+# guest tools).
 fetched() {
     local rc=0
-    wait "$fetch_pid" || rc=$?
-    cat "$fetch_log" >&2
+    wait "${1:-$fetch_pid}" || rc=$?
+    cat "${2:-$fetch_log}" >&2
     return "$rc"
+}
+# libvirt_boot: the guest suite through libvirt with the shipped domain XML.
+libvirt_boot() {
+    fetched "$libvirt_pid" "$libvirt_log" || return 1
+    "${vr[@]}" --libvirt --virsh "$(tail -n1 "$libvirt_log")" --image "$out/libvirt.img" \
+        --log-dir "$out/libvirt" --args "--mkfs e2e" --expect-maps 1 --expect-hostchecks 1
 }
 
 if [[ $lint == 1 ]]; then
@@ -184,6 +204,12 @@ if [[ $vm == 1 ]]; then
             "$VUP_RUNNER" boot-loop --boots 2 --socket-activate --initrd "$out/initrd.cpio.gz" --out "$out/activated"
     else
         info "=== socket activation: SKIPPED (no systemd-socket-activate; it comes with Debian's systemd package)"; skipped=$((skipped + 1))
+    fi
+    if can_libvirt; then
+        step "libvirt (embedded driver, the shipped domain XML): DAX suite, region mapped once, data in the host file" \
+            libvirt_boot
+    else
+        info "=== libvirt boot: SKIPPED ($no_libvirt)"; skipped=$((skipped + 1))
     fi
     if can_fuse; then
         step "runner killed (SIGKILL, then SIGTERM) mid-run: no QEMU, daemon or FUSE mount left" \

@@ -13,8 +13,8 @@ use vhost_user_pmem::size::ByteSize;
 use pmem_frontend::daemon::is_socket;
 
 use crate::spec::{
-    Accel, Daemon, DaemonEnd, Device, Expect, Guest, GuestEnd, ManagedDaemon, Qemu, RunSpec, Side,
-    Size, Stop, VhostUser,
+    Accel, Daemon, DaemonEnd, Device, Expect, Guest, GuestEnd, Launch, Libvirt, ManagedDaemon,
+    Qemu, RunSpec, Side, Size, Stop, VhostUser,
 };
 
 const HOST_LINK_HELP: &str = "\
@@ -28,7 +28,8 @@ output, copied by the guest to a second serial port), tap.txt, junit.xml, metric
 (VUP-METRIC lines), hostchecks.txt and hostchecks.result, daemon.log, daemon-metrics.json
 (the daemon's metrics, format 2), sync-LABEL.json (host-link snapshots), qemu.log, qemu.cmd,
 hostlink.log, faultfs.log and faultfs.counts.json, pids (every child the runner started),
-result.txt, after-kill.txt.
+result.txt, after-kill.txt; with --libvirt also virsh.log and libvirt/ (the embedded driver's
+root, with domain.xml).
 
 Fails (exit 1) on: a timeout; QEMU exiting non-zero; a managed daemon that died, or did not
 exit with --expect-daemon-exit's status on SIGTERM; a refused host-link action; no VUP-END
@@ -238,6 +239,24 @@ pub struct RunArgs {
     /// Extra QEMU argument (repeatable).
     #[arg(long = "qemu-arg", allow_hyphen_values = true, help_heading = "QEMU")]
     pub qemu_args: Vec<String>,
+    /// Let libvirt start QEMU: the shipped domain template
+    /// (contrib/libvirt/vhost-user-pmem-domain.xml) filled in from this run and started by
+    /// libvirt's embedded driver (virsh -c 'qemu:///embed?root=LOGDIR/libvirt'); no libvirt
+    /// daemon runs. Needs root: virsh runs in a private mount namespace (docs/libvirt.md).
+    /// The guest console is a file, so the host link is not available.
+    #[arg(long, help_heading = "QEMU",
+          conflicts_with_all = ["kill_after_marker", "trace_vhost", "expect_device_starts",
+                                "chardev_opts"])]
+    pub libvirt: bool,
+    /// virsh for --libvirt (default $VUP_CACHE/libvirt/bin/virsh, which
+    /// scripts/fetch-libvirt.sh writes).
+    #[arg(long, requires = "libvirt", help_heading = "QEMU")]
+    pub virsh: Option<PathBuf>,
+    /// With --libvirt: the unpacked libvirt whose usr/share virsh is shown at /usr/share,
+    /// where libvirt reads its data (default $VUP_CACHE/libvirt/root; / for an installed
+    /// libvirt).
+    #[arg(long, value_name = "DIR", requires = "libvirt", help_heading = "QEMU")]
+    pub libvirt_root: Option<PathBuf>,
 
     // ---- run
     /// Kill QEMU after SEC seconds, and fail.
@@ -434,6 +453,25 @@ impl RunArgs {
                 )));
             }
         }
+        if self.libvirt {
+            if device_arg == DeviceArg::Builtin {
+                return Err(CliError::Conflict(
+                    "--libvirt needs --device vhost-user (the template is for this daemon)".into(),
+                ));
+            }
+            if self.daemon_mode == Some(DaemonModeArg::Client) {
+                return Err(CliError::Conflict(
+                    "--libvirt needs a listening daemon: the template's QEMU connects".into(),
+                ));
+            }
+            if self.end != EndArg::Poweroff {
+                return Err(CliError::Conflict(
+                    "--libvirt needs --end poweroff: the template ends the domain on a reboot \
+                     or crash"
+                        .into(),
+                ));
+            }
+        }
         let end = match (self.end, self.reboots) {
             (EndArg::Reboot, n) => GuestEnd::Reboot(n.unwrap_or(1)),
             (_, Some(_)) => return Err(CliError::Conflict("--reboots needs --end reboot".into())),
@@ -593,6 +631,21 @@ impl RunArgs {
                 accel,
                 trace_vhost: self.trace_vhost || self.expect_device_starts.is_some(),
                 extra_args: self.qemu_args.clone(),
+                launch: if self.libvirt {
+                    let root = self
+                        .libvirt_root
+                        .clone()
+                        .unwrap_or_else(|| d.cache.join("libvirt/root"));
+                    Launch::Libvirt(Libvirt {
+                        virsh: self
+                            .virsh
+                            .clone()
+                            .unwrap_or_else(|| d.cache.join("libvirt/bin/virsh")),
+                        share: (root != Path::new("/")).then(|| root.join("usr/share")),
+                    })
+                } else {
+                    Launch::Direct
+                },
             },
             stop,
             timeout: Duration::from_secs(self.timeout),
@@ -643,6 +696,32 @@ fn check_files(spec: &RunSpec) -> Result<(), CliError> {
             path: spec.guest.initrd.clone(),
             hint: "scripts/build-initramfs.sh builds it",
         });
+    }
+    if let Launch::Libvirt(l) = &spec.qemu.launch {
+        if !executable(&l.virsh) {
+            return Err(CliError::Missing {
+                what: "virsh",
+                problem: "is not an executable file",
+                path: l.virsh.clone(),
+                hint: "scripts/fetch-libvirt.sh fetches it, or pass --virsh",
+            });
+        }
+        if let Some(share) = l.share.as_ref().filter(|s| !s.join("libvirt").is_dir()) {
+            return Err(CliError::Missing {
+                what: "libvirt's data",
+                problem: "has no libvirt directory",
+                path: share.clone(),
+                hint:
+                    "scripts/fetch-libvirt.sh unpacks it; --libvirt-root / for an installed libvirt",
+            });
+        }
+        // SAFETY: geteuid(2) has no failure mode and touches no memory.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(invalid(
+                "--libvirt",
+                "needs root: virsh runs under unshare --mount with libvirt's files bind-mounted",
+            ));
+        }
     }
     if let Some(m) = spec.managed_daemon() {
         if !executable(&m.bin) {
@@ -729,6 +808,68 @@ mod tests {
         assert_eq!(s.managed_daemon().unwrap().side, Side::Activated);
         let e = spec(dir.path(), &["--daemon-arg=--fd=3"]).unwrap_err();
         assert!(e.to_string().contains("--fd"), "{e}");
+    }
+
+    #[test]
+    fn libvirt_takes_its_files_from_the_cache_and_refuses_what_the_template_cannot_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let e = spec(d, &["--libvirt"]).unwrap_err();
+        assert!(e.to_string().contains("scripts/fetch-libvirt.sh"), "{e}");
+        std::fs::create_dir_all(d.join("cache/libvirt/bin")).unwrap();
+        std::os::unix::fs::symlink(d.join("qemu"), d.join("cache/libvirt/bin/virsh")).unwrap();
+        let e = spec(d, &["--libvirt"]).unwrap_err();
+        assert!(e.to_string().contains("libvirt's data"), "{e}");
+        std::fs::create_dir_all(d.join("cache/libvirt/root/usr/share/libvirt")).unwrap();
+        // SAFETY: geteuid(2) has no failure mode and touches no memory.
+        if unsafe { libc::geteuid() } == 0 {
+            let s = spec(d, &["--libvirt"]).unwrap();
+            assert_eq!(
+                s.qemu.launch,
+                Launch::Libvirt(Libvirt {
+                    virsh: d.join("cache/libvirt/bin/virsh"),
+                    share: Some(d.join("cache/libvirt/root/usr/share")),
+                })
+            );
+            let s = spec(
+                d,
+                &[
+                    "--libvirt",
+                    "--libvirt-root",
+                    "/",
+                    "--virsh",
+                    "/usr/bin/true",
+                ],
+            );
+            let Launch::Libvirt(l) = s.unwrap().qemu.launch else {
+                panic!("not libvirt")
+            };
+            assert_eq!(l.share, None, "an installed libvirt needs no overlay");
+        } else {
+            let e = spec(d, &["--libvirt"]).unwrap_err();
+            assert!(e.to_string().contains("needs root"), "{e}");
+        }
+        for (args, word) in [
+            (
+                &["--libvirt", "--device", "builtin"][..],
+                "--device vhost-user",
+            ),
+            (
+                &["--libvirt", "--daemon-mode", "client"],
+                "listening daemon",
+            ),
+            (&["--libvirt", "--end", "reboot"], "--end poweroff"),
+        ] {
+            let e = spec(d, args).unwrap_err();
+            assert!(e.to_string().contains(word), "{args:?}: {e}");
+        }
+        for args in [
+            &["--libvirt", "--kill-after-marker", "x"][..],
+            &["--libvirt", "--chardev-opts", "reconnect-ms=1"],
+            &["--virsh", "/v"],
+        ] {
+            assert_eq!(parse(args).unwrap_err().exit_code(), 2, "{args:?}");
+        }
     }
 
     #[test]

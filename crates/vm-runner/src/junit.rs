@@ -3,7 +3,8 @@
 
 use crate::tap::{Boot, Directive};
 
-fn escape(s: &str) -> String {
+/// Text for an XML attribute or element (also the libvirt domain XML's values).
+pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {

@@ -16,6 +16,7 @@ pub mod flush_checks;
 pub mod hostcheck;
 pub mod hostlink;
 pub mod junit;
+pub mod libvirt;
 pub mod one_daemon;
 pub mod qemu;
 pub mod report;

@@ -280,6 +280,7 @@ mod tests {
                 accel: Accel::Tcg,
                 trace_vhost: false,
                 extra_args: vec!["-s".into()],
+                launch: crate::spec::Launch::Direct,
             },
             stop: Stop::GuestEnds,
             timeout: Duration::from_secs(1),

@@ -19,8 +19,9 @@ use crate::console::Tail;
 use crate::hostcheck;
 use crate::hostlink::{Host, HostLink};
 use crate::junit;
+use crate::libvirt;
 use crate::qemu::{self, PmemBacking};
-use crate::spec::{Daemon, DaemonEnd, Device, GuestEnd, RunSpec, Side, Stop, VhostUser};
+use crate::spec::{Daemon, DaemonEnd, Device, GuestEnd, Launch, RunSpec, Side, Stop, VhostUser};
 use crate::tap::{self, Boot, BootEnd};
 
 /// How long a listening daemon may take to bind its socket, and QEMU (as the listening side)
@@ -29,6 +30,8 @@ const DAEMON_START: Duration = Duration::from_secs(10);
 const QEMU_SOCKET: Duration = Duration::from_secs(30);
 /// How long the daemon gets to exit after SIGTERM at the end of a run.
 const DAEMON_STOP: Duration = Duration::from_secs(15);
+/// How long libvirt gets to end QEMU after the guest's poweroff event.
+const LIBVIRT_QEMU_END: Duration = Duration::from_secs(10);
 /// The poll period; shorter while a marker is watched, so a kill follows it closely.
 const POLL: Duration = Duration::from_millis(100);
 const POLL_MARKER: Duration = Duration::from_millis(50);
@@ -116,6 +119,7 @@ const STALE: &[&str] = &[
     "faultfs.counts.json",
     "daemon-metrics.json",
     "pids",
+    "virsh.log",
 ];
 
 fn prepare_log_dir(dir: &Path) -> Result<PathBuf, RunError> {
@@ -215,6 +219,37 @@ fn start_daemon(
     let _ = std::fs::write(log_dir.join("daemon.pid"), format!("{}\n", d.pid()));
     children.daemon = Some(d);
     Ok(())
+}
+
+/// The shipped domain template filled in for this run, in the embedded driver's root
+/// LOGDIR/libvirt; the serial console goes straight to LOGDIR/console.log.
+fn libvirt_domain(
+    spec: &RunSpec,
+    backing: &PmemBacking,
+    log_dir: &Path,
+) -> Result<libvirt::Embedded, RunError> {
+    let PmemBacking::VhostUser { socket, .. } = backing else {
+        return Err(RunError::Setup(
+            "--libvirt needs the vhost-user device".into(),
+        ));
+    };
+    let console = log_dir.join("console.log");
+    let cmdline = qemu::kernel_cmdline(spec);
+    let xml = libvirt::domain_xml(&libvirt::Domain {
+        kvm: spec.qemu.accel == crate::spec::Accel::Kvm,
+        vcpus: spec.guest.smp,
+        memory_mib: spec.guest.memory.bytes >> 20,
+        emulator: &spec.qemu.bin,
+        kernel: &spec.guest.kernel,
+        initrd: &spec.guest.initrd,
+        cmdline: &cmdline,
+        console: &console,
+        socket,
+        extra_args: &spec.qemu.extra_args,
+    })
+    .map_err(RunError::Setup)?;
+    libvirt::Embedded::prepare(&log_dir.join("libvirt"), &xml)
+        .map_err(io("prepare the libvirt driver's root"))
 }
 
 /// When and where the daemon was killed at its marker.
@@ -481,12 +516,37 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
     };
 
     let guest_out_path = log_dir.join("guest-out.raw");
-    let qargs: Vec<OsString> = qemu::qemu_args(spec, &backing, &guest_out_path);
-    let _ = std::fs::write(
-        log_dir.join("qemu.cmd"),
-        qemu::shell_line(&spec.qemu.bin, &qargs) + "\n",
-    );
     let mut link = HostLink::create(&log_dir).map_err(io("create the host-link FIFO"))?;
+    let mut embedded = None;
+    let (mut cmd, qemu_log_path) = match &spec.qemu.launch {
+        Launch::Direct => {
+            let qargs: Vec<OsString> = qemu::qemu_args(spec, &backing, &guest_out_path);
+            let _ = std::fs::write(
+                log_dir.join("qemu.cmd"),
+                qemu::shell_line(&spec.qemu.bin, &qargs) + "\n",
+            );
+            let mut cmd = Command::new(&spec.qemu.bin);
+            cmd.args(&qargs)
+                .stdin(link.stdin().map_err(io("open the host-link FIFO"))?)
+                .stdout(
+                    File::create(log_dir.join("console.log")).map_err(io("create console.log"))?,
+                )
+                .stderr(File::create(log_dir.join("qemu.log")).map_err(io("create qemu.log"))?);
+            (cmd, log_dir.join("qemu.log"))
+        }
+        Launch::Libvirt(l) => {
+            let e = libvirt_domain(spec, &backing, &log_dir)?;
+            let mut cmd = e.virsh(&l.virsh, l.share.as_deref(), spec.timeout);
+            let virsh_log =
+                File::create(log_dir.join("virsh.log")).map_err(io("create virsh.log"))?;
+            cmd.stdin(std::process::Stdio::null())
+                .stdout(virsh_log.try_clone().map_err(io("dup virsh.log"))?)
+                .stderr(virsh_log);
+            let path = e.qemu_log();
+            embedded = Some(e);
+            (cmd, path)
+        }
+    };
     info(format!(
         "booting ({}, {}, image {}, size {}); logs in {}",
         spec.device_name(),
@@ -496,15 +556,11 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
         log_dir.display()
     ));
     let t0 = Instant::now();
-    let mut cmd = Command::new(&spec.qemu.bin);
-    cmd.args(&qargs)
-        .stdin(link.stdin().map_err(io("open the host-link FIFO"))?)
-        .stdout(File::create(log_dir.join("console.log")).map_err(io("create console.log"))?)
-        .stderr(File::create(log_dir.join("qemu.log")).map_err(io("create qemu.log"))?);
     children::die_with_parent(&mut cmd, libc::SIGKILL);
-    let qemu_child = cmd
-        .spawn()
-        .map_err(io(format!("start {}", spec.qemu.bin.display())))?;
+    let qemu_child = cmd.spawn().map_err(io(format!(
+        "start {}",
+        Path::new(cmd.get_program()).display()
+    )))?;
     children.record("qemu", qemu_child.id());
     children.qemu = Some(qemu_child);
 
@@ -531,9 +587,25 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
     let mut w = Watch {
         guest_out: Tail::new(&guest_out_path),
         console: Tail::new(&log_dir.join("console.log")),
-        qemu_log: Tail::new(&log_dir.join("qemu.log")),
+        qemu_log: Tail::new(&qemu_log_path),
     };
     let end = w.watch(spec, t0, &mut children, &mut link, &image_name, &log_dir)?;
+    if let Some(e) = &embedded {
+        // libvirt daemonizes QEMU: virsh's exit is the guest's lifecycle event, and QEMU
+        // ends a moment later, by libvirt's hand or by ours.
+        if let Some(what) = e.finish(LIBVIRT_QEMU_END) {
+            info(what);
+        }
+        w.qemu_log.refresh();
+        let _ = std::fs::write(log_dir.join("qemu.log"), &w.qemu_log.text);
+        if w.console.refresh().contains("VUP-SYNC ") {
+            failures.push(
+                "the guest asked for the host link, which --libvirt does not carry (the \
+                 console is a file)"
+                    .into(),
+            );
+        }
+    }
     let Watch {
         guest_out,
         console,

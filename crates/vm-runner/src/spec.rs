@@ -133,6 +133,25 @@ pub struct Qemu {
     /// QEMU trace events for every vhost-user message and vhost device start/stop.
     pub trace_vhost: bool,
     pub extra_args: Vec<String>,
+    pub launch: Launch,
+}
+
+/// Who starts QEMU.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Launch {
+    /// The runner, with the command line of `qemu.rs`.
+    Direct,
+    /// libvirt's embedded driver, from the shipped domain template (`libvirt.rs`).
+    Libvirt(Libvirt),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Libvirt {
+    /// virsh (the unpacked one's launcher, or an installed virsh).
+    pub virsh: PathBuf,
+    /// An unpacked libvirt's usr/share, overlaid on /usr/share for virsh; `None` for an
+    /// installed libvirt.
+    pub share: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
