@@ -9,50 +9,59 @@ use crate::size::ByteSize;
 
 /// Serve a host file to a QEMU guest as a virtio-pmem device over vhost-user.
 ///
-/// The guest sees /dev/pmem0 and can mount a filesystem on it with `-o dax`; loads and stores
-/// then reach the file's pages directly. Every guest flush (fsync, msync, journal commit) is
-/// answered only after an fdatasync of the file has completed.
+/// The guest sees /dev/pmem0 and can mount a filesystem on it with `-o dax`;
+/// loads and stores then reach the file's pages directly. Every guest flush
+/// (fsync, msync, journal commit) is answered only after an fdatasync of the
+/// file has completed.
 ///
 /// Attach QEMU 11 or later with:
-///   -object memory-backend-memfd,id=mem0,size=1G,share=on -machine q35,memory-backend=mem0
+///   -object memory-backend-memfd,id=mem0,size=1G,share=on
+///   -machine q35,memory-backend=mem0
 ///   -chardev socket,id=pmem0,path=SOCKET
 ///   -device vhost-user-test-device-pci,chardev=pmem0,virtio-id=27,num_vqs=1,vq_size=256,config_size=16
-/// or, with --connect SOCKET, let QEMU listen: -chardev socket,id=pmem0,path=SOCKET,server=on,wait=on
-/// (wait=on is needed: with wait=off QEMU 11.1 sets the device up before the daemon connects)
+/// With --connect SOCKET QEMU listens instead:
+///   -chardev socket,id=pmem0,path=SOCKET,server=on,wait=on
+/// (wait=on is needed: with wait=off QEMU 11.1 sets the device up before the
+/// daemon connects).
 ///
-/// The socket is one of --socket-path, --connect or --fd. Without any of them the daemon takes
-/// a socket from systemd-style socket activation: LISTEN_FDS=1 with LISTEN_PID equal to its own
-/// pid means fd 3 is a listening socket, used as --fd 3 would be. LISTEN_FDS with another
-/// LISTEN_PID is ignored; more than one socket, or LISTEN_FDS together with an endpoint option,
-/// is refused. The daemon unsets LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES.
+/// The socket is one of --socket-path, --connect or --fd. Without any of them
+/// the daemon takes a socket from systemd-style socket activation: LISTEN_FDS=1
+/// with LISTEN_PID equal to its own pid means fd 3 is a listening socket, used
+/// as --fd 3 would be. LISTEN_FDS with another LISTEN_PID is ignored; more than
+/// one socket, or LISTEN_FDS together with an endpoint option, is refused. The
+/// daemon unsets LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES.
 ///
-/// With NOTIFY_SOCKET set (systemd Type=notify), the daemon sends READY=1 once the file is open
-/// and the socket listens (with --connect: once the first connection is made), and STOPPING=1
-/// when a signal stops it.
+/// With NOTIFY_SOCKET set (systemd Type=notify), the daemon sends READY=1 once
+/// the file is open and the socket listens (with --connect: once the first
+/// connection is made), and STOPPING=1 when a signal stops it.
 ///
-/// Once the file is open and the socket is ready, the daemon confines itself with a seccomp
-/// allow-list (see --seccomp and docs/security.md).
+/// Once the file is open and the socket is ready, the daemon confines itself
+/// with a seccomp allow-list (see --seccomp and docs/security.md).
 ///
 /// Logging: RUST_LOG, when set, is the filter (env_logger syntax, for example
-/// `debug` or `vhost_user_pmem::flush=trace`) and overrides --log-level; otherwise
-/// --log-level (default info). At debug level every fdatasync is logged with its start time
-/// and the pop times of the requests it answered. When stderr is not a terminal the lines carry
-/// no colours; under journald (JOURNAL_STREAM naming stderr's device and inode) they carry no
-/// timestamp and start with a syslog priority (<3> error .. <7> debug and trace), as
+/// `debug` or `vhost_user_pmem::flush=trace`) and overrides --log-level;
+/// otherwise --log-level (default info). At debug level every fdatasync is
+/// logged with its start time and the pop times of the requests it answered.
+/// When stderr is not a terminal the lines carry no colours; under journald
+/// (JOURNAL_STREAM naming stderr's device and inode) they carry no timestamp
+/// and start with a syslog priority (<3> error .. <7> debug and trace), as
 /// sd-daemon(3) describes.
 ///
-/// Metrics: counters and latency histograms (fdatasync, and request from pop to answer) are
-/// printed at exit and summarised in the log line of each disconnect. SIGUSR1 writes them as
-/// JSON to --metrics-path if given, otherwise as one line of JSON on stderr.
+/// Metrics: counters and latency histograms (fdatasync, and request from pop
+/// to answer) are printed at exit and summarised in the log line of each
+/// disconnect. SIGUSR1 writes them as JSON to --metrics-path if given,
+/// otherwise as one line of JSON on stderr.
 ///
-/// Signals: SIGINT, SIGTERM and SIGHUP make a final fdatasync, remove the socket file (not with
-/// --connect or --fd, whose socket is not the daemon's) and exit.
+/// Signals: SIGINT, SIGTERM and SIGHUP make a final fdatasync, remove the
+/// socket file (not with --connect or --fd, whose socket is not the daemon's)
+/// and exit.
 ///
-/// Exit status: 0 after a clean shutdown; 2 for a usage error (a bad or conflicting option,
-/// a --fd that is not a listening UNIX stream socket, an unknown --socket-group, bad
-/// socket-activation variables); 1 when something fails at run time (the file cannot be
-/// opened or locked, the socket cannot be bound, the seccomp filter cannot be installed, the
-/// file could not be made durable at exit).
+/// Exit status: 0 after a clean shutdown; 2 for a usage error (a bad or
+/// conflicting option, a --fd that is not a listening UNIX stream socket, an
+/// unknown --socket-group, bad socket-activation variables); 1 when something
+/// fails at run time (the file cannot be opened or locked, the socket cannot be
+/// bound, the seccomp filter cannot be installed, the file could not be made
+/// durable at exit).
 #[derive(Parser, Debug, Clone, PartialEq, Eq)]
 #[command(version, about, long_about, verbatim_doc_comment)]
 // Not `required`: with none of the three, socket activation may supply the socket, and
