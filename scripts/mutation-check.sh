@@ -20,8 +20,8 @@ For every patch scripts/mutations/NAME.patch (all of them without NAME arguments
   3. boot a VM with scripts/run-vm.sh that runs only the case named on the patch's "Target:"
      line (--only), with the unpatched other half (guest or daemon);
   4. undo the patch.
-A patch is KILLED when its target case failed (a "not ok" line for it, or for fsync_persists a
-failed VUP-HOSTCHECK), SURVIVED when it passed, and ERROR when no guest ran (a refused
+A patch is KILLED when its target case failed (a "not ok" line for it, for fsync_persists a
+failed VUP-HOSTCHECK, for fill_to_enospc QEMU killed by a signal), SURVIVED when it passed, and ERROR when no guest ran (a refused
 argument, a failed build). Other failures are listed too. The table goes to stdout and to \$VUP_BUILD/mutation/results.md; each run's logs stay in \$VUP_BUILD/mutation/NAME/.
 Exit status 0 iff every patch was killed.
 
@@ -107,6 +107,8 @@ run_args() {
         map_sync_fallback) ra=(--args "--mkfs mapsync") ;;
         sigbus_rules) ra=(--args "--mkfs truncate --only sigbus_rules") ;;
         pmd_fault) ra=(--args "--mkfs pmd --only pmd_fault") ;;
+        # The image on a tmpfs the runner fills once the daemon has prepared it.
+        fill_to_enospc) ra=(--size 64M --host-fs-size 80M --fill-host-fs --args "--mkfs fill") ;;
         *) return 1 ;;
     esac
 }
@@ -138,7 +140,7 @@ for n in "${names[@]}"; do
     t0=$(now_ms)
     # --seccomp=off: a mutated daemon may make calls outside the allow-list (e15 opens a file),
     # and the case must fail on the property the patch breaks, not on the sandbox.
-    "$VUP_ROOT/scripts/run-vm.sh" --size 1G --daemon "$daemon" \
+    "$VUP_ROOT/scripts/run-vm.sh" --daemon "$daemon" \
         --daemon-arg --seccomp=off --initrd "$initrd" --log-dir "$out/vm" --timeout "$timeout_s" "${ra[@]}" >"$out/run-vm.log" 2>&1 \
         && rc=0 || rc=$?
     secs=$(( ($(now_ms) - t0) / 1000 ))
@@ -146,18 +148,22 @@ for n in "${names[@]}"; do
     if [[ -z $why && $target == fsync_persists ]]; then
         why=$(grep -E '^FAIL: VUP-HOSTCHECK' "$out/vm/result.txt" 2>/dev/null | head -n 1 | sed 's/^FAIL: //' || true)
     fi
+    if [[ -z $why && $target == fill_to_enospc ]]; then
+        # The guest cannot report this one: QEMU dies under it.
+        why=$(grep -E '^FAIL: QEMU was killed by signal' "$out/vm/result.txt" 2>/dev/null | head -n 1 | sed 's/^FAIL: //' || true)
+    fi
     others=$(grep -E '^not ok' "$out/vm/tap.txt" 2>/dev/null | grep -vE "^not ok [0-9]+ - $target( |$)" \
              | sed 's/^not ok [0-9]* - \([^ ]*\).*/\1/' | paste -sd, - || true)
     why=${why//|/\\|}
-    if [[ ! -s $out/vm/tap.txt ]]; then
+    if [[ -n $why ]]; then
+        verdict=KILLED
+        info "$n: $target failed: $why"
+    elif [[ ! -s $out/vm/tap.txt ]]; then
         # No guest ran (the runner refused its arguments, or QEMU did not boot): that says
         # nothing about the patch, so it is an error, never a survivor or a kill.
         verdict=ERROR; killed_all=0
         why="no guest output (run-vm exit $rc): $(grep -m1 -iE 'error' "$out/run-vm.log" || tail -n 1 "$out/run-vm.log")"
         info "$n: ERROR: $why"
-    elif [[ -n $why ]]; then
-        verdict=KILLED
-        info "$n: $target failed: $why"
     else
         verdict=SURVIVED; killed_all=0
         why="run-vm exit $rc; $target did not fail"

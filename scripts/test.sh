@@ -144,7 +144,8 @@ if [[ $vm == 1 ]]; then
     step "build guest initramfs" bash -c \
         "bin=\$('$VUP_ROOT/scripts/build-guest.sh') && '$VUP_ROOT/scripts/build-initramfs.sh' --guest-bin \"\$bin\" --out '$out/initrd.cpio.gz'"
     # Every VM step is one vmrun (crates/vm-runner); `vmrun --help` explains each option.
-    vr=("$VUP_RUNNER" --size 1G --initrd "$out/initrd.cpio.gz")
+    vr0=("$VUP_RUNNER" --initrd "$out/initrd.cpio.gz")
+    vr=("${vr0[@]}" --size 1G)
     for dev in vhost-user builtin; do
         img="$out/$dev.img"
         step "VM [$dev] boot 1: DAX suite on a fresh image" "${vr[@]}" --device "$dev" \
@@ -193,6 +194,18 @@ if [[ $vm == 1 ]]; then
             --expect-daemon-exit 1 --args "--mkfs flush"
     else
         info "=== catalogue E16-E18: SKIPPED ($no_fuse)"; skipped=$((skipped + 1))
+    fi
+    # The image on a tmpfs of its own that vmrun mounts (root): a 64 MiB device on a host file
+    # system that fills up after the start, and on one that is smaller than the device.
+    if ((EUID == 0)); then
+        step "VM [vhost-user] host file system full after start, --allocate full (default): guest gets ENOSPC, VM alive, fsynced files in the host file" \
+            "${vr0[@]}" --size 64M --host-fs-size 80M --fill-host-fs --log-dir "$out/hostfs-full" \
+            --args "--mkfs fill" --expect-hostchecks 10
+        step "VM [vhost-user] host file system smaller than the device, --allocate sparse: QEMU dies of SIGBUS, fsynced files in the host file" \
+            "${vr0[@]}" --size 64M --host-fs-size 32M --daemon-arg=--allocate=sparse --log-dir "$out/hostfs-sparse" \
+            --args "--mkfs fill" --expect-qemu-signal SIGBUS --expect-hostchecks 10
+    else
+        info "=== host file system full (2 steps): SKIPPED (not root: vmrun mounts a tmpfs for the image)"; skipped=$((skipped + 2))
     fi
     step "20 boots in a row on one image behind one daemon" "$VUP_RUNNER" boot-loop \
         --boots 20 --initrd "$out/initrd.cpio.gz" --out "$out/boot-loop"

@@ -36,9 +36,10 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vhost_user_pmem::backend::PmemBackend;
+use vhost_user_pmem::backing::Access;
 use vhost_user_pmem::device::Device;
 use vhost_user_pmem::config::{Config, Endpoint};
-use vhost_user_pmem::modes::{FlushMode, SeccompMode};
+use vhost_user_pmem::modes::{Allocation, FlushMode, SeccompMode};
 use vhost_user_pmem::Frontends;
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
@@ -138,7 +139,7 @@ fn harness() -> &'static Harness {
             },
             file: dir.join("pmem.img"),
             size: Some(2 << 20),
-            read_only: false,
+            access: Access::ReadWrite(Allocation::Full),
             flush_mode: FlushMode::Group,
             metrics: None,
             // The fuzzer runs the backend inside its own process, which needs far more

@@ -10,5 +10,5 @@ pub mod schema;
 
 pub use buckets::{buckets_from_counts, log2_buckets_ns, log2_index, percentile, Bucket};
 pub use schema::{
-    ConnectionCounters, Counters, LatencySummary, Metrics, ReadError, FORMAT_VERSION,
+    BackingSpace, ConnectionCounters, Counters, LatencySummary, Metrics, ReadError, FORMAT_VERSION,
 };

@@ -8,6 +8,7 @@
 //!              "unknown":..,"maps":..,"map_refusals":..,"connections":..,
 //!              "order_violations":0,"log_warnings":0,"log_errors":0},
 //!  "connection":{"id":3,"requests":..,"errors":..,"maps":..},
+//!  "backing":{"allocation":"full","size_bytes":..,"unallocated_bytes":0,"fs_free_bytes":..},
 //!  "fdatasync_latency_us":{"count":..,"min":..,"mean":..,"p50":..,"p90":..,"p99":..,"p999":..,"max":..},
 //!  "request_latency_us":{..same..},
 //!  "map_latency_us":{..same..},
@@ -17,7 +18,8 @@
 //!
 //! Version 2 added `seq`, `pid`, `read_only`, `largest_batch`, `map_latency_us`, the
 //! `connection` object and the counters `map_refusals`, `connections`, `log_warnings` and
-//! `log_errors`.
+//! `log_errors`; later, still version 2 (a reader of the older files sees `null`), the
+//! `backing` object.
 
 use std::fmt;
 use std::io;
@@ -49,6 +51,9 @@ pub struct Metrics {
     pub counters: Counters,
     /// The frontend connection being served, or the last one; `None` before the first.
     pub connection: Option<ConnectionCounters>,
+    /// The backing file's holes against its file system's free space, measured at each
+    /// write; `None` when they could not be measured.
+    pub backing: Option<BackingSpace>,
     pub fdatasync_latency_us: LatencySummary,
     /// From a request being taken off the queue to its answer.
     pub request_latency_us: LatencySummary,
@@ -86,6 +91,19 @@ pub struct Counters {
     /// Log records at warning and at error level.
     pub log_warnings: u64,
     pub log_errors: u64,
+}
+
+/// What a full host file system would do to the device: every unallocated byte is one a guest
+/// store may need a new block for, and with none free QEMU gets SIGBUS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackingSpace {
+    /// `full` or `sparse` (the daemon's `--allocate`), or `read-only`.
+    pub allocation: String,
+    pub size_bytes: u64,
+    /// Bytes of the device with no block behind them (0 after `--allocate full`).
+    pub unallocated_bytes: u64,
+    /// Bytes the file system can still allocate (statvfs f_bavail).
+    pub fs_free_bytes: u64,
 }
 
 /// Counts of one frontend connection.
@@ -218,6 +236,12 @@ mod tests {
                 requests: 10,
                 errors: 0,
                 maps: 1,
+            }),
+            backing: Some(BackingSpace {
+                allocation: "sparse".into(),
+                size_bytes: 1 << 30,
+                unallocated_bytes: 1 << 29,
+                fs_free_bytes: 1 << 28,
             }),
             fdatasync_latency_us: LatencySummary::default(),
             request_latency_us: LatencySummary::default(),

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::modes::{FlushMode, LogLevel, SeccompMode};
+use crate::modes::{Allocation, FlushMode, LogLevel, SeccompMode};
 use crate::size::ByteSize;
 
 /// Serve a host file to a QEMU guest as a virtio-pmem device over vhost-user.
@@ -129,6 +129,15 @@ pub struct Args {
     /// QEMU 11.1 cannot map a read-only file (the guest then sees zeros; see docs/qemu.md).
     #[arg(long)]
     pub read_only: bool,
+
+    /// Whether every block of the file is allocated at start [default: full]. With `full` a
+    /// full host file system cannot stop the VM later: the daemon allocates the holes
+    /// (fallocate) before it serves, or refuses to start, naming the free and the needed
+    /// space. With `sparse` holes stay holes (no disk space until the guest writes) and a
+    /// guest that writes one when the file system is full stops with SIGBUS in QEMU; the
+    /// metrics show the holes against the free space. Not with --read-only.
+    #[arg(long, value_name = "POLICY", value_enum)]
+    pub allocate: Option<Allocation>,
 
     /// How flush requests become fdatasyncs. Every mode answers a request only after an
     /// fdatasync that started after the request was taken off the queue has completed.

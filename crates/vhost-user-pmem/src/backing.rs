@@ -5,11 +5,15 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-use log::{error, info};
+use log::{error, info, warn};
 
+use crate::allocation::{self, Space};
+use crate::modes::Allocation;
 use crate::size::{self, ByteSize, SizeError};
+use crate::sync;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackingError {
@@ -47,6 +51,26 @@ pub enum BackingError {
         size: ByteSize,
         source: io::Error,
     },
+    #[error(
+        "--allocate full needs {needed} more for {path} (a {size} device, {allocated} of it \
+         allocated already) and its file system has {free} free; free some space, give a \
+         smaller --size, or use --allocate sparse (the VM then stops if the file system fills)"
+    )]
+    NoSpace {
+        path: PathBuf,
+        needed: ByteSize,
+        size: ByteSize,
+        allocated: ByteSize,
+        free: ByteSize,
+    },
+    #[error("cannot allocate the blocks of {path} (fallocate: {source}); {hint}")]
+    Allocate {
+        path: PathBuf,
+        source: io::Error,
+        hint: &'static str,
+    },
+    #[error("cannot measure {path} and its file system: {source}")]
+    Measure { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Size(#[from] SizeError),
 }
@@ -54,8 +78,9 @@ pub enum BackingError {
 /// How the daemon may use the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
-    ReadWrite,
-    /// `--read-only`: opened without write permission, never created or extended.
+    /// Created or extended as needed, its holes filled or left as `--allocate` says.
+    ReadWrite(Allocation),
+    /// `--read-only`: opened without write permission, never created, extended or allocated.
     ReadOnly,
 }
 
@@ -74,8 +99,15 @@ pub struct BackingFile {
     path: PathBuf,
     size: u64,
     read_only: bool,
+    /// `None` when read-only.
+    allocation: Option<Allocation>,
+    /// The last measurement of the file's blocks and free space, and when it was made.
+    space: Mutex<Option<(Space, Instant)>>,
     failure: OnceLock<FlushFailure>,
 }
+
+/// How often a flush may measure the space again.
+const SPACE_EVERY: Duration = Duration::from_secs(1);
 
 fn file_kind(meta: &std::fs::Metadata) -> &'static str {
     let t = meta.file_type();
@@ -100,6 +132,10 @@ impl BackingFile {
     pub fn open(path: &Path, size: Option<u64>, access: Access) -> Result<Self, BackingError> {
         let path = path.to_path_buf();
         let read_only = access == Access::ReadOnly;
+        let allocation = match access {
+            Access::ReadWrite(a) => Some(a),
+            Access::ReadOnly => None,
+        };
         let exists = match std::fs::metadata(&path) {
             Ok(meta) if meta.is_dir() => return Err(BackingError::IsDirectory(path)),
             Ok(meta) if !meta.is_file() => {
@@ -138,6 +174,29 @@ impl BackingFile {
             return Err(BackingError::NotRegular(path, file_kind(&meta)));
         }
         let file_size = meta.size();
+        // What the file's length will be, for the space check that comes before any change.
+        let target = size.unwrap_or(file_size).max(file_size);
+        let mut holes = 0;
+        if allocation == Some(Allocation::Full) {
+            let space =
+                allocation::measure(&file, target).map_err(|source| BackingError::Measure {
+                    path: path.clone(),
+                    source,
+                })?;
+            if space.short() {
+                if !exists {
+                    let _ = std::fs::remove_file(&path);
+                }
+                return Err(BackingError::NoSpace {
+                    path,
+                    needed: ByteSize(space.unallocated()),
+                    size: ByteSize(target),
+                    allocated: ByteSize(space.allocated.min(target)),
+                    free: ByteSize(space.fs_free),
+                });
+            }
+            holes = space.unallocated();
+        }
         let size = match size {
             None => {
                 size::check_file(&path, file_size)?;
@@ -173,11 +232,7 @@ impl BackingFile {
                     });
                 }
                 if file_size == 0 {
-                    info!(
-                        "created {} as a sparse file of {}",
-                        path.display(),
-                        ByteSize(size)
-                    );
+                    info!("created {} as a file of {}", path.display(), ByteSize(size));
                 } else {
                     info!(
                         "extended {} from {} to {}",
@@ -190,14 +245,49 @@ impl BackingFile {
             }
             Some(size) => size,
         };
+        match allocation {
+            // An image without holes (every start after the first) needs no call and no
+            // fsync: nothing about it would change.
+            Some(Allocation::Full) if holes > 0 || file_size < size => {
+                if let Err(source) = allocation::allocate_all(&file, &path, size, holes)
+                    .and_then(|()| file.sync_all())
+                {
+                    // Undo what this start did: the blocks fallocate gave an existing range
+                    // change nothing the guest can see, but a length must go back.
+                    if !exists {
+                        let _ = std::fs::remove_file(&path);
+                    } else if file_size < size {
+                        let _ = file.set_len(file_size).and_then(|()| file.sync_all());
+                    }
+                    let hint = match source.raw_os_error() {
+                        Some(libc::EOPNOTSUPP) => {
+                            "this file system cannot allocate in advance; use --allocate \
+                             sparse, knowing that the VM then stops if the file system fills"
+                        }
+                        Some(libc::ENOSPC) => {
+                            "the file system filled up while allocating; free some space or \
+                             give a smaller --size"
+                        }
+                        _ => "the file was left as it was",
+                    };
+                    return Err(BackingError::Allocate { path, source, hint });
+                }
+            }
+            Some(Allocation::Sparse) => report_sparse(&file, &path, size),
+            Some(Allocation::Full) | None => {}
+        }
 
-        Ok(BackingFile {
+        let b = BackingFile {
             file,
             path,
             size,
             read_only,
+            allocation,
+            space: Mutex::new(None),
             failure: OnceLock::new(),
-        })
+        };
+        b.measure_space();
+        Ok(b)
     }
 
     pub fn file(&self) -> &File {
@@ -214,6 +304,35 @@ impl BackingFile {
 
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// `None` when read-only.
+    pub fn allocation(&self) -> Option<Allocation> {
+        self.allocation
+    }
+
+    /// The file's blocks and its file system's free space, as last measured: at start, and
+    /// after an fdatasync at most once a second. Never measured on the caller's thread: on
+    /// a file system whose fsync hangs (a FUSE server busy with it, NFS) a statfs can hang
+    /// behind it, and the metrics must still come out then.
+    pub fn space(&self) -> Option<Space> {
+        sync::lock(&self.space).map(|(s, _)| s)
+    }
+
+    fn measure_space(&self) {
+        match allocation::measure(&self.file, self.size) {
+            Ok(s) => *sync::lock(&self.space) = Some((s, Instant::now())),
+            Err(e) => log::debug!("cannot measure {}: {e}", self.path.display()),
+        }
+    }
+
+    /// After a good fdatasync: the thread that just finished with the file system measures
+    /// again, unless a measurement is fresh.
+    fn refresh_space(&self) {
+        let stale = sync::lock(&self.space).is_none_or(|(_, at)| at.elapsed() >= SPACE_EVERY);
+        if stale {
+            self.measure_space();
+        }
     }
 
     /// The latched failure, if an fdatasync has ever failed.
@@ -239,7 +358,10 @@ impl BackingFile {
                 // descriptor, and the pages it lost may be ones this call was meant to cover,
                 // so its success proves nothing.
                 Some(f) => Err(f.clone()),
-                None => Ok(()),
+                None => {
+                    self.refresh_space();
+                    Ok(())
+                }
             },
             Err(e) => {
                 let failure =
@@ -255,6 +377,29 @@ impl BackingFile {
                 Err(self.failure.get().cloned().unwrap_or(failure))
             }
         }
+    }
+}
+
+/// With `--allocate sparse`, says at start how far the file system is from what the holes
+/// may need: a warning when it could not hold them all.
+fn report_sparse(file: &File, path: &Path, size: u64) {
+    match allocation::measure(file, size) {
+        Ok(s) if s.short() => warn!(
+            "{}: {} of the {} device are holes and its file system has only {} free; a guest \
+             that writes them will stop (SIGBUS in QEMU) when it fills, losing what it had not \
+             flushed. --allocate full avoids that",
+            path.display(),
+            ByteSize(s.unallocated()),
+            ByteSize(size),
+            ByteSize(s.fs_free)
+        ),
+        Ok(s) => info!(
+            "{}: {} of holes, {} free on its file system",
+            path.display(),
+            ByteSize(s.unallocated()),
+            ByteSize(s.fs_free)
+        ),
+        Err(e) => warn!("cannot measure {}: {e}", path.display()),
     }
 }
 
@@ -294,7 +439,7 @@ mod tests {
         let access = if read_only {
             Access::ReadOnly
         } else {
-            Access::ReadWrite
+            Access::ReadWrite(Allocation::Sparse)
         };
         BackingFile::open(&dir.join("disk.img"), size, access)
     }
@@ -351,7 +496,7 @@ mod tests {
     #[test]
     fn rejects_bad_paths() {
         let dir = tempfile::tempdir().unwrap();
-        let rw = Access::ReadWrite;
+        let rw = Access::ReadWrite(Allocation::Full);
         assert!(matches!(
             BackingFile::open(dir.path(), Some(2 << 20), rw),
             Err(BackingError::IsDirectory(_))

@@ -13,6 +13,7 @@ pub const DEVICE_TYPE: &str = "pmem";
 /// the unit test below checks that every named option exists.
 pub const FEATURES: &[(&str, Option<&str>)] = &[
     ("read-only", Some("read-only")),
+    ("allocate", Some("allocate")),
     ("connect", Some("connect")),
     ("fd", Some("fd")),
     ("socket-activation", None),

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::activation::{self, Activation, ActivationError, ListenEnv};
 use crate::args::Args;
+use crate::backing::Access;
 use crate::modes::{FlushMode, SeccompMode};
 use crate::notify::NotifyAddr;
 use crate::size::{self, SizeError};
@@ -108,6 +109,8 @@ pub enum ConfigError {
     NoFile,
     #[error("--file is empty")]
     EmptyFile,
+    #[error("--allocate does not go with --read-only: a read-only file is never written, so its holes stay holes")]
+    AllocateReadOnly,
     #[error("--metrics-path is empty")]
     EmptyMetricsPath,
     #[error("--metrics-interval needs --metrics-path (SIGUSR1 prints the metrics on stderr without one)")]
@@ -214,7 +217,8 @@ pub struct Config {
     pub file: PathBuf,
     /// The size asked for on the command line, already checked; `None` means "the file's size".
     pub size: Option<u64>,
-    pub read_only: bool,
+    /// Read-only, or read-write with the `--allocate` policy.
+    pub access: Access,
     pub flush_mode: FlushMode,
     pub metrics: Option<MetricsFile>,
     pub seccomp: SeccompMode,
@@ -295,6 +299,11 @@ impl Config {
         if let Some(size) = args.size {
             size::check_requested(size.0)?;
         }
+        let access = match (args.read_only, args.allocate) {
+            (true, Some(_)) => return Err(ConfigError::AllocateReadOnly),
+            (true, None) => Access::ReadOnly,
+            (false, a) => Access::ReadWrite(a.unwrap_or_default()),
+        };
         let metrics = match (args.metrics_path, args.metrics_interval) {
             (None, None) => None,
             (None, Some(_)) => return Err(ConfigError::IntervalWithoutPath),
@@ -332,7 +341,7 @@ impl Config {
             endpoint,
             file,
             size: args.size.map(|s| s.0),
-            read_only: args.read_only,
+            access,
             flush_mode: args.flush_mode,
             metrics,
             seccomp: args.seccomp,
@@ -501,6 +510,7 @@ mod tests {
             file: Some("/tmp/f.img".into()),
             size: size.map(|s| s.parse().unwrap()),
             read_only: false,
+            allocate: None,
             flush_mode: FlushMode::Group,
             metrics_path: None,
             metrics_interval: None,

@@ -3,6 +3,7 @@
 //! answered only after an fdatasync of the file.
 
 pub mod activation;
+pub mod allocation;
 pub mod args;
 pub mod backend;
 pub mod backing;
@@ -207,12 +208,7 @@ pub fn prepare(config: &config::Config) -> Result<(Arc<Device>, Frontends), Erro
         // config.rs checked that it is a listening UNIX stream socket.
         Endpoint::Fd(_) => {}
     }
-    let access = if config.read_only {
-        backing::Access::ReadOnly
-    } else {
-        backing::Access::ReadWrite
-    };
-    let backing = backing::BackingFile::open(&config.file, config.size, access)?;
+    let backing = backing::BackingFile::open(&config.file, config.size, config.access)?;
     let size = backing.size();
     let read_only = backing.read_only();
     // Bound before the flush workers start: listen() sets the process-wide umask for a moment.

@@ -5,9 +5,10 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use pmem_metrics::{Metrics, FORMAT_VERSION};
+use pmem_metrics::{BackingSpace, Metrics, FORMAT_VERSION};
 
 use crate::device::Device;
+use crate::modes::Allocation;
 use crate::stats::{log2_buckets, summary};
 use crate::sync::lock;
 
@@ -37,12 +38,27 @@ pub fn snapshot(device: &Device, seq: u64) -> Metrics {
             .load(std::sync::atomic::Ordering::Relaxed),
         counters: stats.counters(),
         connection: stats.connection(),
+        backing: backing_space(device),
         fdatasync_latency_us,
         request_latency_us,
         map_latency_us,
         fdatasync_latency_log2_us,
         request_latency_log2_us,
     }
+}
+
+fn backing_space(device: &Device) -> Option<BackingSpace> {
+    let b = &device.backing;
+    let space = b.space()?;
+    Some(BackingSpace {
+        allocation: b
+            .allocation()
+            .map_or("read-only", Allocation::as_str)
+            .to_string(),
+        size_bytes: space.size,
+        unallocated_bytes: space.unallocated(),
+        fs_free_bytes: space.fs_free,
+    })
 }
 
 /// Numbers the reports: a reader that asked for one (SIGUSR1) waits for a `seq` above the

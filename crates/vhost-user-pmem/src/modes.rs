@@ -41,6 +41,28 @@ impl fmt::Display for FlushMode {
     }
 }
 
+/// `--allocate`: whether every block of the file is allocated at start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Allocation {
+    /// Allocate every block at start (fallocate), or refuse to start when the file system
+    /// cannot hold the device; a full host disk then cannot stop the VM
+    #[default]
+    Full,
+    /// Leave holes as they are; a guest writing them when the host file system is full stops
+    /// (SIGBUS in QEMU)
+    Sparse,
+}
+
+impl Allocation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Allocation::Full => "full",
+            Allocation::Sparse => "sparse",
+        }
+    }
+}
+
 /// `--seccomp`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum SeccompMode {

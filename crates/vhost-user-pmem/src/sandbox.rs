@@ -144,6 +144,8 @@ fn rules(needs: Needs) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> 
         SYS_statx,
         SYS_fstat,
         SYS_newfstatat,
+        // fstatvfs: the metrics' free space on the backing file's file system.
+        SYS_fstatfs,
         // The flush path.
         SYS_fdatasync,
         // Threads: each connection spawns its handler, vring and mapper threads, which start

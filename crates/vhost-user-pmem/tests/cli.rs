@@ -47,6 +47,7 @@ fn help_and_version_exit_zero() {
         "--file",
         "--size",
         "--read-only",
+        "--allocate",
         "--flush-mode",
         "--metrics-path",
         "--metrics-interval",
@@ -194,9 +195,9 @@ fn file_larger_than_size_is_never_shrunk() {
 }
 
 #[test]
-fn size_creates_a_missing_file_sparse() {
+fn allocate_sparse_creates_a_missing_file_sparse() {
     let env = Env::new();
-    let mut d = env.start(&["--size", "1G"]);
+    let mut d = env.start(&["--size", "1G", "--allocate", "sparse"]);
     let meta = std::fs::metadata(&env.file).unwrap();
     assert_eq!(meta.len(), 1 << 30);
     assert!(
@@ -215,6 +216,22 @@ fn size_creates_a_missing_file_sparse() {
         allocated_bytes(&env.file) <= MIB,
         "flush or exit filled the file"
     );
+}
+
+#[test]
+fn by_default_every_block_of_a_new_or_extended_file_is_allocated() {
+    let env = Env::new();
+    let data = env.create_file(2 * MIB);
+    let mut d = env.start(&["--size", "64M"]);
+    assert_eq!(allocated_bytes(&env.file), 64 * MIB);
+    let now = std::fs::read(&env.file).unwrap();
+    assert_eq!(
+        &now[..data.len()],
+        &data[..],
+        "allocation kept the contents"
+    );
+    assert!(now[data.len()..].iter().all(|&b| b == 0));
+    assert_eq!(d.signal_and_wait(libc::SIGTERM).code(), Some(0));
 }
 
 #[test]

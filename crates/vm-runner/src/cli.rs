@@ -13,8 +13,8 @@ use vhost_user_pmem::size::ByteSize;
 use pmem_frontend::daemon::is_socket;
 
 use crate::spec::{
-    Accel, Daemon, DaemonEnd, Device, Expect, Guest, GuestEnd, Launch, Libvirt, ManagedDaemon,
-    Qemu, RunSpec, Side, Size, Stop, VhostUser,
+    Accel, Daemon, DaemonEnd, Device, Expect, Guest, GuestEnd, HostFs, Launch, Libvirt,
+    ManagedDaemon, Qemu, RunSpec, Side, Size, Stop, VhostUser,
 };
 
 const HOST_LINK_HELP: &str = "\
@@ -125,6 +125,20 @@ pub struct RunArgs {
     /// --faultfs); created sparse when missing.
     #[arg(long, help_heading = "Device")]
     pub image: Option<PathBuf>,
+    /// Put the image on a tmpfs of SIZE mounted at LOGDIR/hostfs (removed at the end): a
+    /// host file system too small, or just large enough, for the device. Needs root.
+    #[arg(long, value_name = "SIZE", help_heading = "Device",
+          conflicts_with_all = ["image", "faultfs"])]
+    pub host_fs_size: Option<String>,
+    /// With --host-fs-size: once the daemon listens (its image prepared), fill the rest of
+    /// the tmpfs with LOGDIR/hostfs/filler, as another writer on a shared host disk would.
+    #[arg(
+        long,
+        requires = "host_fs_size",
+        conflicts_with = "daemon_mode",
+        help_heading = "Device"
+    )]
+    pub fill_host_fs: bool,
     /// Device size, a power of two with a binary unit (512M, 1G).
     #[arg(long, default_value = "1G", help_heading = "Device")]
     pub size: String,
@@ -292,6 +306,45 @@ pub struct RunArgs {
     /// must have found the region blank (ro_region skipped).
     #[arg(long, help_heading = "Checks")]
     pub expect_readonly_outcome: bool,
+    /// QEMU must die of signal SIG (a number, or a name such as SIGBUS); the guest's missing
+    /// end is then expected. What a guest store to a hole does when the host file system under
+    /// an --allocate sparse image is full.
+    #[arg(long, value_name = "SIG", help_heading = "Checks", value_parser = parse_signal)]
+    pub expect_qemu_signal: Option<i32>,
+}
+
+/// A signal by number or by name (`SIGBUS`, `BUS`).
+fn parse_signal(text: &str) -> Result<i32, String> {
+    const NAMES: &[(&str, i32)] = &[
+        ("HUP", libc::SIGHUP),
+        ("INT", libc::SIGINT),
+        ("ILL", libc::SIGILL),
+        ("ABRT", libc::SIGABRT),
+        ("BUS", libc::SIGBUS),
+        ("FPE", libc::SIGFPE),
+        ("KILL", libc::SIGKILL),
+        ("SEGV", libc::SIGSEGV),
+        ("TERM", libc::SIGTERM),
+    ];
+    if let Ok(n) = text.parse::<i32>() {
+        return if (1..=64).contains(&n) {
+            Ok(n)
+        } else {
+            Err(format!("{n} is not a signal number (1-64)"))
+        };
+    }
+    let name = text.strip_prefix("SIG").unwrap_or(text);
+    NAMES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, s)| *s)
+        .ok_or_else(|| {
+            let known: Vec<String> = NAMES.iter().map(|(n, _)| format!("SIG{n}")).collect();
+            format!(
+                "unknown signal '{text}' (a number, or {})",
+                known.join(", ")
+            )
+        })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -512,8 +565,17 @@ impl RunArgs {
             };
             d.build.join("runs").join(format!("{}-{dev}", d.run_name))
         });
+        let host_fs = match &self.host_fs_size {
+            Some(t) => Some(HostFs {
+                bytes: parse_size("--host-fs-size", t)?.bytes,
+                fill: self.fill_host_fs,
+            }),
+            None => None,
+        };
         let image = self.image.clone().unwrap_or_else(|| {
-            if self.faultfs {
+            if host_fs.is_some() {
+                log_dir.join("hostfs").join("pmem0.img")
+            } else if self.faultfs {
                 log_dir.join("faultfs.src").join("pmem0.img")
             } else {
                 log_dir.join("pmem0.img")
@@ -616,6 +678,7 @@ impl RunArgs {
         let spec = RunSpec {
             device,
             image,
+            host_fs,
             size,
             guest: Guest {
                 kernel,
@@ -656,6 +719,7 @@ impl RunArgs {
                 hostchecks: self.expect_hostchecks,
                 image_unchanged: self.expect_image_unchanged,
                 readonly_outcome: self.expect_readonly_outcome,
+                qemu_signal: self.expect_qemu_signal,
             },
             allow_kernel_warnings: self.allow_kernel_warnings,
             verbose: self.verbose,
@@ -696,6 +760,10 @@ fn check_files(spec: &RunSpec) -> Result<(), CliError> {
             path: spec.guest.initrd.clone(),
             hint: "scripts/build-initramfs.sh builds it",
         });
+    }
+    // SAFETY: geteuid(2) has no failure mode and touches no memory.
+    if spec.host_fs.is_some() && unsafe { libc::geteuid() } != 0 {
+        return Err(invalid("--host-fs-size", "needs root to mount the tmpfs"));
     }
     if let Launch::Libvirt(l) = &spec.qemu.launch {
         if !executable(&l.virsh) {

@@ -259,6 +259,7 @@ mod tests {
         RunSpec {
             device: Device::Builtin,
             image: "/i/p,0.img".into(),
+            host_fs: None,
             size: Size {
                 text: "1G".into(),
                 bytes: 1 << 30,

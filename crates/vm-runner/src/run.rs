@@ -5,6 +5,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -173,6 +174,55 @@ fn builtin_image(image: &Path, size: u64) -> Result<(), RunError> {
     f.set_len(size).map_err(io("extend the image"))
 }
 
+/// The tmpfs of `--host-fs-size`, lazily unmounted when dropped.
+struct HostFsMount(PathBuf);
+
+impl HostFsMount {
+    fn mount(dir: &Path, size: u64) -> Result<HostFsMount, RunError> {
+        std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .map_err(io("run mount"))?;
+        if !st.success() {
+            return Err(RunError::Setup(format!(
+                "mount -t tmpfs -o size={size} on {} failed ({st})",
+                dir.display()
+            )));
+        }
+        info(format!(
+            "the image's file system: a tmpfs of {} on {}",
+            vhost_user_pmem::size::ByteSize(size),
+            dir.display()
+        ));
+        Ok(HostFsMount(dir.to_path_buf()))
+    }
+
+    /// Writes `filler` until the file system is full; returns its size.
+    fn fill(&self) -> Result<u64, RunError> {
+        let path = self.0.join("filler");
+        let mut f = File::create(&path).map_err(io(format!("create {}", path.display())))?;
+        let chunk = vec![0x5au8; 1 << 20];
+        let mut written = 0u64;
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => return Err(io(format!("write {}", path.display()))(e)),
+            }
+        }
+        Ok(written)
+    }
+}
+
+impl Drop for HostFsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// The daemon's socket: in the log directory, unless that path is too long for sun_path.
 fn socket_path(log_dir: &Path) -> Result<(PathBuf, Option<tempfile::TempDir>), RunError> {
     let s = log_dir.join("pmem0.sock");
@@ -265,6 +315,8 @@ struct DaemonKill {
 enum End {
     /// QEMU exited by itself (the guest ended, or QEMU failed) with this status.
     QemuExited(Option<i32>),
+    /// QEMU was killed by this signal, not by the runner.
+    QemuSignaled(i32),
     /// The guest printed the kill marker; QEMU was killed.
     QemuKilledAtMarker,
     /// QEMU outlived the timeout; it was killed.
@@ -282,6 +334,20 @@ enum End {
 }
 
 impl End {
+    /// How the run ended, for a message.
+    fn describe(&self) -> String {
+        match self {
+            End::QemuExited(Some(c)) => format!("QEMU exiting with status {c}"),
+            End::QemuExited(None) => "QEMU exiting".into(),
+            End::QemuSignaled(s) => format!("QEMU killed by signal {s}"),
+            End::QemuKilledAtMarker => "QEMU killed at the marker".into(),
+            End::Timeout => "a timeout".into(),
+            End::KvmFailed => "KVM failing".into(),
+            End::DaemonDied => "the daemon dying".into(),
+            End::AfterDaemonKill { .. } => "the daemon killed at its marker".into(),
+        }
+    }
+
     fn qemu_status(&self) -> Option<i32> {
         match self {
             End::QemuExited(s) | End::AfterDaemonKill { qemu: Some(s), .. } => *s,
@@ -323,12 +389,13 @@ impl Watch {
                 .and_then(|q| q.try_wait().ok().flatten())
             {
                 children.qemu = None;
-                break match kill {
-                    Some(kill) => End::AfterDaemonKill {
+                break match (kill, s.signal()) {
+                    (Some(kill), _) => End::AfterDaemonKill {
                         kill,
                         qemu: Some(s.code()),
                     },
-                    None => End::QemuExited(s.code()),
+                    (None, Some(sig)) => End::QemuSignaled(sig),
+                    (None, None) => End::QemuExited(s.code()),
                 };
             }
             if let Some(sig) = children::stop_requested() {
@@ -437,6 +504,12 @@ fn poll_link(
 /// and lands in the outcome.
 pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
     let log_dir = prepare_log_dir(&spec.log_dir)?;
+    // Before the image is created, and dropped after every child that uses it (the
+    // children are declared below).
+    let host_fs = match spec.host_fs {
+        Some(h) => Some(HostFsMount::mount(&log_dir.join("hostfs"), h.bytes)?),
+        None => None,
+    };
     let image = absolute(&spec.image)?;
     let image_name = image
         .file_name()
@@ -515,6 +588,15 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
         }
     };
 
+    if let (Some(m), Some(h)) = (&host_fs, spec.host_fs) {
+        if h.fill {
+            let n = m.fill()?;
+            info(format!(
+                "filled the image's file system: {} of filler, nothing left free",
+                vhost_user_pmem::size::ByteSize(n)
+            ));
+        }
+    }
     let guest_out_path = log_dir.join("guest-out.raw");
     let mut link = HostLink::create(&log_dir).map_err(io("create the host-link FIFO"))?;
     let mut embedded = None;
@@ -619,6 +701,11 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
             failures.push(format!("QEMU exited with status {status:?}"))
         }
         End::QemuExited(_) | End::QemuKilledAtMarker | End::DaemonDied => {}
+        End::QemuSignaled(sig) if spec.expect.qemu_signal == Some(*sig) => info(format!(
+            "QEMU died of signal {sig} after {} ms, as expected",
+            elapsed.as_millis()
+        )),
+        End::QemuSignaled(sig) => failures.push(format!("QEMU was killed by signal {sig}")),
         End::Timeout => failures.push(format!(
             "timeout: QEMU still running after {} s (killed)",
             spec.timeout.as_secs()
@@ -650,7 +737,18 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
         _ => None,
     };
     let daemon_died = matches!(end, End::DaemonDied);
-    let stopped_early = matches!(end, End::QemuKilledAtMarker | End::AfterDaemonKill { .. });
+    if let Some(want) = spec.expect.qemu_signal {
+        if !matches!(end, End::QemuSignaled(s) if s == want) {
+            failures.push(format!(
+                "expected QEMU to die of signal {want}; the run ended with {}",
+                end.describe()
+            ));
+        }
+    }
+    let stopped_early = matches!(
+        end,
+        End::QemuKilledAtMarker | End::AfterDaemonKill { .. } | End::QemuSignaled(_)
+    );
 
     // ---- the daemon's end
     let mut daemon_metrics = None;

@@ -11,6 +11,8 @@ pub struct RunSpec {
     pub device: Device,
     /// The host backing file.
     pub image: PathBuf,
+    /// A tmpfs of its own for the image, at LOGDIR/hostfs.
+    pub host_fs: Option<HostFs>,
     /// The device size, as given (passed to the daemon in its own grammar) and in bytes.
     pub size: Size,
     pub guest: Guest,
@@ -22,6 +24,15 @@ pub struct RunSpec {
     pub allow_kernel_warnings: bool,
     /// Copy the guest console to stderr while it runs.
     pub verbose: bool,
+}
+
+/// A host file system smaller (or barely larger) than the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostFs {
+    pub bytes: u64,
+    /// Once the daemon has prepared the image, fill what is left with a file (what another
+    /// tenant of the host disk does), so that any block a guest store needs later is missing.
+    pub fill: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +205,9 @@ pub struct Expect {
     pub image_unchanged: bool,
     /// The read-only scenario (see `checks::readonly_outcome`).
     pub readonly_outcome: bool,
+    /// QEMU must die of this signal (SIGBUS: a guest store to a hole the full host file system
+    /// cannot fill); the guest then cannot finish, and that is not a failure.
+    pub qemu_signal: Option<i32>,
 }
 
 impl RunSpec {

@@ -9,6 +9,7 @@ mod device;
 mod dio;
 mod fault_latency;
 mod faults;
+mod fill;
 mod flush;
 mod flush_latency;
 mod fs_state;

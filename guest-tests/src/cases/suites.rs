@@ -4,8 +4,8 @@
 use std::fmt;
 
 use super::{
-    fault_latency, faults, flush, flush_latency, fsync_loop, map_sync, persist, pmd, readonly,
-    rebind, selftest, soak, truncate, Ctx,
+    fault_latency, faults, fill, flush, flush_latency, fsync_loop, map_sync, persist, pmd,
+    readonly, rebind, selftest, soak, truncate, Ctx,
 };
 use crate::sys;
 
@@ -103,6 +103,7 @@ pub const TABLE: &[Entry] = &[
     Entry::Suite(&readonly::SUITE),
     Entry::Suite(&soak::SUITE),
     Entry::Suite(&fsync_loop::SUITE),
+    Entry::Suite(&fill::SUITE),
 ];
 
 pub fn find(name: &str) -> Option<&'static Entry> {
@@ -209,7 +210,7 @@ mod tests {
         assert_eq!(
             names_in_words(),
             "e2e, persist, latency, faultlat, bench, faults, mapsync, truncate, pmd, flush, \
-             catalogue, selftest, rebind, readonly, soak or fsyncloop"
+             catalogue, selftest, rebind, readonly, soak, fsyncloop or fill"
         );
     }
 }
