@@ -140,6 +140,7 @@ fn harness() -> &'static Harness {
             size: Some(2 << 20),
             read_only: false,
             flush_mode: FlushMode::Group,
+            flush_rate_limit: None,
             metrics: None,
             // The fuzzer runs the backend inside its own process, which needs far more
             // calls than the daemon's allow-list.

@@ -5,7 +5,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use pmem_metrics::{Metrics, FORMAT_VERSION};
+use pmem_metrics::{FlushRateLimitSetting, Metrics, FORMAT_VERSION};
 
 use crate::device::Device;
 use crate::stats::{log2_buckets, summary};
@@ -35,6 +35,10 @@ pub fn snapshot(device: &Device, seq: u64) -> Metrics {
         largest_batch: stats
             .largest_batch
             .load(std::sync::atomic::Ordering::Relaxed),
+        flush_rate_limit: device.flush_rate_limit().map(|l| FlushRateLimitSetting {
+            ops_per_s: l.ops_per_sec,
+            burst: l.burst,
+        }),
         counters: stats.counters(),
         connection: stats.connection(),
         fdatasync_latency_us,
