@@ -23,7 +23,7 @@ _vhost__user__pmem() {
 
     case "${cmd}" in
         vhost__user__pmem)
-            opts="-h -V --socket-path --connect --fd --socket-mode --socket-group --seccomp --file --size --read-only --allocate --flush-mode --metrics-path --metrics-interval --log-level --print-capabilities --help --version"
+            opts="-h -V --socket-path --connect --fd --socket-mode --socket-group --seccomp --file --size --read-only --allocate --flush-mode --flush-rate-limit --metrics-path --metrics-interval --log-level --print-capabilities --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -67,6 +67,10 @@ _vhost__user__pmem() {
                     ;;
                 --flush-mode)
                     COMPREPLY=($(compgen -W "group serial parallel" -- "${cur}"))
+                    return 0
+                    ;;
+                --flush-rate-limit)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 --metrics-path)

@@ -1,11 +1,12 @@
 //! The command line: fuzz bytes as an argument vector through clap (`Args::try_parse_from`)
-//! and `Config::try_from`, and as a string through `ByteSize` parsing.
+//! and `Config::try_from`, and as a string through `ByteSize` and `FlushRateLimit` parsing.
 //!
 //! Beyond "never panics" (clap's rendering of errors and help included), the target checks
 //! what the rest of the daemon assumes of a `Config`: non-empty paths, a socket mode within
 //! 0o777, an inherited descriptor that is not negative, a size that is a power
-//! of two of at least 2 MiB, a bounded metrics interval; and that every printed `ByteSize`
-//! parses back to itself, as `--size` promises.
+//! of two of at least 2 MiB, a bounded metrics interval, a flush rate limit whose rate and burst
+//! are within 1..=MAX_OPS; and that every printed `ByteSize` and `FlushRateLimit` parses back
+//! to itself, as `--size` and the start-up log line promise.
 
 #![no_main]
 
@@ -17,6 +18,7 @@ use clap::Parser;
 use libfuzzer_sys::fuzz_target;
 use vhost_user_pmem::args::Args;
 use vhost_user_pmem::config::{Config, Endpoint, MAX_METRICS_INTERVAL_SECS};
+use vhost_user_pmem::flush_limit::{FlushRateLimit, MAX_OPS};
 use vhost_user_pmem::size::{ByteSize, MIN_SIZE};
 
 /// With VHOST_FUZZ_SKIP_KNOWN=1, findings already reported in docs/testing.md are not checked
@@ -40,8 +42,25 @@ fn check_size(text: &str) {
     }
 }
 
+fn check_rate_limit(text: &str) {
+    if let Ok(limit) = text.parse::<FlushRateLimit>() {
+        assert!(
+            (1..=MAX_OPS).contains(&limit.ops_per_sec),
+            "{text:?}: {limit:?}"
+        );
+        assert!((1..=MAX_OPS).contains(&limit.burst), "{text:?}: {limit:?}");
+        let printed = limit.to_string();
+        assert_eq!(
+            printed.parse::<FlushRateLimit>(),
+            Ok(limit),
+            "{text:?} parsed as {limit:?}, printed as {printed:?}, which does not parse back"
+        );
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     check_size(&String::from_utf8_lossy(data));
+    check_rate_limit(&String::from_utf8_lossy(data));
 
     // NUL separates arguments: a NUL can never be inside one.
     let argv = std::iter::once(OsString::from("vhost-user-pmem")).chain(
@@ -76,6 +95,9 @@ fuzz_target!(|data: &[u8]| {
                     size >= MIN_SIZE && size.is_power_of_two(),
                     "size {size} accepted"
                 );
+            }
+            if let Some(limit) = config.flush_rate_limit {
+                check_rate_limit(&limit.to_string());
             }
             if let Some(metrics) = &config.metrics {
                 assert!(!metrics.path.as_os_str().is_empty());

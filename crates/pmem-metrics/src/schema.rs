@@ -4,9 +4,11 @@
 //! ```json
 //! {"version":2,"seq":7,"pid":4242,"flush_mode":"group","read_only":false,"uptime_s":12.5,
 //!  "in_flight":0,"flush_failure":null,"largest_batch":1,
+//!  "flush_rate_limit":{"ops_per_s":20,"burst":20},
 //!  "counters":{"requests":..,"fdatasyncs":..,"coalesced":..,"errors":..,"malformed":..,
 //!              "unknown":..,"maps":..,"map_refusals":..,"connections":..,
-//!              "order_violations":0,"log_warnings":0,"log_errors":0},
+//!              "order_violations":0,"flush_delayed":..,"flush_delay_us":..,
+//!              "log_warnings":0,"log_errors":0},
 //!  "connection":{"id":3,"requests":..,"errors":..,"maps":..},
 //!  "backing":{"allocation":"full","size_bytes":..,"unallocated_bytes":0,"fs_free_bytes":..},
 //!  "fdatasync_latency_us":{"count":..,"min":..,"mean":..,"p50":..,"p90":..,"p99":..,"p999":..,"max":..},
@@ -18,8 +20,13 @@
 //!
 //! Version 2 added `seq`, `pid`, `read_only`, `largest_batch`, `map_latency_us`, the
 //! `connection` object and the counters `map_refusals`, `connections`, `log_warnings` and
-//! `log_errors`; later, still version 2 (a reader of the older files sees `null`), the
-//! `backing` object.
+//! `log_errors`.
+//!
+//! Fields added since, within version 2 (`backing`, `flush_rate_limit`,
+//! `counters.flush_delayed`, `counters.flush_delay_us`), are optional or carry a serde
+//! default: a file written before them still parses (as not measured, no limit and no delay),
+//! and a reader built before them ignores them. No reader can misread them, so they leave the
+//! number alone.
 
 use std::fmt;
 use std::io;
@@ -48,6 +55,9 @@ pub struct Metrics {
     pub flush_failure: Option<String>,
     /// The most requests one fdatasync has answered since the daemon started.
     pub largest_batch: u64,
+    /// The daemon's `--flush-rate-limit`; `None` without one.
+    #[serde(default)]
+    pub flush_rate_limit: Option<FlushRateLimitSetting>,
     pub counters: Counters,
     /// The frontend connection being served, or the last one; `None` before the first.
     pub connection: Option<ConnectionCounters>,
@@ -88,6 +98,14 @@ pub struct Counters {
     /// The flush engine makes this impossible; it is counted so that the promise can be seen
     /// kept. Always 0.
     pub order_violations: u64,
+    /// Requests answered by an fdatasync whose start `--flush-rate-limit` held back (in group
+    /// mode every request of the batch, those that arrived during the wait too).
+    #[serde(default)]
+    pub flush_delayed: u64,
+    /// Microseconds by which `--flush-rate-limit` held fdatasync starts back, summed over the
+    /// fdatasyncs (not over their requests).
+    #[serde(default)]
+    pub flush_delay_us: u64,
     /// Log records at warning and at error level.
     pub log_warnings: u64,
     pub log_errors: u64,
@@ -104,6 +122,13 @@ pub struct BackingSpace {
     pub unallocated_bytes: u64,
     /// Bytes the file system can still allocate (statvfs f_bavail).
     pub fs_free_bytes: u64,
+}
+
+/// `--flush-rate-limit OPS/s,burst=N`: fdatasyncs a second, and how many may start at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlushRateLimitSetting {
+    pub ops_per_s: u32,
+    pub burst: u32,
 }
 
 /// Counts of one frontend connection.
@@ -147,7 +172,8 @@ impl fmt::Display for Counters {
         write!(
             f,
             "requests={} fdatasyncs={} coalesced={} errors={} malformed={} unknown={} maps={} \
-             map_refusals={} connections={} order_violations={}",
+             map_refusals={} connections={} order_violations={} flush_delayed={} \
+             flush_delay_us={}",
             self.requests,
             self.fdatasyncs,
             self.coalesced,
@@ -158,6 +184,8 @@ impl fmt::Display for Counters {
             self.map_refusals,
             self.connections,
             self.order_violations,
+            self.flush_delayed,
+            self.flush_delay_us,
         )
     }
 }
@@ -225,6 +253,10 @@ mod tests {
             in_flight: 0,
             flush_failure: None,
             largest_batch: 2,
+            flush_rate_limit: Some(FlushRateLimitSetting {
+                ops_per_s: 20,
+                burst: 1,
+            }),
             counters: Counters {
                 requests: 10,
                 maps: 1,
@@ -268,6 +300,20 @@ mod tests {
         let e = Metrics::parse(Path::new("m.json"), &text).unwrap_err();
         assert!(matches!(e, ReadError::Version { found: 1, .. }), "{e}");
         assert!(e.to_string().contains("format version 1"), "{e}");
+    }
+
+    #[test]
+    fn files_from_before_the_rate_limit_still_parse() {
+        let mut m = sample();
+        m.flush_rate_limit = None;
+        let mut v: serde_json::Value = serde_json::from_str(&m.to_json()).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("flush_rate_limit");
+        let c = o["counters"].as_object_mut().unwrap();
+        c.remove("flush_delayed");
+        c.remove("flush_delay_us");
+        let back = Metrics::parse(Path::new("m.json"), &v.to_string()).unwrap();
+        assert_eq!(back, m);
     }
 
     #[test]

@@ -144,6 +144,15 @@ pub struct Args {
     #[arg(long, value_name = "MODE", value_enum, default_value_t = FlushMode::Group)]
     pub flush_mode: FlushMode,
 
+    /// Start at most OPS fdatasyncs a second, in every --flush-mode; after a quiet spell up to
+    /// N may start back to back (burst=N, default OPS) [default: no limit]. The limit is on
+    /// fdatasyncs, not on requests: in group mode one fdatasync still answers every request
+    /// waiting when it starts, and requests that arrive while it is held back join it. A
+    /// held-back flush is answered late, never early and never with an error. Example:
+    /// 20/s,burst=5. See docs/operations.md.
+    #[arg(long, value_name = "OPS[/s][,burst=N]")]
+    pub flush_rate_limit: Option<String>,
+
     /// Write the metrics as JSON to this file: at start, every --metrics-interval seconds, on
     /// SIGUSR1, and at exit. Each write goes to FILE.tmp and is renamed over FILE, so readers
     /// never see a partial file.

@@ -21,6 +21,7 @@ pub const FEATURES: &[(&str, Option<&str>)] = &[
     ("socket-mode", Some("socket-mode")),
     ("metrics", Some("metrics-path")),
     ("flush-mode", Some("flush-mode")),
+    ("flush-rate-limit", Some("flush-rate-limit")),
     ("seccomp", Some("seccomp")),
     ("log-level", Some("log-level")),
     ("sd-notify", None),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::activation::{self, Activation, ActivationError, ListenEnv};
 use crate::args::Args;
 use crate::backing::Access;
+use crate::flush_limit::{FlushLimitError, FlushRateLimit};
 use crate::modes::{FlushMode, SeccompMode};
 use crate::notify::NotifyAddr;
 use crate::size::{self, SizeError};
@@ -31,6 +32,8 @@ pub const MAX_METRICS_INTERVAL_SECS: u64 = 86_400;
 pub enum ConfigError {
     #[error(transparent)]
     Size(#[from] SizeError),
+    #[error(transparent)]
+    FlushRateLimit(#[from] FlushLimitError),
     #[error("--socket-path is empty")]
     EmptySocketPath,
     #[error("--connect is empty")]
@@ -220,6 +223,8 @@ pub struct Config {
     /// Read-only, or read-write with the `--allocate` policy.
     pub access: Access,
     pub flush_mode: FlushMode,
+    /// `None`: fdatasyncs start as soon as there are requests for them.
+    pub flush_rate_limit: Option<FlushRateLimit>,
     pub metrics: Option<MetricsFile>,
     pub seccomp: SeccompMode,
     /// Where to send READY=1 and STOPPING=1 (NOTIFY_SOCKET), if anywhere.
@@ -304,6 +309,11 @@ impl Config {
             (true, None) => Access::ReadOnly,
             (false, a) => Access::ReadWrite(a.unwrap_or_default()),
         };
+        let flush_rate_limit = args
+            .flush_rate_limit
+            .as_deref()
+            .map(str::parse::<FlushRateLimit>)
+            .transpose()?;
         let metrics = match (args.metrics_path, args.metrics_interval) {
             (None, None) => None,
             (None, Some(_)) => return Err(ConfigError::IntervalWithoutPath),
@@ -343,6 +353,7 @@ impl Config {
             size: args.size.map(|s| s.0),
             access,
             flush_mode: args.flush_mode,
+            flush_rate_limit,
             metrics,
             seccomp: args.seccomp,
             notify,
@@ -512,6 +523,7 @@ mod tests {
             read_only: false,
             allocate: None,
             flush_mode: FlushMode::Group,
+            flush_rate_limit: None,
             metrics_path: None,
             metrics_interval: None,
             log_level: None,
@@ -564,6 +576,25 @@ mod tests {
         );
         a.flush_mode = FlushMode::Parallel;
         assert_eq!(Config::try_from(a).unwrap().flush_mode, FlushMode::Parallel);
+    }
+
+    #[test]
+    fn flush_rate_limit_is_parsed_and_checked_here() {
+        let mut a = args(None);
+        assert_eq!(Config::try_from(a.clone()).unwrap().flush_rate_limit, None);
+        a.flush_rate_limit = Some("20/s,burst=1".into());
+        assert_eq!(
+            Config::try_from(a.clone()).unwrap().flush_rate_limit,
+            Some(FlushRateLimit {
+                ops_per_sec: 20,
+                burst: 1
+            })
+        );
+        a.flush_rate_limit = Some("0".into());
+        assert_eq!(
+            Config::try_from(a).unwrap_err(),
+            ConfigError::FlushRateLimit(FlushLimitError::ZeroRate("0".into()))
+        );
     }
 
     #[test]

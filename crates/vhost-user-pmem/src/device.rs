@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use crate::backing::BackingFile;
 use crate::flush::{FlushEngine, FlushJob};
+use crate::flush_limit::FlushRateLimit;
 use crate::modes::FlushMode;
 use crate::stats::Stats;
 
@@ -17,11 +18,15 @@ pub struct Device {
 }
 
 impl Device {
-    pub fn new(backing: BackingFile, mode: FlushMode) -> io::Result<Self> {
+    pub fn new(
+        backing: BackingFile,
+        mode: FlushMode,
+        limit: Option<FlushRateLimit>,
+    ) -> io::Result<Self> {
         let backing = Arc::new(backing);
         let stats = Arc::new(Stats::default());
         Ok(Device {
-            engine: FlushEngine::new(mode, backing.clone(), stats.clone())?,
+            engine: FlushEngine::new(mode, limit, backing.clone(), stats.clone())?,
             backing,
             stats,
         })
@@ -29,6 +34,10 @@ impl Device {
 
     pub fn flush_mode(&self) -> FlushMode {
         self.engine.mode()
+    }
+
+    pub fn flush_rate_limit(&self) -> Option<FlushRateLimit> {
+        self.engine.rate_limit()
     }
 
     /// Flush requests taken off the queue and not answered yet.

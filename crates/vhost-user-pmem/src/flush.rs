@@ -16,6 +16,14 @@
 //! The engine checks this for every request anyway and counts breaches in
 //! [`Stats::order_violations`].
 //!
+//! With `--flush-rate-limit` a token bucket ([`TokenBucket`]) meters the fdatasyncs of every
+//! mode: a worker takes its requests off the queue only once the bucket lets the next fdatasync
+//! start, and waits (the queue lock released) until it does. Requests that arrive meanwhile stay
+//! on the queue, so in group mode they join the delayed fdatasync; the ordering rule holds as
+//! before, since the requests are still taken before the fdatasync starts. One worker waits for
+//! the token at a time, with a timeout; the others sleep as usual, and a device with nothing
+//! queued has no waiter at all.
+//!
 //! The engine is generic over the sync ([`Syncer`]) and the request ([`Job`]) so that unit
 //! tests can drive it with a sync whose timing they control.
 
@@ -29,6 +37,7 @@ use log::{debug, error, log_enabled, warn, Level};
 use vm_memory::GuestAddress;
 
 use crate::backing::{BackingFile, FlushFailure};
+use crate::flush_limit::{FlushRateLimit, TokenBucket};
 use crate::modes::{FlushMode, PARALLEL_THREADS};
 use crate::queue::{complete, notify, MemGuard, Vring};
 use crate::stats::{PerConnection, Stats};
@@ -109,6 +118,11 @@ struct State<J> {
     /// must wait for before the ring's memory may go.
     unfinished: usize,
     closed: bool,
+    /// `--flush-rate-limit`, if given.
+    bucket: Option<TokenBucket>,
+    /// A worker is in a timed wait for the bucket's next token; the others, finding it empty
+    /// too, sleep untimed rather than all wake when the token is due.
+    token_waiter: bool,
 }
 
 struct Shared<J> {
@@ -125,6 +139,7 @@ struct Shared<J> {
 
 pub struct FlushEngine<S: Syncer = BackingFile, J: Job = FlushJob> {
     mode: FlushMode,
+    limit: Option<FlushRateLimit>,
     shared: Arc<Shared<J>>,
     workers: Vec<JoinHandle<()>>,
     stats: Arc<Stats>,
@@ -132,14 +147,22 @@ pub struct FlushEngine<S: Syncer = BackingFile, J: Job = FlushJob> {
 }
 
 impl<S: Syncer, J: Job> FlushEngine<S, J> {
-    /// Starts the workers of `mode`. They sleep on a condition variable until a request
-    /// arrives, so an idle device costs no wakeups.
-    pub fn new(mode: FlushMode, syncer: Arc<S>, stats: Arc<Stats>) -> std::io::Result<Self> {
+    /// Starts the workers of `mode`, their fdatasyncs held to `limit` if one is given. They
+    /// sleep on a condition variable until a request arrives, so an idle device costs no
+    /// wakeups.
+    pub fn new(
+        mode: FlushMode,
+        limit: Option<FlushRateLimit>,
+        syncer: Arc<S>,
+        stats: Arc<Stats>,
+    ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 unfinished: 0,
                 closed: false,
+                bucket: limit.map(TokenBucket::new),
+                token_waiter: false,
             }),
             in_flight: AtomicUsize::new(0),
             work: Condvar::new(),
@@ -147,6 +170,7 @@ impl<S: Syncer, J: Job> FlushEngine<S, J> {
         });
         let mut engine = FlushEngine {
             mode,
+            limit,
             shared,
             workers: Vec::new(),
             stats,
@@ -176,6 +200,10 @@ impl<S: Syncer, J: Job> FlushEngine<S, J> {
 
     pub fn mode(&self) -> FlushMode {
         self.mode
+    }
+
+    pub fn rate_limit(&self) -> Option<FlushRateLimit> {
+        self.limit
     }
 
     /// Hands a request to the workers. `popped` is when it was taken off the virtqueue; the
@@ -263,20 +291,67 @@ impl<S: Syncer, J: Job> Worker<S, J> {
         }
     }
 
-    /// Waits for requests and moves up to the mode's batch limit of them into `batch`.
-    /// Returns false once the engine is closed and nothing is left.
+    /// Waits for requests, and for the rate limit to let one more fdatasync start, then moves
+    /// up to the mode's batch limit of them into `batch`. Returns false once the engine is
+    /// closed and nothing is left.
     fn take(&self, batch: &mut Vec<Entry<J>>) -> bool {
         let mut state = lock(&self.shared.state);
+        // When the limit first stopped this worker from starting a sync it had requests for:
+        // the delay it counts is its own, not time it spent busy or asleep for other reasons.
+        let mut refused_since: Option<Instant> = None;
+        // Whether this worker is the one in `State::token_waiter`.
+        let mut waiting = false;
         loop {
-            if !state.queue.is_empty() {
-                let n = state.queue.len().min(batch_limit(self.mode));
-                batch.extend(state.queue.drain(..n));
-                return true;
+            if state.queue.is_empty() {
+                refused_since = None;
+                if std::mem::take(&mut waiting) {
+                    // Another worker got a token and took what this one waited to serve.
+                    state.token_waiter = false;
+                }
+                if state.closed {
+                    // Workers that went back to sleep behind the token's waiter missed the
+                    // close; each one that leaves wakes the next.
+                    self.shared.work.notify_one();
+                    return false;
+                }
+                state = unpoison(self.shared.work.wait(state));
+                continue;
             }
-            if state.closed {
-                return false;
+            let now = Instant::now();
+            match state.bucket.as_mut().map_or(Ok(()), |b| b.take(now)) {
+                Ok(()) => {
+                    if waiting {
+                        state.token_waiter = false;
+                    }
+                    let n = state.queue.len().min(batch_limit(self.mode));
+                    batch.extend(state.queue.drain(..n));
+                    if state.bucket.is_some() && !state.queue.is_empty() {
+                        // The rest need a worker to wait for the next token, and the others
+                        // sleep until told.
+                        self.shared.work.notify_one();
+                    }
+                    drop(state);
+                    if let Some(since) = refused_since {
+                        // A request popped during the wait was held back only from its pop.
+                        let since = batch.first().map_or(since, |e| e.popped.max(since));
+                        self.stats
+                            .record_delay(n, now.saturating_duration_since(since));
+                    }
+                    return true;
+                }
+                // The timed wait ends when the token is due; requests that arrive meanwhile
+                // are still on the queue then, and a group-mode batch takes them along.
+                Err(wait) if waiting || !state.token_waiter => {
+                    refused_since.get_or_insert(now);
+                    waiting = true;
+                    state.token_waiter = true;
+                    state = unpoison(self.shared.work.wait_timeout(state, wait)).0;
+                }
+                Err(_) => {
+                    refused_since.get_or_insert(now);
+                    state = unpoison(self.shared.work.wait(state));
+                }
             }
-            state = unpoison(self.shared.work.wait(state));
         }
     }
 
@@ -465,6 +540,10 @@ mod tests {
 
     impl Gated {
         fn new(mode: FlushMode) -> Self {
+            Gated::limited(mode, None)
+        }
+
+        fn limited(mode: FlushMode, limit: Option<FlushRateLimit>) -> Self {
             let (started_tx, started) = mpsc::channel();
             let (release, release_rx) = mpsc::channel();
             let (answers_tx, answers) = mpsc::channel();
@@ -475,7 +554,7 @@ mod tests {
             });
             let stats = Arc::new(Stats::default());
             Gated {
-                engine: FlushEngine::new(mode, sync, stats.clone()).unwrap(),
+                engine: FlushEngine::new(mode, limit, sync, stats.clone()).unwrap(),
                 stats,
                 started,
                 release,
@@ -702,7 +781,7 @@ mod tests {
             });
             let stats = Arc::new(Stats::default());
             let engine: FlushEngine<SleepySync, FakeJob> =
-                FlushEngine::new(mode, sync.clone(), stats.clone()).unwrap();
+                FlushEngine::new(mode, None, sync.clone(), stats.clone()).unwrap();
             let (tx, rx) = mpsc::channel();
             const THREADS: usize = 4;
             const PER_THREAD: usize = 50;
@@ -790,5 +869,156 @@ mod tests {
         g.answers(1);
         g.engine.wait_idle();
         assert_eq!(Stats::get(&g.stats.order_violations), 1);
+    }
+
+    /// A sync that returns at once and notes when it started.
+    #[derive(Default)]
+    struct InstantSync {
+        starts: Mutex<Vec<Instant>>,
+    }
+
+    impl Syncer for InstantSync {
+        fn sync(&self) -> Result<(), FlushFailure> {
+            let now = Instant::now();
+            let mut starts = lock(&self.starts);
+            starts.push(now);
+            CURRENT_SYNC.with(|c| c.set(Some((starts.len() as u64, now))));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_limited_group_sync_waits_for_its_token_and_takes_what_arrives_meanwhile() {
+        let limit = FlushRateLimit {
+            ops_per_sec: 10,
+            burst: 1,
+        };
+        let mut g = Gated::limited(FlushMode::Group, Some(limit));
+        let a = g.submit();
+        assert_eq!(
+            g.wait_started(),
+            1,
+            "the burst lets the first sync start at once"
+        );
+        g.finish_one(Ok(()));
+        assert_eq!(g.answers(1)[0].id, a);
+
+        // The next token is due 100 ms after sync #1 took the first.
+        let b = g.submit();
+        assert!(
+            g.started.recv_timeout(Duration::from_millis(30)).is_err(),
+            "sync #2 started before its token"
+        );
+        let cd = [g.submit(), g.submit()];
+        assert_eq!(g.wait_started(), 2);
+        g.finish_one(Ok(()));
+        let second = g.answers(3);
+        assert_eq!(
+            second.iter().map(|x| x.id).collect::<Vec<_>>(),
+            [b, cd[0], cd[1]],
+            "requests that arrived during the delay join the delayed sync"
+        );
+        assert!(second.iter().all(|x| x.sync_seq == 2 && x.code == RESP_OK));
+        g.check_order(&second);
+        g.engine.wait_idle();
+        let c = g.stats.counters();
+        assert_eq!((c.requests, c.fdatasyncs, c.errors), (4, 2, 0));
+        assert_eq!(c.flush_delayed, 3, "{c:?}");
+        // B waited from its pop for the rest of the 100 ms (and whatever the wakeup's lateness
+        // adds on a busy machine): one wait counted once, not once per request.
+        assert!(
+            (30_000..1_000_000).contains(&c.flush_delay_us),
+            "{}",
+            c.flush_delay_us
+        );
+    }
+
+    /// An engine held to `limit`, with a sync that returns at once.
+    struct Limited {
+        // Declared first, so dropped first: its workers send on `rx`'s channel until they stop.
+        engine: FlushEngine<InstantSync, FakeJob>,
+        sync: Arc<InstantSync>,
+        stats: Arc<Stats>,
+        tx: Sender<Answer>,
+        rx: Receiver<Answer>,
+    }
+
+    impl Limited {
+        fn new(mode: FlushMode, ops_per_sec: u32, burst: u32) -> Limited {
+            let limit = FlushRateLimit { ops_per_sec, burst };
+            let sync = Arc::new(InstantSync::default());
+            let stats = Arc::new(Stats::default());
+            let (tx, rx) = mpsc::channel();
+            Limited {
+                engine: FlushEngine::new(mode, Some(limit), sync.clone(), stats.clone()).unwrap(),
+                sync,
+                stats,
+                tx,
+                rx,
+            }
+        }
+
+        /// Submits request `id`, popped now.
+        fn submit(&self, id: usize) {
+            let job = FakeJob {
+                id,
+                answers: self.tx.clone(),
+            };
+            self.engine.submit(job, Instant::now());
+        }
+    }
+
+    #[test]
+    fn every_mode_spends_one_token_per_sync() {
+        const INTERVAL: Duration = Duration::from_millis(100);
+        for mode in [FlushMode::Group, FlushMode::Serial, FlushMode::Parallel] {
+            let l = Limited::new(mode, 10, 2);
+            let t0 = Instant::now();
+            // Group mode takes everything queued at once: feed it one request per sync.
+            let (rounds, per_round) = match mode {
+                FlushMode::Group => (6, 1),
+                _ => (1, 6),
+            };
+            for round in 0..rounds {
+                for i in 0..per_round {
+                    l.submit(round * per_round + i);
+                }
+                l.engine.wait_idle();
+            }
+            let answers: Vec<Answer> = l.rx.try_iter().collect();
+            assert_eq!(answers.len(), 6, "{mode}");
+            assert!(answers.iter().all(|a| a.code == RESP_OK), "{mode}");
+            let mut starts = lock(&l.sync.starts).clone();
+            starts.sort();
+            assert_eq!(starts.len(), 6, "{mode}: one sync per request here");
+            // The burst of 2 starts at once; sync k (from 0) waits for token k, due
+            // (k - 1) intervals after the first was taken, which was after t0.
+            for (k, start) in starts.iter().enumerate().skip(2) {
+                let due = t0 + INTERVAL * (k as u32 - 1);
+                assert!(*start >= due, "{mode}: sync {k} started before its token");
+            }
+            let c = l.stats.counters();
+            assert_eq!(c.order_violations, 0, "{mode}");
+            assert_eq!(c.flush_delayed, 4, "{mode}: {c:?}");
+            assert!(c.flush_delay_us > 0, "{mode}");
+        }
+    }
+
+    #[test]
+    fn an_engine_with_a_limit_still_drains_when_dropped() {
+        for mode in [FlushMode::Group, FlushMode::Serial, FlushMode::Parallel] {
+            let Limited { engine, rx, tx, .. } = {
+                let l = Limited::new(mode, 100, 1);
+                (0..5).for_each(|id| l.submit(id));
+                l
+            };
+            drop(engine);
+            drop(tx);
+            assert_eq!(
+                rx.iter().count(),
+                5,
+                "{mode}: every queued request answered"
+            );
+        }
     }
 }

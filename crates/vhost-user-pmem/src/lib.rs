@@ -11,6 +11,7 @@ pub mod capabilities;
 pub mod config;
 pub mod device;
 pub mod flush;
+pub mod flush_limit;
 pub mod logging;
 pub mod metrics;
 pub mod modes;
@@ -224,7 +225,7 @@ pub fn prepare(config: &config::Config) -> Result<(Arc<Device>, Frontends), Erro
             first: None,
         },
     };
-    let device = match Device::new(backing, config.flush_mode) {
+    let device = match Device::new(backing, config.flush_mode, config.flush_rate_limit) {
         Ok(d) => Arc::new(d),
         Err(e) => {
             if let Endpoint::Listen { path, .. } = &config.endpoint {
@@ -249,8 +250,12 @@ pub fn prepare(config: &config::Config) -> Result<(Arc<Device>, Frontends), Erro
         device.stats.connection_made(1);
         *first = Some(d);
     }
+    let limit = match config.flush_rate_limit {
+        Some(l) => format!(", flush rate limit {l}"),
+        None => String::new(),
+    };
     info!(
-        "serving {} ({}, {}, flush mode {}), {}",
+        "serving {} ({}, {}, flush mode {}{limit}), {}",
         config.file.display(),
         size::ByteSize(size),
         if read_only { "read-only" } else { "read-write" },

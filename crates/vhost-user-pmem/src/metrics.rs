@@ -5,7 +5,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use pmem_metrics::{BackingSpace, Metrics, FORMAT_VERSION};
+use pmem_metrics::{BackingSpace, FlushRateLimitSetting, Metrics, FORMAT_VERSION};
 
 use crate::device::Device;
 use crate::modes::Allocation;
@@ -36,6 +36,10 @@ pub fn snapshot(device: &Device, seq: u64) -> Metrics {
         largest_batch: stats
             .largest_batch
             .load(std::sync::atomic::Ordering::Relaxed),
+        flush_rate_limit: device.flush_rate_limit().map(|l| FlushRateLimitSetting {
+            ops_per_s: l.ops_per_sec,
+            burst: l.burst,
+        }),
         counters: stats.counters(),
         connection: stats.connection(),
         backing: backing_space(device),

@@ -37,6 +37,8 @@ pub struct Stats {
     pub order_violations: AtomicU64,
     /// The most requests one fdatasync has answered.
     pub largest_batch: AtomicU64,
+    pub flush_delayed: AtomicU64,
+    pub flush_delay_us: AtomicU64,
     /// The connection being served (or the last one), and the one being set up. Behind a lock
     /// so that a count for an older connection, whose flush finishes after the next one
     /// began, is told apart.
@@ -88,6 +90,8 @@ impl Default for Stats {
             connections: AtomicU64::new(0),
             order_violations: AtomicU64::new(0),
             largest_batch: AtomicU64::new(0),
+            flush_delayed: AtomicU64::new(0),
+            flush_delay_us: AtomicU64::new(0),
             connection: Mutex::new(Connections::default()),
             sync_latency: Mutex::new(histogram()),
             request_latency: Mutex::new(histogram()),
@@ -193,6 +197,13 @@ impl Stats {
         self.largest_batch.fetch_max(n as u64, Ordering::Relaxed);
     }
 
+    /// Records that the rate limit held back the start of an fdatasync that answered `n`
+    /// requests, by `held`.
+    pub fn record_delay(&self, n: usize, held: Duration) {
+        Self::add(&self.flush_delayed, n as u64);
+        Self::add(&self.flush_delay_us, micros(held));
+    }
+
     /// Records how long one fdatasync took.
     pub fn record_sync(&self, took: Duration) {
         lock(&self.sync_latency).saturating_record(micros(took));
@@ -229,6 +240,8 @@ impl Stats {
             map_refusals: Self::get(&self.map_refusals),
             connections: Self::get(&self.connections),
             order_violations: Self::get(&self.order_violations),
+            flush_delayed: Self::get(&self.flush_delayed),
+            flush_delay_us: Self::get(&self.flush_delay_us),
             log_warnings,
             log_errors,
         }

@@ -49,6 +49,7 @@ fn help_and_version_exit_zero() {
         "--read-only",
         "--allocate",
         "--flush-mode",
+        "--flush-rate-limit",
         "--metrics-path",
         "--metrics-interval",
         "--fd",
@@ -94,6 +95,39 @@ fn unknown_flush_mode_is_a_usage_error() {
         o.stderr
     );
     assert!(!env.socket.exists());
+}
+
+#[test]
+fn bad_flush_rate_limits_are_one_line_usage_errors() {
+    let env = Env::new();
+    env.create_file(2 * MIB);
+    // `=` so that a value starting with '-' reaches the daemon's own check, not clap's.
+    for (text, fix) in [
+        ("0", "at least 1/s, or leave the option out"),
+        ("0/s,burst=3", "at least 1/s"),
+        ("-5/s", "from 1 to 1000000"),
+        ("fast", "OPS[/s][,burst=N]"),
+        ("2.5/s", "whole number"),
+        ("20/min", "OPS[/s][,burst=N]"),
+        ("/s", "OPS[/s][,burst=N]"),
+        ("2000000/s", "leave the option out for no limit"),
+        ("20/s,burst=0", "burst=1 or more"),
+        ("20/s,burst=", "burst= needs a whole number"),
+        ("20/s,burst=many", "burst= needs a whole number"),
+        ("20/s,rate=3", "the only key is burst=N"),
+        ("20/s,burst=2,burst=3", "give it once"),
+        ("", "give OPS[/s][,burst=N]"),
+    ] {
+        let line = refused_usage(&env, &[&format!("--flush-rate-limit={text}")]);
+        assert!(
+            line.contains("--flush-rate-limit") && line.contains(fix),
+            "{text:?}: {line}"
+        );
+    }
+    // No value at all is clap's to refuse; still a usage error.
+    let o = run(&env.args(&["--flush-rate-limit"]));
+    assert_eq!(o.code(), Some(2), "stderr: {}", o.stderr);
+    assert!(o.stderr.contains("--flush-rate-limit"), "{}", o.stderr);
 }
 
 #[test]
@@ -486,6 +520,7 @@ fn print_capabilities_needs_nothing_else_and_is_json() {
         "sd-notify",
         "read-only",
         "connect",
+        "flush-rate-limit",
     ] {
         assert!(features.contains(&f), "{features:?}");
     }

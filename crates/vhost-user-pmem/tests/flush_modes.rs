@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{pattern, Daemon, Env, MIB, TIMEOUT};
+use common::{keep_flushing, pattern, Daemon, Env, MIB, TIMEOUT};
 use pmem_frontend::Frontend;
 use pmem_metrics::Metrics;
 
@@ -18,28 +18,9 @@ fn metrics(env: &Env, d: &Daemon) -> Metrics {
     d.report(&env.metrics_path())
 }
 
-/// Keeps `depth` flushes outstanding until `total` have completed, dirtying a page of the
-/// mapping before each submission as a guest would. Returns how many completed.
+/// Keeps `depth` flushes outstanding until `total` have completed.
 fn run_load(fe: &mut Frontend, depth: usize, total: usize) -> usize {
-    let map = fe.shmem().expect("started");
-    let mut submitted = 0;
-    let mut completed = 0;
-    let mut in_flight = HashSet::new();
-    while completed < total {
-        while in_flight.len() < depth && submitted < total {
-            let page = (submitted % 256) * 4096;
-            map.write(page, &pattern(64, submitted as u8)).unwrap();
-            assert!(in_flight.insert(fe.submit_request(0).unwrap()));
-            submitted += 1;
-        }
-        let used = fe.wait_used(TIMEOUT).unwrap();
-        let head = used.id as u16;
-        assert!(in_flight.remove(&head), "head {head} completed twice");
-        assert_eq!(used.len, 4);
-        assert_eq!(fe.request_status(head).unwrap(), 0, "status of head {head}");
-        completed += 1;
-    }
-    completed
+    keep_flushing(fe, depth, |submitted| submitted < total)
 }
 
 fn answers_flushes(mode: &str) {

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{read_metrics, Daemon, Env, MIB, TIMEOUT};
+use common::{context_switches, read_metrics, Daemon, Env, MIB, TIMEOUT};
 use pmem_metrics::{ConnectionCounters, Metrics, FORMAT_VERSION};
 
 /// The metrics lines on the daemon's stderr (log lines start with `[`).
@@ -261,28 +261,6 @@ fn disconnect_logs_a_brief_summary() {
         assert!(Instant::now() < deadline, "no disconnect line; log:\n{log}");
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// Context switches of every thread of `pid` so far.
-fn context_switches(pid: i32) -> u64 {
-    let mut total = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let status =
-            std::fs::read_to_string(task.unwrap().path().join("status")).unwrap_or_default();
-        for line in status.lines() {
-            if line.starts_with("voluntary_ctxt_switches:")
-                || line.starts_with("nonvoluntary_ctxt_switches:")
-            {
-                total += line
-                    .split_whitespace()
-                    .nth(1)
-                    .unwrap()
-                    .parse::<u64>()
-                    .unwrap();
-            }
-        }
-    }
-    total
 }
 
 #[test]

@@ -175,6 +175,60 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// Keeps `depth` flushes outstanding for as long as `more(submitted so far)` says, then waits
+/// for the rest, dirtying a page of the mapping before each submission as a guest would.
+/// Every answer must be a success, and each head must come back once. Returns how many
+/// completed (all that were submitted).
+pub fn keep_flushing(
+    fe: &mut Frontend,
+    depth: usize,
+    mut more: impl FnMut(usize) -> bool,
+) -> usize {
+    let map = fe.shmem().expect("started");
+    let mut submitted = 0;
+    let mut completed = 0;
+    let mut in_flight = std::collections::HashSet::new();
+    loop {
+        while in_flight.len() < depth && more(submitted) {
+            let page = (submitted % 256) * 4096;
+            map.write(page, &pattern(64, submitted as u8)).unwrap();
+            assert!(in_flight.insert(fe.submit_request(0).unwrap()));
+            submitted += 1;
+        }
+        if in_flight.is_empty() {
+            return completed;
+        }
+        let used = fe.wait_used(TIMEOUT).unwrap();
+        let head = used.id as u16;
+        assert!(in_flight.remove(&head), "head {head} completed twice");
+        assert_eq!(used.len, 4);
+        assert_eq!(fe.request_status(head).unwrap(), 0, "status of head {head}");
+        completed += 1;
+    }
+}
+
+/// Context switches of every thread of `pid` so far.
+pub fn context_switches(pid: i32) -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status =
+            std::fs::read_to_string(task.unwrap().path().join("status")).unwrap_or_default();
+        for line in status.lines() {
+            if line.starts_with("voluntary_ctxt_switches:")
+                || line.starts_with("nonvoluntary_ctxt_switches:")
+            {
+                total += line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap();
+            }
+        }
+    }
+    total
+}
+
 /// A running daemon. Killed (SIGKILL) on drop; its log is printed if the test panicked.
 pub struct Daemon {
     /// Killed (SIGKILL) on drop.
