@@ -21,7 +21,8 @@ For every patch scripts/mutations/NAME.patch (all of them without NAME arguments
      line (--only), with the unpatched other half (guest or daemon);
   4. undo the patch.
 A patch is KILLED when its target case failed (a "not ok" line for it, for fsync_persists a
-failed VUP-HOSTCHECK, for fill_to_enospc QEMU killed by a signal), SURVIVED when it passed, and ERROR when no guest ran (a refused
+failed VUP-HOSTCHECK, for fill_to_enospc QEMU killed by a signal; for the target shared_image,
+which runs `vmrun shared-image` instead of one case, any check after its golden run), SURVIVED when it passed, and ERROR when no guest ran (a refused
 argument, a failed build). Other failures are listed too. The table goes to stdout and to \$VUP_BUILD/mutation/results.md; each run's logs stay in \$VUP_BUILD/mutation/NAME/.
 Exit status 0 iff every patch was killed.
 
@@ -109,6 +110,8 @@ run_args() {
         pmd_fault) ra=(--args "--mkfs pmd --only pmd_fault") ;;
         # The image on a tmpfs the runner fills once the daemon has prepared it.
         fill_to_enospc) ra=(--size 64M --host-fs-size 80M --fill-host-fs --args "--mkfs fill") ;;
+        # Not one case but `vmrun shared-image` (two VMs on one golden image).
+        shared_image) ra=(shared-image) ;;
         *) return 1 ;;
     esac
 }
@@ -138,6 +141,25 @@ for n in "${names[@]}"; do
         results+=("| $n | $target | ERROR | the mutated build failed (see $out/build.log) |"); killed_all=0; continue
     fi
     t0=$(now_ms)
+    if [[ ${ra[0]} == shared-image ]]; then
+        build_runner
+        "$VUP_RUNNER" shared-image --daemon "$daemon" --initrd "$initrd" --out "$out/vm" >"$out/run-vm.log" 2>&1 \
+            && rc=0 || rc=$?
+        secs=$(( ($(now_ms) - t0) / 1000 ))
+        # KILLED when a check after the golden run failed; ERROR when the golden run did.
+        if grep -q '^shared-image: golden .*: ok' "$out/run-vm.log"; then
+            why=$(grep -E '^shared-image: .*FAILED' "$out/run-vm.log" | head -n 3 | sed 's/^shared-image: //' | paste -sd ';' - || true)
+        else
+            why=""
+        fi
+        why=${why//|/\\|}
+        if [[ -n $why ]]; then verdict=KILLED; info "$n: $why"
+        elif (( rc == 0 )); then verdict=SURVIVED; killed_all=0; why="every check passed"; info "$n: SURVIVED"
+        else verdict=ERROR; killed_all=0; why="the golden run failed (see $out/run-vm.log)"; info "$n: ERROR"
+        fi
+        results+=("| $n | $target | $verdict | ${why:0:400} | ${secs} s |")
+        continue
+    fi
     # --seccomp=off: a mutated daemon may make calls outside the allow-list (e15 opens a file),
     # and the case must fail on the property the patch breaks, not on the sandbox.
     "$VUP_ROOT/scripts/run-vm.sh" --daemon "$daemon" \

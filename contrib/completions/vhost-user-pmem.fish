@@ -23,6 +23,7 @@ debug\t''
 trace\t''
 off\t''"
 complete -c vhost-user-pmem -l read-only -d 'Open the file read-only and map it into the guest without write permission. Every flush is answered with an error, since nothing the guest writes can become durable. QEMU 11.1 cannot map a read-only file (the guest then sees zeros; see docs/qemu.md)'
+complete -c vhost-user-pmem -l snapshot -d 'Serve a private copy-on-write layer over --file: the guest sees the image read-write, its writes go to a reflink clone of it (FICLONE) in an unlinked file in the image\'s directory, and vanish when the daemon exits. The image is never written and only share-locked, so many --snapshot daemons (one per VM) can serve one golden image while a read-write daemon is refused. Needs a file system that makes reflink copies (xfs, btrfs). The clone shares the image\'s blocks on disk but not its page cache. Not with --read-only or --allocate'
 complete -c vhost-user-pmem -l print-capabilities -d 'Print the backend\'s capabilities as JSON on stdout, {"type": "pmem", "features": [...]} (the vhost-user backend convention), and exit 0. Needs no other option'
 complete -c vhost-user-pmem -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vhost-user-pmem -s V -l version -d 'Print version'

@@ -139,6 +139,16 @@ pub struct Args {
     #[arg(long, value_name = "POLICY", value_enum)]
     pub allocate: Option<Allocation>,
 
+    /// Serve a private copy-on-write layer over --file: the guest sees the image read-write,
+    /// its writes go to a reflink clone of it (FICLONE) in an unlinked file in the image's
+    /// directory, and vanish when the daemon exits. The image is never written and only
+    /// share-locked, so many --snapshot daemons (one per VM) can serve one golden image while a
+    /// read-write daemon is refused. Needs a file system that makes reflink copies (xfs,
+    /// btrfs). The clone shares the image's blocks on disk but not its page cache. Not with
+    /// --read-only or --allocate.
+    #[arg(long)]
+    pub snapshot: bool,
+
     /// How flush requests become fdatasyncs. Every mode answers a request only after an
     /// fdatasync that started after the request was taken off the queue has completed.
     #[arg(long, value_name = "MODE", value_enum, default_value_t = FlushMode::Group)]

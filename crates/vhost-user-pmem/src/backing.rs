@@ -13,6 +13,7 @@ use log::{error, info, warn};
 use crate::allocation::{self, Space};
 use crate::modes::Allocation;
 use crate::size::{self, ByteSize, SizeError};
+use crate::snapshot::{self, SnapshotError};
 use crate::sync;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,10 @@ pub enum BackingError {
     MissingNoSize(PathBuf),
     #[error("{0} does not exist, and --read-only cannot create it")]
     MissingReadOnly(PathBuf),
+    #[error("{0} does not exist; --snapshot needs an existing image to layer over")]
+    MissingSnapshot(PathBuf),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     #[error("cannot open {path}: {source}")]
     Open { path: PathBuf, source: io::Error },
     #[error("{path} is in use ({held} lock held): another vhost-user-pmem serves it, or a QEMU still maps it from an earlier daemon (the lock travels with the descriptor passed in SHMEM_MAP)")]
@@ -33,6 +38,11 @@ pub enum BackingError {
         /// The kind of lock another holder has that keeps this one out.
         held: &'static str,
     },
+    #[error(
+        "{0} is share-locked by --snapshot or --read-only daemons: a writer would change the \
+         image under their guests; stop them first, or serve it with --snapshot too"
+    )]
+    SharedLocked(PathBuf),
     #[error("{path} is {file_size}, larger than --size {size}; refusing to shrink it (that would lose data). Use --size {file_size} or omit --size")]
     WouldShrink {
         path: PathBuf,
@@ -82,6 +92,8 @@ pub enum Access {
     ReadWrite(Allocation),
     /// `--read-only`: opened without write permission, never created, extended or allocated.
     ReadOnly,
+    /// `--snapshot`: the image is read and share-locked; the guest writes to a private layer.
+    Snapshot,
 }
 
 /// Why flushes are refused: the first fdatasync failure, kept for the daemon's lifetime.
@@ -99,8 +111,10 @@ pub struct BackingFile {
     path: PathBuf,
     size: u64,
     read_only: bool,
-    /// `None` when read-only.
-    allocation: Option<Allocation>,
+    access: Access,
+    /// With `--snapshot`: the shared image under the private layer `file`, kept open for its
+    /// shared lock.
+    _image: Option<File>,
     /// The last measurement of the file's blocks and free space, and when it was made.
     space: Mutex<Option<(Space, Instant)>>,
     failure: OnceLock<FlushFailure>,
@@ -130,11 +144,14 @@ impl BackingFile {
     /// which must then pass `size::check_file`. Nothing is written to an existing file unless
     /// it has to grow.
     pub fn open(path: &Path, size: Option<u64>, access: Access) -> Result<Self, BackingError> {
+        if access == Access::Snapshot {
+            return Self::open_snapshot(path, size);
+        }
         let path = path.to_path_buf();
         let read_only = access == Access::ReadOnly;
         let allocation = match access {
             Access::ReadWrite(a) => Some(a),
-            Access::ReadOnly => None,
+            Access::ReadOnly | Access::Snapshot => None,
         };
         let exists = match std::fs::metadata(&path) {
             Ok(meta) if meta.is_dir() => return Err(BackingError::IsDirectory(path)),
@@ -197,26 +214,15 @@ impl BackingFile {
             }
             holes = space.unallocated();
         }
-        let size = match size {
-            None => {
-                size::check_file(&path, file_size)?;
-                file_size
-            }
-            Some(size) if file_size > size => {
-                return Err(BackingError::WouldShrink {
-                    path,
-                    file_size: ByteSize(file_size),
-                    size: ByteSize(size),
-                })
-            }
-            Some(size) if file_size < size && read_only => {
+        let size = match device_size(&path, file_size, size)? {
+            size if file_size < size && read_only => {
                 return Err(BackingError::ReadOnlyTooSmall {
                     path,
                     file_size: ByteSize(file_size),
                     size: ByteSize(size),
                 })
             }
-            Some(size) if file_size < size => {
+            size if file_size < size => {
                 // set_len leaves the new range as a hole: a fresh image costs no disk space
                 // until the guest writes to it.
                 if let Err(source) = file.set_len(size).and_then(|_| file.sync_all()) {
@@ -243,7 +249,7 @@ impl BackingFile {
                 }
                 size
             }
-            Some(size) => size,
+            size => size,
         };
         match allocation {
             // An image without holes (every start after the first) needs no call and no
@@ -282,11 +288,72 @@ impl BackingFile {
             path,
             size,
             read_only,
-            allocation,
+            access,
+            _image: None,
             space: Mutex::new(None),
             failure: OnceLock::new(),
         };
         b.measure_space();
+        Ok(b)
+    }
+
+    /// `--snapshot`: share-locks the image at `path`, which must exist, and serves a private
+    /// reflink layer over it, extended to `size` if that is larger. The image is not written.
+    fn open_snapshot(path: &Path, size: Option<u64>) -> Result<Self, BackingError> {
+        let path = path.to_path_buf();
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_dir() => return Err(BackingError::IsDirectory(path)),
+            Ok(meta) if !meta.is_file() => {
+                return Err(BackingError::NotRegular(path, file_kind(&meta)))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(BackingError::MissingSnapshot(path))
+            }
+            Err(source) => return Err(BackingError::Open { path, source }),
+        }
+        let open_err = |path: &PathBuf| {
+            let path = path.clone();
+            move |source| BackingError::Open { path, source }
+        };
+        let image = File::open(&path).map_err(open_err(&path))?;
+        lock(&image, &path, true)?;
+        let file_size = image.metadata().map_err(open_err(&path))?.size();
+        let size = device_size(&path, file_size, size)?;
+        let layer = snapshot::private_layer(&image, &path)?;
+        if size > file_size {
+            layer.set_len(size).map_err(|source| BackingError::Extend {
+                path: path.clone(),
+                size: ByteSize(size),
+                source,
+            })?;
+        }
+        info!(
+            "serving a private copy-on-write layer over {} ({}; a reflink clone in an unlinked \
+             file, gone at exit): the image is share-locked and never written",
+            path.display(),
+            ByteSize(size)
+        );
+        let b = BackingFile {
+            file: layer,
+            path,
+            size,
+            read_only: false,
+            access: Access::Snapshot,
+            _image: Some(image),
+            space: Mutex::new(None),
+            failure: OnceLock::new(),
+        };
+        b.measure_space();
+        if let Some(s) = b.space().filter(Space::short) {
+            warn!(
+                "{}: the private layer may need up to {} as the guest writes, and the file \
+                 system has {} free; a guest that fills it will stop (SIGBUS in QEMU)",
+                b.path.display(),
+                ByteSize(s.unallocated()),
+                ByteSize(s.fs_free)
+            );
+        }
         Ok(b)
     }
 
@@ -306,9 +373,13 @@ impl BackingFile {
         self.read_only
     }
 
-    /// `None` when read-only.
-    pub fn allocation(&self) -> Option<Allocation> {
-        self.allocation
+    /// `full`, `sparse`, `read-only` or `snapshot`, for the metrics.
+    pub fn policy(&self) -> &'static str {
+        match self.access {
+            Access::ReadWrite(a) => a.as_str(),
+            Access::ReadOnly => "read-only",
+            Access::Snapshot => "snapshot",
+        }
     }
 
     /// The file's blocks and its file system's free space, as last measured: at start, and
@@ -321,7 +392,14 @@ impl BackingFile {
 
     fn measure_space(&self) {
         match allocation::measure(&self.file, self.size) {
-            Ok(s) => *sync::lock(&self.space) = Some((s, Instant::now())),
+            Ok(mut s) => {
+                if self.access == Access::Snapshot {
+                    // The clone's blocks are the image's: every byte a guest overwrites
+                    // needs a new one.
+                    s.allocated = 0;
+                }
+                *sync::lock(&self.space) = Some((s, Instant::now()));
+            }
             Err(e) => log::debug!("cannot measure {}: {e}", self.path.display()),
         }
     }
@@ -403,6 +481,37 @@ fn report_sparse(file: &File, path: &Path, size: u64) {
     }
 }
 
+/// The device size: `size`, already checked with `size::check_requested`, which the file
+/// must not be larger than (shrinking would lose data), or (`None`) the file's own size, which
+/// must then pass `size::check_file`.
+fn device_size(path: &Path, file_size: u64, size: Option<u64>) -> Result<u64, BackingError> {
+    match size {
+        None => {
+            size::check_file(path, file_size)?;
+            Ok(file_size)
+        }
+        Some(size) if file_size > size => Err(BackingError::WouldShrink {
+            path: path.to_path_buf(),
+            file_size: ByteSize(file_size),
+            size: ByteSize(size),
+        }),
+        Some(size) => Ok(size),
+    }
+}
+
+/// Whether the holders that keep an exclusive lock out hold shared locks only (`--snapshot` or
+/// `--read-only` daemons), which a shared lock of our own then joins for a moment.
+fn shared_only(file: &File) -> bool {
+    // SAFETY: flock only reads the descriptor number, which `file` keeps open for the calls.
+    unsafe {
+        if libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 {
+            return false;
+        }
+        libc::flock(file.as_raw_fd(), libc::LOCK_UN);
+    }
+    true
+}
+
 fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), BackingError> {
     // `held` names the other holder's lock that a refusal means: a shared lock is kept out
     // only by an exclusive one, an exclusive lock by either.
@@ -417,7 +526,9 @@ fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), BackingError> {
         return Ok(());
     }
     let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) && !read_only && shared_only(file) {
+        Err(BackingError::SharedLocked(path.to_path_buf()))
+    } else if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
         Err(BackingError::Locked {
             path: path.to_path_buf(),
             held,
@@ -490,7 +601,8 @@ mod tests {
         let _a = open(dir.path(), None, true).unwrap();
         let _b = open(dir.path(), None, true).unwrap();
         let err = open(dir.path(), None, false).unwrap_err();
-        assert!(matches!(err, BackingError::Locked { .. }), "{err}");
+        assert!(matches!(err, BackingError::SharedLocked(_)), "{err}");
+        assert!(err.to_string().contains("share-locked"), "{err}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub const DEVICE_TYPE: &str = "pmem";
 pub const FEATURES: &[(&str, Option<&str>)] = &[
     ("read-only", Some("read-only")),
     ("allocate", Some("allocate")),
+    ("snapshot", Some("snapshot")),
     ("connect", Some("connect")),
     ("fd", Some("fd")),
     ("socket-activation", None),

@@ -114,6 +114,10 @@ pub enum ConfigError {
     EmptyFile,
     #[error("--allocate does not go with --read-only: a read-only file is never written, so its holes stay holes")]
     AllocateReadOnly,
+    #[error("--snapshot does not go with --read-only: a snapshot is written, to its private layer; use one of them")]
+    SnapshotReadOnly,
+    #[error("--snapshot does not go with --allocate: the private layer shares the image's blocks, and a guest write gets a new block when it happens")]
+    SnapshotAllocate,
     #[error("--metrics-path is empty")]
     EmptyMetricsPath,
     #[error("--metrics-interval needs --metrics-path (SIGUSR1 prints the metrics on stderr without one)")]
@@ -304,10 +308,13 @@ impl Config {
         if let Some(size) = args.size {
             size::check_requested(size.0)?;
         }
-        let access = match (args.read_only, args.allocate) {
-            (true, Some(_)) => return Err(ConfigError::AllocateReadOnly),
-            (true, None) => Access::ReadOnly,
-            (false, a) => Access::ReadWrite(a.unwrap_or_default()),
+        let access = match (args.read_only, args.allocate, args.snapshot) {
+            (true, _, true) => return Err(ConfigError::SnapshotReadOnly),
+            (_, Some(_), true) => return Err(ConfigError::SnapshotAllocate),
+            (false, None, true) => Access::Snapshot,
+            (true, Some(_), false) => return Err(ConfigError::AllocateReadOnly),
+            (true, None, false) => Access::ReadOnly,
+            (false, a, false) => Access::ReadWrite(a.unwrap_or_default()),
         };
         let flush_rate_limit = args
             .flush_rate_limit
@@ -522,6 +529,7 @@ mod tests {
             size: size.map(|s| s.parse().unwrap()),
             read_only: false,
             allocate: None,
+            snapshot: false,
             flush_mode: FlushMode::Group,
             flush_rate_limit: None,
             metrics_path: None,

@@ -22,6 +22,7 @@ pub mod request;
 pub mod sandbox;
 pub mod shmem;
 pub mod size;
+pub mod snapshot;
 pub mod socket;
 pub mod stats;
 pub mod sync;

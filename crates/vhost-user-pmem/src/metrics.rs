@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use pmem_metrics::{BackingSpace, FlushRateLimitSetting, Metrics, FORMAT_VERSION};
 
 use crate::device::Device;
-use crate::modes::Allocation;
 use crate::stats::{log2_buckets, summary};
 use crate::sync::lock;
 
@@ -55,10 +54,7 @@ fn backing_space(device: &Device) -> Option<BackingSpace> {
     let b = &device.backing;
     let space = b.space()?;
     Some(BackingSpace {
-        allocation: b
-            .allocation()
-            .map_or("read-only", Allocation::as_str)
-            .to_string(),
+        allocation: b.policy().to_string(),
         size_bytes: space.size,
         unallocated_bytes: space.unallocated(),
         fs_free_bytes: space.fs_free,

@@ -564,3 +564,32 @@ fn a_socket_in_a_missing_directory_touches_no_file() {
     assert!(line.contains("is not a directory"), "{line}");
     assert_eq!(FileState::of(&env.file), before);
 }
+
+#[test]
+fn snapshot_refuses_read_only_allocate_a_missing_image_and_a_file_system_without_reflink() {
+    let env = Env::new();
+    // No image: nothing to layer over, and nothing is created.
+    let line = refused(&env, &["--snapshot"]);
+    assert!(line.contains("needs an existing image"), "{line}");
+    env.create_file(2 * MIB);
+    let line = refused_usage(&env, &["--snapshot", "--read-only"]);
+    assert!(line.contains("--read-only"), "{line}");
+    let line = refused_usage(&env, &["--snapshot", "--allocate", "sparse"]);
+    assert!(line.contains("--allocate"), "{line}");
+    // Without reflink (ext4, tmpfs) the refusal names the file system; on xfs or btrfs the
+    // daemon would serve instead (`vmrun shared-image` tests that on an xfs of its own).
+    const XFS: i64 = 0x5846_5342;
+    const BTRFS: i64 = 0x9123_683e;
+    // SAFETY: statfs is plain old data, written by statfs(2) on success.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let dir = std::ffi::CString::new(env.dir.path().as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path and a writable struct, for the call only.
+    assert_eq!(unsafe { libc::statfs(dir.as_ptr(), &mut st) }, 0);
+    if [XFS, BTRFS].contains(&(st.f_type as i64)) {
+        eprintln!("the temporary directory can reflink: the refusal is not exercised here");
+        return;
+    }
+    let line = refused(&env, &["--snapshot"]);
+    assert!(line.contains("makes no reflink copies"), "{line}");
+    assert!(!line.contains("unknown type"), "{line}");
+}

@@ -69,6 +69,10 @@ pub enum Command {
     /// Minutes of mixed guest load, reboots, kernel crashes and QEMU kills behind ONE daemon;
     /// every boot checks the one before, and the daemon's RSS, threads and fds must not grow.
     Soak(crate::soak::SoakArgs),
+    /// One golden image on a loop-mounted xfs, two VMs on it at once through --snapshot
+    /// daemons: each sees only its own writes, a read-write daemon is refused meanwhile, and
+    /// the golden image is unchanged after both. Needs root.
+    SharedImage(crate::shared_image::SharedImageArgs),
     /// Read a daemon metrics file (format 2, checked) and print every field as one
     /// `name value` line (`counters.maps 3`), for scripts that decide from the metrics.
     Metrics {

@@ -4,7 +4,7 @@
 //! the earlier data itself), so only the newest claim about each byte is compared.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
@@ -61,21 +61,48 @@ pub fn current(checks: &[HostCheck]) -> Vec<HostCheck> {
 
 /// The sha256 of `len` bytes at `offset` of `image` (fewer if the file ends first).
 pub fn sha256_of(image: &Path, offset: u64, len: u64) -> io::Result<String> {
-    let mut f = File::open(image)?;
-    f.seek(SeekFrom::Start(offset))?;
+    sha256_in(&File::open(image)?, offset, len)
+}
+
+/// [`sha256_of`] for a file already open (a `--snapshot` daemon's unlinked private layer).
+pub fn sha256_in(f: &File, offset: u64, len: u64) -> io::Result<String> {
+    use std::os::unix::fs::FileExt;
     let mut h = Sha256::new();
-    let mut left = len;
+    let mut at = offset;
+    let end = offset.saturating_add(len);
     let mut buf = vec![0u8; 1 << 20];
-    while left > 0 {
-        let want = left.min(buf.len() as u64) as usize;
-        let n = f.read(&mut buf[..want])?;
+    while at < end {
+        let want = (end - at).min(buf.len() as u64) as usize;
+        let n = f.read_at(&mut buf[..want], at)?;
         if n == 0 {
             break;
         }
         h.update(&buf[..n]);
-        left -= n as u64;
+        at += n as u64;
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The private layer of the `--snapshot` daemon `pid` over `image`: the unlinked file in the
+/// image's directory that it holds open, opened here too so that it outlives the daemon and
+/// the run can check the guest's data in it.
+pub fn snapshot_layer(pid: u32, image: &Path) -> io::Result<File> {
+    let dir = image.parent().unwrap_or(Path::new("/"));
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))?.flatten() {
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        let t = target.to_string_lossy();
+        if let Some(name) = t.strip_suffix(" (deleted)") {
+            if Path::new(name).parent() == Some(dir) {
+                return File::open(e.path());
+            }
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("daemon {pid} holds no unlinked file in {}", dir.display()),
+    ))
 }
 
 /// The sha256 of the whole file.

@@ -21,6 +21,7 @@ pub mod one_daemon;
 pub mod qemu;
 pub mod report;
 pub mod run;
+pub mod shared_image;
 pub mod soak;
 pub mod spec;
 pub mod tap;

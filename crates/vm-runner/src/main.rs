@@ -4,7 +4,7 @@
 use clap::Parser;
 
 use vm_runner::cli::{Cli, Command, Defaults};
-use vm_runner::{boot_loop, children, hostlink, run, soak};
+use vm_runner::{boot_loop, children, hostlink, run, shared_image, soak};
 
 fn main() {
     let cli = Cli::parse();
@@ -20,6 +20,7 @@ fn main() {
     let code = match cli.command {
         Some(Command::BootLoop(args)) => boot_loop::main(args, &defaults),
         Some(Command::Soak(args)) => soak::main(args, &defaults),
+        Some(Command::SharedImage(args)) => shared_image::main(args, &defaults),
         Some(Command::Metrics { file }) => match pmem_metrics::Metrics::read(&file) {
             Ok(m) => {
                 print!("{}", vm_runner::report::flatten(&m));
