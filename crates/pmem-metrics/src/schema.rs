@@ -23,7 +23,7 @@
 //! `log_errors`.
 //!
 //! Fields added since, within version 2 (`backing`, `flush_rate_limit`,
-//! `counters.flush_delayed`, `counters.flush_delay_us`), are optional or carry a serde
+//! `counters.flush_delayed`, `counters.flush_delay_us`, `counters.memory_faults`), are optional or carry a serde
 //! default: a file written before them still parses (as not measured, no limit and no delay),
 //! and a reader built before them ignores them. No reader can misread them, so they leave the
 //! number alone.
@@ -106,6 +106,10 @@ pub struct Counters {
     /// fdatasyncs (not over their requests).
     #[serde(default)]
     pub flush_delay_us: u64,
+    /// Pages of guest memory that faulted with SIGBUS (a frontend cut its memory file short
+    /// under the daemon) and were replaced with zeros so that the daemon lived on.
+    #[serde(default)]
+    pub memory_faults: u64,
     /// Log records at warning and at error level.
     pub log_warnings: u64,
     pub log_errors: u64,

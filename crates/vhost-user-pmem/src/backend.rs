@@ -3,7 +3,7 @@
 
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::QueueOwnedT;
 use vm_memory::{
     Address, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
+    MemoryRegionAddress,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -26,6 +27,7 @@ use vmm_sys_util::event::{
 
 use crate::device::Device;
 use crate::flush::FlushJob;
+use crate::memory_guard;
 use crate::queue::{complete, notify, GuestMemory, Vring};
 use crate::ratelimit::RateLimit;
 use crate::request::{self, Request};
@@ -54,6 +56,8 @@ pub struct PmemBackend {
     queue_broken: AtomicBool,
     mapper: ShmemMapper,
     bad_input_log: RateLimit,
+    /// `memory_guard::faults()` when this connection last looked, to log each new fault once.
+    memory_faults_seen: AtomicU64,
 }
 
 impl PmemBackend {
@@ -74,6 +78,7 @@ impl PmemBackend {
             queue_broken: AtomicBool::new(false),
             mapper,
             bad_input_log: RateLimit::new(Duration::from_secs(5), 10),
+            memory_faults_seen: AtomicU64::new(memory_guard::faults()),
         })
     }
 
@@ -289,6 +294,10 @@ impl VhostUserBackend for PmemBackend {
             error!("refusing the frontend's memory table: {e}");
             return Err(e);
         }
+        memory_guard::set_regions(mem.memory().iter().filter_map(|r| {
+            let host = r.get_host_address(MemoryRegionAddress(0)).ok()?;
+            Some((host as usize, r.len() as usize))
+        }));
         debug!("guest memory table updated");
         Ok(())
     }
@@ -358,6 +367,14 @@ impl VhostUserBackend for PmemBackend {
             }
         } else {
             self.process_queue(vring);
+        }
+        let faults = memory_guard::faults();
+        if faults > self.memory_faults_seen.swap(faults, Ordering::Relaxed) {
+            error!(
+                "guest memory faulted under the daemon ({faults} page(s) in all replaced with \
+                 zeros): the frontend cut a memory file short after SET_MEM_TABLE; this \
+                 connection's rings now read as zeros"
+            );
         }
         Ok(())
     }

@@ -13,6 +13,7 @@ pub mod device;
 pub mod flush;
 pub mod flush_limit;
 pub mod logging;
+pub mod memory_guard;
 pub mod metrics;
 pub mod modes;
 pub mod notify;

@@ -221,6 +221,11 @@ fn main() -> ExitCode {
         return fail(e);
     }
     sandbox::prepare_allocator();
+    if let Err(e) = vhost_user_pmem::memory_guard::install() {
+        return fail(format!(
+            "cannot install the SIGBUS handler for guest memory: {e}"
+        ));
+    }
     let (device, frontends) = match vhost_user_pmem::prepare(&config) {
         Ok(v) => v,
         Err(e) => return fail(e),

@@ -242,6 +242,7 @@ impl Stats {
             order_violations: Self::get(&self.order_violations),
             flush_delayed: Self::get(&self.flush_delayed),
             flush_delay_us: Self::get(&self.flush_delay_us),
+            memory_faults: crate::memory_guard::faults(),
             log_warnings,
             log_errors,
         }
