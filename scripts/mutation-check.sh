@@ -22,7 +22,9 @@ For every patch scripts/mutations/NAME.patch (all of them without NAME arguments
   4. undo the patch.
 A patch is KILLED when its target case failed (a "not ok" line for it, for fsync_persists a
 failed VUP-HOSTCHECK, for fill_to_enospc QEMU killed by a signal; for the target shared_image,
-which runs `vmrun shared-image` instead of one case, any check after its golden run), SURVIVED when it passed, and ERROR when no guest ran (a refused
+which runs `vmrun shared-image` instead of one case, any check after its golden run; for a
+target cargo:TEST, the host-harness test TEST of the daemon crate, run in the patched copy
+without a VM, a failed test), SURVIVED when it passed, and ERROR when no guest ran (a refused
 argument, a failed build). Other failures are listed too. The table goes to stdout and to \$VUP_BUILD/mutation/results.md; each run's logs stay in \$VUP_BUILD/mutation/NAME/.
 Exit status 0 iff every patch was killed.
 
@@ -112,6 +114,8 @@ run_args() {
         fill_to_enospc) ra=(--size 64M --host-fs-size 80M --fill-host-fs --args "--mkfs fill") ;;
         # Not one case but `vmrun shared-image` (two VMs on one golden image).
         shared_image) ra=(shared-image) ;;
+        # A host-harness integration test of the daemon crate, run in the patched copy.
+        cargo:*) ra=(cargo "${1#cargo:}") ;;
         *) return 1 ;;
     esac
 }
@@ -120,7 +124,7 @@ results=()
 killed_all=1
 for n in "${names[@]}"; do
     patch="$mdir/$n.patch"
-    target=$(sed -n 's/^Target: \([a-z_0-9]*\).*/\1/p' "$patch" | head -n 1)
+    target=$(sed -n 's/^Target: \([a-z_0-9:]*\).*/\1/p' "$patch" | head -n 1)
     out="$work/$n"
     rm -rf "$out"; mkdir -p "$out"
     ra=()
@@ -129,6 +133,21 @@ for n in "${names[@]}"; do
     fi
     info "=== $n (target $target)"
     ( cd "$src" && git apply "$patch" ) || { results+=("| $n | $target | ERROR | patch does not apply |"); killed_all=0; continue; }
+    if [[ ${ra[0]} == cargo ]]; then
+        t0=$(now_ms)
+        ( cd "$src" && cargo test -p vhost-user-pmem --test "${ra[1]}" ) >"$out/cargo-test.log" 2>&1 && rc=0 || rc=$?
+        ( cd "$src" && git apply -R "$patch" ) || die "cannot undo $n in $src"
+        secs=$(( ($(now_ms) - t0) / 1000 ))
+        if grep -q '^test result: FAILED' "$out/cargo-test.log"; then
+            verdict=KILLED
+            why=$(grep -m1 -E "panicked at|assertion" -A2 "$out/cargo-test.log" | tr '\n' ' ' | sed 's/|/\\|/g')
+        elif (( rc == 0 )); then verdict=SURVIVED; killed_all=0; why="the test passed"
+        else verdict=ERROR; killed_all=0; why="no test result (build failed? see $out/cargo-test.log)"
+        fi
+        info "$n: $verdict"
+        results+=("| $n | $target | $verdict | ${why:0:300} | ${secs} s |")
+        continue
+    fi
     daemon="$work/base/vhost-user-pmem"; initrd="$work/base/initrd.cpio.gz"; built=1
     if grep -q '^+++ b/crates/' "$patch"; then
         build_daemon "$out/build.log" && daemon="$CARGO_TARGET_DIR/release/vhost-user-pmem" || built=0
