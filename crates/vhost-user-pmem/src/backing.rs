@@ -110,7 +110,6 @@ pub struct BackingFile {
     file: File,
     path: PathBuf,
     size: u64,
-    read_only: bool,
     access: Access,
     /// With `--snapshot`: the shared image under the private layer `file`, kept open for its
     /// shared lock.
@@ -279,21 +278,22 @@ impl BackingFile {
                     return Err(BackingError::Allocate { path, source, hint });
                 }
             }
-            Some(Allocation::Sparse) => report_sparse(&file, &path, size),
-            Some(Allocation::Full) | None => {}
+            Some(Allocation::Sparse) | Some(Allocation::Full) | None => {}
         }
 
         let b = BackingFile {
             file,
             path,
             size,
-            read_only,
             access,
             _image: None,
             space: Mutex::new(None),
             failure: OnceLock::new(),
         };
         b.measure_space();
+        if allocation == Some(Allocation::Sparse) {
+            b.report_holes();
+        }
         Ok(b)
     }
 
@@ -338,22 +338,13 @@ impl BackingFile {
             file: layer,
             path,
             size,
-            read_only: false,
             access: Access::Snapshot,
             _image: Some(image),
             space: Mutex::new(None),
             failure: OnceLock::new(),
         };
         b.measure_space();
-        if let Some(s) = b.space().filter(Space::short) {
-            warn!(
-                "{}: the private layer may need up to {} as the guest writes, and the file \
-                 system has {} free; a guest that fills it will stop (SIGBUS in QEMU)",
-                b.path.display(),
-                ByteSize(s.unallocated()),
-                ByteSize(s.fs_free)
-            );
-        }
+        b.report_holes();
         Ok(b)
     }
 
@@ -370,7 +361,7 @@ impl BackingFile {
     }
 
     pub fn read_only(&self) -> bool {
-        self.read_only
+        self.access == Access::ReadOnly
     }
 
     /// `full`, `sparse`, `read-only` or `snapshot`, for the metrics.
@@ -401,6 +392,37 @@ impl BackingFile {
                 *sync::lock(&self.space) = Some((s, Instant::now()));
             }
             Err(e) => log::debug!("cannot measure {}: {e}", self.path.display()),
+        }
+    }
+
+    /// With `--allocate sparse` or `--snapshot`, says at start how far the file system is from
+    /// what a guest's writes may need: a warning when it could not hold them all.
+    fn report_holes(&self) {
+        let Some(s) = self.space() else {
+            return;
+        };
+        if s.short() {
+            warn!(
+                "{}: {} of the {} device may need new blocks as the guest writes and its file \
+                 system has only {} free; a guest that fills it will stop (SIGBUS in QEMU), \
+                 losing what it had not flushed{}",
+                self.path.display(),
+                ByteSize(s.unallocated()),
+                ByteSize(self.size),
+                ByteSize(s.fs_free),
+                if self.access == Access::Snapshot {
+                    ""
+                } else {
+                    ". --allocate full avoids that"
+                }
+            );
+        } else {
+            info!(
+                "{}: {} may need new blocks, {} free on its file system",
+                self.path.display(),
+                ByteSize(s.unallocated()),
+                ByteSize(s.fs_free)
+            );
         }
     }
 
@@ -455,29 +477,6 @@ impl BackingFile {
                 Err(self.failure.get().cloned().unwrap_or(failure))
             }
         }
-    }
-}
-
-/// With `--allocate sparse`, says at start how far the file system is from what the holes
-/// may need: a warning when it could not hold them all.
-fn report_sparse(file: &File, path: &Path, size: u64) {
-    match allocation::measure(file, size) {
-        Ok(s) if s.short() => warn!(
-            "{}: {} of the {} device are holes and its file system has only {} free; a guest \
-             that writes them will stop (SIGBUS in QEMU) when it fills, losing what it had not \
-             flushed. --allocate full avoids that",
-            path.display(),
-            ByteSize(s.unallocated()),
-            ByteSize(size),
-            ByteSize(s.fs_free)
-        ),
-        Ok(s) => info!(
-            "{}: {} of holes, {} free on its file system",
-            path.display(),
-            ByteSize(s.unallocated()),
-            ByteSize(s.fs_free)
-        ),
-        Err(e) => warn!("cannot measure {}: {e}", path.display()),
     }
 }
 

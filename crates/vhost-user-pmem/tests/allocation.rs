@@ -114,7 +114,7 @@ fn sparse_warns_and_the_metrics_follow_the_holes() {
     let mut d = env.start_with_metrics(&["--size", "16M", "--allocate", "sparse"]);
     let log = d.log();
     assert!(
-        log.contains("WARN") && log.contains("16 MiB of the 16 MiB device are holes"),
+        log.contains("WARN") && log.contains("16 MiB of the 16 MiB device may need new blocks"),
         "{log}"
     );
     let m = d.report(&env.metrics_path());
