@@ -28,7 +28,7 @@ use vmm_sys_util::event::{
 use crate::device::Device;
 use crate::flush::FlushJob;
 use crate::memory_guard;
-use crate::queue::{complete, notify, GuestMemory, Vring};
+use crate::queue::{complete, notify, AnswerGate, GuestMemory, Vring};
 use crate::ratelimit::RateLimit;
 use crate::request::{self, Request};
 use crate::shmem::ShmemMapper;
@@ -58,6 +58,9 @@ pub struct PmemBackend {
     bad_input_log: RateLimit,
     /// `memory_guard::faults()` when this connection last looked, to log each new fault once.
     memory_faults_seen: AtomicU64,
+    /// Closed when the connection ends and reset with the device, so that a flush answered
+    /// after either never reaches the ring.
+    answers: Arc<AnswerGate>,
 }
 
 impl PmemBackend {
@@ -79,11 +82,14 @@ impl PmemBackend {
             mapper,
             bad_input_log: RateLimit::new(Duration::from_secs(5), 10),
             memory_faults_seen: AtomicU64::new(memory_guard::faults()),
+            answers: Arc::default(),
         })
     }
 
-    /// Stops the vring worker threads after the connection has ended.
+    /// Stops the vring worker threads after the connection has ended. A vring thread still in
+    /// an fdatasync stops once it returns; its answer is dropped.
     pub fn signal_exit(&self) {
+        self.answers.close();
         if let Some(n) = lock(&self.exit).as_ref() {
             if let Err(e) = n.notify() {
                 warn!("cannot stop the vring worker: {e}");
@@ -150,6 +156,7 @@ impl PmemBackend {
                     mem: mem.clone(),
                     head,
                     status,
+                    ticket: self.answers.ticket(),
                 }),
                 Request::Unknown { kind, status } => {
                     Stats::add(&self.device.stats.unknown, 1);
@@ -268,6 +275,7 @@ impl VhostUserBackend for PmemBackend {
     }
 
     fn reset_device(&self) {
+        self.answers.reset();
         info!("device reset by the frontend; the region is mapped again at the next start");
     }
 

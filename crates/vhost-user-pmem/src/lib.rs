@@ -182,6 +182,12 @@ fn serve_client(device: Arc<Device>, path: &str, mut first: Option<Session>) -> 
 fn run_connection(device: &Device, conn_id: u64, mut d: Session) {
     let result = d.daemon.wait();
     d.backend.signal_exit();
+    // Dropping the session joins its vring thread, which may be inside an fdatasync (group
+    // mode answers on it) that takes long or hangs; the next frontend must not wait for that.
+    let reaper = std::thread::Builder::new().name("pmem-conn-end".into());
+    if let Err(e) = reaper.spawn(move || drop(d)) {
+        warn!("cannot end connection {conn_id} in the background: {e}");
+    }
     match result {
         Ok(())
         | Err(vhost_user_backend::Error::HandleRequest(

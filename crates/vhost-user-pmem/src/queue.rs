@@ -1,6 +1,8 @@
 //! Completing descriptor chains: writing the status, the used ring, and the guest notification.
 //! The vring event loop and the flush worker both complete chains, so the rules live here once.
 
+use std::sync::{Arc, RwLock};
+
 use log::warn;
 use vhost_user_backend::{VringRwLock, VringT};
 use vm_memory::{
@@ -8,6 +10,7 @@ use vm_memory::{
 };
 
 use crate::ratelimit::RateLimit;
+use crate::sync::unpoison;
 use crate::virtio::MSG_LEN;
 
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -48,5 +51,75 @@ pub fn notify(vring: &Vring) {
                 warn!("cannot notify the guest: {e} ({n} similar messages suppressed)");
             }
         }
+    }
+}
+
+/// Whether a connection's ring still takes the answers to requests popped from it. An answer
+/// that outlives its ring must be dropped, not written: after a reset, or once the frontend
+/// has gone and a later connection serves the same guest memory, a late used-ring entry would
+/// complete a chain a second time or land in a ring someone else now fills.
+#[derive(Default)]
+pub struct AnswerGate {
+    /// Bumped by every reset; [`CLOSED`] once the connection has ended.
+    epoch: RwLock<u64>,
+}
+
+const CLOSED: u64 = u64::MAX;
+
+impl AnswerGate {
+    /// What a request popped now carries to its answer.
+    pub fn ticket(self: &Arc<Self>) -> AnswerTicket {
+        AnswerTicket {
+            gate: self.clone(),
+            epoch: *unpoison(self.epoch.read()),
+        }
+    }
+
+    /// Drops the answers to every request popped so far. Returns once none is being written.
+    pub fn reset(&self) {
+        let mut epoch = unpoison(self.epoch.write());
+        if *epoch != CLOSED {
+            *epoch += 1;
+        }
+    }
+
+    /// Drops every answer from now on, for good. Returns once none is being written.
+    pub fn close(&self) {
+        *unpoison(self.epoch.write()) = CLOSED;
+    }
+}
+
+/// See [`AnswerGate::ticket`].
+pub struct AnswerTicket {
+    gate: Arc<AnswerGate>,
+    epoch: u64,
+}
+
+impl AnswerTicket {
+    /// Runs `write` (the answer) unless the ring was reset or closed since the request was
+    /// popped; a reset or close waits for a `write` that has begun.
+    pub fn answer<R>(&self, write: impl FnOnce() -> R) -> Option<R> {
+        let epoch = unpoison(self.gate.epoch.read());
+        (*epoch == self.epoch && *epoch != CLOSED).then(write)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_from_before_a_reset_or_close_are_dropped() {
+        let gate = Arc::new(AnswerGate::default());
+        let old = gate.ticket();
+        assert_eq!(old.answer(|| 1), Some(1));
+        gate.reset();
+        let new = gate.ticket();
+        assert_eq!(old.answer(|| 1), None, "popped before the reset");
+        assert_eq!(new.answer(|| 2), Some(2));
+        gate.close();
+        assert_eq!(new.answer(|| 2), None);
+        gate.reset();
+        assert_eq!(gate.ticket().answer(|| 3), None, "closed for good");
     }
 }
