@@ -625,19 +625,25 @@ impl Drop for FrontendListener {
 /// into the listen backlog before the backend has finished setting up (and a backend
 /// may bind its socket before it opens its file).
 pub fn probe(path: impl AsRef<Path>, timeout: Duration) -> Result<u64> {
-    let stream = connect_socket(path.as_ref(), timeout)?;
+    probe_with(path.as_ref(), timeout, timeout)
+}
+
+/// [`probe`] that gives up at once when nothing accepts within `connect`, but once connected
+/// waits up to `answer` for the reply.
+pub(crate) fn probe_with(path: &Path, connect: Duration, answer: Duration) -> Result<u64> {
+    let stream = connect_socket(path, connect)?;
     stream
-        .set_read_timeout(Some(timeout))
+        .set_read_timeout(Some(answer))
         .map_err(Error::io("set socket timeout"))?;
     let watchdog = Watchdog::new(
         stream
             .try_clone()
             .map_err(Error::io("dup socket for the watchdog"))?,
     )?;
-    let _armed = watchdog.arm(timeout);
+    let _armed = watchdog.arm(answer);
     VhostUserConnection::from_stream(stream, 1)
         .get_features()
-        .map_err(|e| watchdog.error("GET_FEATURES", timeout, e))
+        .map_err(|e| watchdog.error("GET_FEATURES", answer, e))
 }
 
 /// Connects to `path`, retrying while the backend is not listening yet.

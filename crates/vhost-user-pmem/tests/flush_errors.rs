@@ -364,6 +364,17 @@ fn refuses_to_start_on_a_new_image_it_cannot_sync() {
 /// daemon must finish that fdatasync, drop the answer with the connection, and serve the next
 /// frontend with working flushes. faultfs holds the fdatasync, so the disconnect certainly
 /// lands inside it (not before the pop or after the answer).
+/// Ends faultfs's hold on fsync when dropped.
+struct ReleaseOnDrop<'a>(&'a FaultFsMount);
+
+impl Drop for ReleaseOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.set_mode(Mode::Ok) {
+            eprintln!("cannot release the held fsync: {e}");
+        }
+    }
+}
+
 fn disconnect_during_fdatasync(mode: &str) {
     let Running {
         fs,
@@ -374,6 +385,9 @@ fn disconnect_during_fdatasync(mode: &str) {
     } = running(mode);
 
     fs.set_mode(Mode::HoldFsync).unwrap();
+    // Dropped before `map` if an assertion below fails: unwinding would otherwise close the
+    // mapping's descriptor while the fsync is held and hang instead of reporting the failure.
+    let hold = ReleaseOnDrop(&fs);
     map.write(0, &pattern(64 << 10, 9)).unwrap();
     fe.submit_request(0).unwrap();
     let deadline = std::time::Instant::now() + TIMEOUT;
@@ -384,17 +398,20 @@ fn disconnect_during_fdatasync(mode: &str) {
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    // Not a fixed number: a readiness probe that timed out under load was a connection too.
+    let first = scratch.report(&d).counters.connections;
     // `map` stays alive until the hold ends: closing its descriptor sends FUSE a FLUSH, which
     // would wait behind the held fsync in faultfs's single session thread.
     fe.disconnect();
     // The daemon notices the hang-up while its fdatasync is still held: it accepts the next
-    // frontend (connection 3, after the readiness probe and the first), with the flush still
-    // in flight.
+    // frontend, with the flush still in flight.
     let mut fe: Frontend = d.connect();
-    let m = scratch.report(&d);
-    assert_eq!(m.counters.connections, 3, "{m:?}");
+    let next = first + 1;
+    // The daemon counts a connection once its accept returns, which can be after the
+    // frontend's first messages were answered.
+    let m = d.report_until(&scratch.metrics_path(), |m| m.counters.connections == next);
     assert_eq!(m.in_flight, 1, "the held flush is still in flight: {m:?}");
-    fs.set_mode(Mode::Ok).unwrap();
+    drop(hold);
     drop(map);
 
     let map = fe.start().unwrap();
@@ -406,7 +423,7 @@ fn disconnect_during_fdatasync(mode: &str) {
     );
     let m = scratch.report(&d);
     assert_eq!(m.counters.log_errors, 0, "log:\n{}", d.log());
-    assert_eq!(m.connection.map(|c| (c.id, c.requests)), Some((3, 1)));
+    assert_eq!(m.connection.map(|c| (c.id, c.requests)), Some((next, 1)));
     fe.disconnect();
 }
 
