@@ -39,7 +39,7 @@ use vm_memory::GuestAddress;
 use crate::backing::{BackingFile, FlushFailure};
 use crate::flush_limit::{FlushRateLimit, TokenBucket};
 use crate::modes::{FlushMode, PARALLEL_THREADS};
-use crate::queue::{complete, notify, MemGuard, Vring};
+use crate::queue::{complete, notify, AfterAnswer, MemGuard, Vring};
 use crate::stats::{PerConnection, Stats};
 use crate::sync::{lock, unpoison};
 use crate::virtio::{RESP_ERR, RESP_OK};
@@ -90,6 +90,8 @@ pub struct FlushJob {
     pub mem: MemGuard,
     pub head: u16,
     pub status: GuestAddress,
+    /// Run once the answer is notified (`--poll-us`), if set.
+    pub after_answer: Option<AfterAnswer>,
 }
 
 impl Job for FlushJob {
@@ -99,6 +101,9 @@ impl Job for FlushJob {
 
     fn notify(&self) {
         notify(&self.vring);
+        if let Some(then) = &self.after_answer {
+            then();
+        }
     }
 
     fn conn_id(&self) -> u64 {

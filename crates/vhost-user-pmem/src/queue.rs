@@ -1,6 +1,8 @@
 //! Completing descriptor chains: writing the status, the used ring, and the guest notification.
 //! The vring event loop and the flush worker both complete chains, so the rules live here once.
 
+use std::sync::Arc;
+
 use log::warn;
 use vhost_user_backend::{VringRwLock, VringT};
 use vm_memory::{
@@ -13,6 +15,10 @@ use crate::virtio::MSG_LEN;
 pub type GuestMemory = GuestMemoryMmap<()>;
 pub type MemGuard = GuestMemoryLoadGuard<GuestMemory>;
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
+
+/// What a thread that has just answered requests on a queue does next (`--poll-us`): called
+/// after the notification, with no lock held.
+pub type AfterAnswer = Arc<dyn Fn() + Send + Sync>;
 
 static COMPLETION_ERRORS: RateLimit = RateLimit::new(std::time::Duration::from_secs(5), 5);
 
