@@ -23,7 +23,7 @@ _vhost__user__pmem() {
 
     case "${cmd}" in
         vhost__user__pmem)
-            opts="-h -V --socket-path --connect --fd --socket-mode --socket-group --seccomp --file --size --read-only --allocate --snapshot --flush-mode --flush-rate-limit --metrics-path --metrics-interval --log-level --print-capabilities --help --version"
+            opts="-h -V --socket-path --connect --fd --socket-mode --socket-group --seccomp --file --size --read-only --allocate --snapshot --flush-mode --flush-rate-limit --poll-us --metrics-path --metrics-interval --log-level --print-capabilities --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -70,6 +70,10 @@ _vhost__user__pmem() {
                     return 0
                     ;;
                 --flush-rate-limit)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --poll-us)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -37,8 +37,8 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vhost_user_pmem::backend::PmemBackend;
 use vhost_user_pmem::backing::Access;
-use vhost_user_pmem::device::Device;
 use vhost_user_pmem::config::{Config, Endpoint};
+use vhost_user_pmem::device::Device;
 use vhost_user_pmem::modes::{Allocation, FlushMode, SeccompMode};
 use vhost_user_pmem::Frontends;
 use vm_memory::{
@@ -70,8 +70,7 @@ fn serve(device: Arc<Device>, mut listener: Listener, done: mpsc::Sender<()>) {
     loop {
         conn_id += 1;
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend =
-            Arc::new(PmemBackend::new(device.clone(), conn_id, mem.clone()).expect("backend"));
+        let backend = PmemBackend::new(device.clone(), conn_id, mem.clone()).expect("backend");
         let mut daemon =
             VhostUserDaemon::new("fuzz".into(), backend.clone(), mem).expect("vhost-user daemon");
         daemon.start(&mut listener).expect("accept");

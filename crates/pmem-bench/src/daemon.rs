@@ -20,11 +20,12 @@ fn daemon_err(e: pmem_frontend::daemon::DaemonError) -> BenchError {
 }
 
 impl Daemon {
-    /// Starts `bin` on `file` with `--flush-mode mode` and waits until it serves. With
-    /// `metrics`, the daemon writes its metrics there on SIGUSR1 (and nowhere else).
+    /// Starts `bin` on `file` with `--flush-mode mode` and `extra` and waits until it serves.
+    /// With `metrics`, the daemon writes its metrics there on SIGUSR1 (and nowhere else).
     pub fn start(
         bin: &Path,
         mode: &str,
+        extra: &[String],
         file: &Path,
         socket: &Path,
         metrics: Option<&Path>,
@@ -33,6 +34,7 @@ impl Daemon {
         let _ = std::fs::remove_file(socket);
         let mut cmd = DaemonCommand::new(bin, Side::Listen(socket.to_path_buf()), file)
             .args(["--flush-mode", mode])
+            .args(extra)
             .log(log)
             .append_log(true);
         if let Some(m) = metrics {

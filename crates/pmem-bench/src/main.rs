@@ -115,9 +115,51 @@ struct Args {
     /// with --quick].
     #[arg(long, value_name = "SECS")]
     idle_secs: Option<u64>,
+    /// Run every mode twice, with and without VIRTIO_RING_F_EVENT_IDX (the harness then also
+    /// leaves out the kicks the daemon's avail_event does not ask for, as Linux does), to
+    /// compare notification suppression in one interleaved run. Without it, EVENT_IDX is on.
+    #[arg(long)]
+    compare_event_idx: bool,
+    /// The daemon's --poll-us values to run every mode with (0 = no polling), interleaved.
+    #[arg(long, value_name = "US,..", value_delimiter = ',', default_values_t = [0u64])]
+    poll_us: Vec<u64>,
     /// A run of a few seconds, to check that everything works.
     #[arg(long)]
     quick: bool,
+}
+
+/// One daemon configuration the benchmark measures: a flush mode with the notification
+/// settings around it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Variant {
+    mode: FlushMode,
+    /// Whether the harness acks EVENT_IDX (and skips the kicks it does not need).
+    event_idx: bool,
+    /// The daemon's --poll-us.
+    poll_us: u64,
+}
+
+impl Variant {
+    /// The name in the tables: the mode alone for the default settings, so that the targets
+    /// and earlier results keep their names.
+    fn label(&self) -> String {
+        let mut s = self.mode.as_str().to_string();
+        if !self.event_idx {
+            s.push_str(" no-event-idx");
+        }
+        if self.poll_us > 0 {
+            let _ = write!(s, " poll-us={}", self.poll_us);
+        }
+        s
+    }
+
+    /// The daemon's arguments beyond --flush-mode.
+    fn daemon_args(&self) -> Vec<String> {
+        if self.poll_us == 0 {
+            return Vec::new();
+        }
+        vec!["--poll-us".into(), self.poll_us.to_string()]
+    }
 }
 
 struct Plan {
@@ -130,6 +172,8 @@ struct Plan {
     pages: usize,
     depths: Vec<usize>,
     modes: Vec<FlushMode>,
+    /// Every mode with every notification setting asked for.
+    variants: Vec<Variant>,
     rounds: usize,
     flushes: usize,
     idle_secs: u64,
@@ -177,9 +221,32 @@ impl Plan {
                 daemon.display()
             ));
         }
+        // The daemon's own limit; it would refuse to start.
+        if a.poll_us.is_empty() || a.poll_us.iter().any(|&us| us > 1000) {
+            return usage("--poll-us values must be between 0 and 1000".into());
+        }
         let dir = a.dir.unwrap_or_else(|| a.out.join("work"));
         let mut modes = a.modes;
         modes.dedup();
+        let mut polls = a.poll_us;
+        polls.dedup();
+        let event_idx: &[bool] = if a.compare_event_idx {
+            &[true, false]
+        } else {
+            &[true]
+        };
+        let mut variants = Vec::new();
+        for &mode in &modes {
+            for &event_idx in event_idx {
+                for &poll_us in &polls {
+                    variants.push(Variant {
+                        mode,
+                        event_idx,
+                        poll_us,
+                    });
+                }
+            }
+        }
         Ok(Plan {
             daemon,
             file: dir.join("pmem-bench.img"),
@@ -190,6 +257,7 @@ impl Plan {
             pages: a.pages,
             depths: a.depths,
             modes,
+            variants,
             rounds: a.rounds.unwrap_or(if a.quick { 2 } else { 5 }).max(1),
             flushes: a.flushes.unwrap_or(if a.quick { 150 } else { 1000 }).max(1),
             idle_secs: a.idle_secs.unwrap_or(if a.quick { 2 } else { 10 }),
@@ -243,6 +311,12 @@ struct Samples {
     /// fdatasyncs the daemon made for the measured and warm-up requests, and those requests.
     fdatasyncs: u64,
     requests: u64,
+    /// For the same requests: the daemon's CPU time (ns, all threads), the harness's kicks
+    /// and the kicks it left out, and the daemon's call-eventfd signals.
+    cpu_ns: u64,
+    kicks: u64,
+    kicks_skipped: u64,
+    calls: u64,
 }
 
 impl Samples {
@@ -251,6 +325,10 @@ impl Samples {
         self.wall += other.wall;
         self.fdatasyncs += other.fdatasyncs;
         self.requests += other.requests;
+        self.cpu_ns += other.cpu_ns;
+        self.kicks += other.kicks;
+        self.kicks_skipped += other.kicks_skipped;
+        self.calls += other.calls;
     }
 }
 
@@ -351,20 +429,23 @@ struct Memory {
     vm_hwm_kib: u64,
 }
 
-/// One daemon run of `mode`: every depth, with the daemon's fdatasync counts per depth.
-fn run_mode(
+/// One daemon run of `v`: every depth, with the daemon's fdatasync counts, its CPU time and
+/// the notifications per depth.
+fn run_variant(
     plan: &Plan,
-    mode: FlushMode,
+    v: Variant,
     round: usize,
-    results: &mut BTreeMap<(FlushMode, usize), Samples>,
+    results: &mut BTreeMap<(Variant, usize), Samples>,
     memory: &mut BTreeMap<FlushMode, Memory>,
 ) -> Result<(), BenchError> {
+    let mode = v.mode;
     let socket = plan.dir.join("bench.sock");
     let metrics = plan.dir.join(format!("metrics-{}.json", mode.as_str()));
     let log = plan.out.join(format!("daemon-{}.log", mode.as_str()));
     let mut d = Daemon::start(
         &plan.daemon,
         mode.as_str(),
+        &v.daemon_args(),
         &plan.file,
         &socket,
         Some(&metrics),
@@ -372,6 +453,8 @@ fn run_mode(
     )?;
     let opts = Options {
         timeout: Duration::from_secs(30),
+        ack_event_idx: v.event_idx,
+        skip_unneeded_kicks: v.event_idx,
         ..Options::default()
     };
     let mut fe = Frontend::connect_with(&socket, opts).map_err(BenchError::fe("connect"))?;
@@ -386,6 +469,10 @@ fn run_mode(
         depths.reverse();
     }
     for depth in depths {
+        let cpu_before = sys::cpu_ns(d.pid()).map_err(BenchError::io("read /proc"))?;
+        let counts_before = fe
+            .notify_counts()
+            .map_err(BenchError::fe("count notifications"))?;
         let mut s = run_depth(
             &mut fe,
             &map,
@@ -394,6 +481,14 @@ fn run_mode(
             plan.warmup(depth),
             plan.flushes,
         )?;
+        // Before the metrics request, whose SIGUSR1 costs the daemon CPU too.
+        s.cpu_ns = sys::cpu_ns(d.pid()).map_err(BenchError::io("read /proc"))? - cpu_before;
+        let counts = fe
+            .notify_counts()
+            .map_err(BenchError::fe("count notifications"))?;
+        s.kicks = counts.kicks - counts_before.kicks;
+        s.kicks_skipped = counts.kicks_skipped - counts_before.kicks_skipped;
+        s.calls = counts.calls - counts_before.calls;
         requests += s.requests;
         let m = d.metrics(requests)?;
         let total_syncs = m.counters.fdatasyncs;
@@ -403,7 +498,7 @@ fn run_mode(
             let e = memory.entry(mode).or_default();
             e.vm_rss_kib = e.vm_rss_kib.max(rss);
         }
-        results.entry((mode, depth)).or_default().add(s);
+        results.entry((v, depth)).or_default().add(s);
     }
     if let Some((_, hwm)) = sys::memory_kib(d.pid()) {
         let e = memory.entry(mode).or_default();
@@ -437,7 +532,15 @@ struct Idle {
 fn run_idle(plan: &Plan, mode: FlushMode) -> Result<Idle, BenchError> {
     let socket = plan.dir.join("bench.sock");
     let log = plan.out.join(format!("daemon-{}.log", mode.as_str()));
-    let d = Daemon::start(&plan.daemon, mode.as_str(), &plan.file, &socket, None, &log)?;
+    let d = Daemon::start(
+        &plan.daemon,
+        mode.as_str(),
+        &[],
+        &plan.file,
+        &socket,
+        None,
+        &log,
+    )?;
     let mut fe = Frontend::connect(&socket).map_err(BenchError::fe("connect"))?;
     let map = fe.start().map_err(BenchError::fe("start the device"))?;
     let status = fe.flush().map_err(BenchError::fe("flush"))?;
@@ -490,6 +593,11 @@ struct Row {
     p50_vs_raw_p50: f64,
     /// fdatasyncs per request, from the daemon's own counters (warm-up included).
     fdatasyncs_per_request: Option<f64>,
+    /// The daemon's CPU time per request, all threads, in us (warm-up included).
+    cpu_us_per_request: Option<f64>,
+    /// Kicks the harness made, and call-eventfd signals the daemon made, per request.
+    kicks_per_request: Option<f64>,
+    calls_per_request: Option<f64>,
     log2_buckets_us: Vec<Bucket>,
 }
 
@@ -539,10 +647,17 @@ fn row(label: &str, depth: usize, s: &mut Samples, raw_p50: f64) -> Row {
         } else {
             0.0
         },
-        fdatasyncs_per_request: (s.requests > 0)
-            .then(|| (s.fdatasyncs as f64 / s.requests as f64 * 1000.0).round() / 1000.0),
+        fdatasyncs_per_request: per_request(s.fdatasyncs, s.requests),
+        cpu_us_per_request: per_request(s.cpu_ns, s.requests).map(|ns| (ns / 100.0).round() / 10.0),
+        kicks_per_request: per_request(s.kicks, s.requests),
+        calls_per_request: per_request(s.calls, s.requests),
         log2_buckets_us: log2_buckets_ns(&s.ns),
     }
+}
+
+/// `count / requests` to three decimals, if there were requests.
+fn per_request(count: u64, requests: u64) -> Option<f64> {
+    (requests > 0).then(|| (count as f64 / requests as f64 * 1000.0).round() / 1000.0)
 }
 
 fn targets(res: &Results) -> Vec<Target> {
@@ -632,14 +747,19 @@ fn markdown(res: &Results) -> String {
     );
     let _ = writeln!(
         s,
-        "| mode | depth | n | min us | avg us | p50 us | p99 us | max us | p50 / raw p50 | flushes/s | fdatasyncs/request |"
+        "| mode | depth | n | min us | avg us | p50 us | p99 us | max us | p50 / raw p50 | flushes/s | fdatasyncs/request | daemon CPU us/request | kicks/request | calls/request |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let or_dash =
+        |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |f| format!("{f:.digits$}"));
     for r in std::iter::once(&res.baseline).chain(res.results.iter()) {
         let l = &r.latency_us;
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} | {} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} | {} | {} | {} | {} |",
             r.mode,
             r.depth,
             l.count,
@@ -650,8 +770,10 @@ fn markdown(res: &Results) -> String {
             l.max,
             r.p50_vs_raw_p50,
             r.flushes_per_s,
-            r.fdatasyncs_per_request
-                .map_or("-".to_string(), |f| format!("{f:.3}"))
+            or_dash(r.fdatasyncs_per_request, 3),
+            or_dash(r.cpu_us_per_request, 1),
+            or_dash(r.kicks_per_request, 3),
+            or_dash(r.calls_per_request, 3),
         );
     }
     let _ = writeln!(s, "\nDaemon memory and idle wakeups:\n");
@@ -713,13 +835,13 @@ fn run(args: Args) -> Result<(), BenchError> {
     #[derive(Clone, Copy)]
     enum Unit {
         Baseline,
-        Mode(FlushMode),
+        Daemon(Variant),
     }
     let mut units: Vec<Unit> = std::iter::once(Unit::Baseline)
-        .chain(plan.modes.iter().map(|&m| Unit::Mode(m)))
+        .chain(plan.variants.iter().map(|&v| Unit::Daemon(v)))
         .collect();
     let mut baseline = Samples::default();
-    let mut results: BTreeMap<(FlushMode, usize), Samples> = BTreeMap::new();
+    let mut results: BTreeMap<(Variant, usize), Samples> = BTreeMap::new();
     let mut memory = BTreeMap::new();
     for round in 0..plan.rounds {
         eprintln!("pmem-bench: round {}/{}", round + 1, plan.rounds);
@@ -729,7 +851,7 @@ fn run(args: Args) -> Result<(), BenchError> {
                     let mut dirt = Dirtier::new(&plan);
                     baseline.add(run_baseline(&plan, &mut dirt, plan.flushes)?);
                 }
-                Unit::Mode(m) => run_mode(&plan, m, round, &mut results, &mut memory)?,
+                Unit::Daemon(v) => run_variant(&plan, v, round, &mut results, &mut memory)?,
             }
         }
         // A different order each round, so that no unit always follows the same one.
@@ -755,8 +877,8 @@ fn run(args: Args) -> Result<(), BenchError> {
         ..baseline_row
     };
     let mut rows = Vec::new();
-    for (&(mode, depth), s) in results.iter_mut() {
-        rows.push(row(mode.as_str(), depth, s, raw_p50));
+    for (&(v, depth), s) in results.iter_mut() {
+        rows.push(row(&v.label(), depth, s, raw_p50));
     }
     // By depth, then mode: the order the tables compare in.
     rows.sort_by_key(|r| (r.depth, r.mode.clone()));
@@ -791,6 +913,7 @@ fn run(args: Args) -> Result<(), BenchError> {
     write("summary.md", &md)?;
 
     // The plot: one panel per depth, the baseline in each for reference.
+    let labels: BTreeMap<Variant, String> = plan.variants.iter().map(|v| (*v, v.label())).collect();
     let panels: Vec<svg::Panel> = plan
         .depths
         .iter()
@@ -802,11 +925,12 @@ fn run(args: Args) -> Result<(), BenchError> {
                 dashed: true,
                 sorted_ns: &baseline.ns,
             })
-            .chain(plan.modes.iter().filter_map(|&m| {
-                results.get(&(m, depth)).map(|s| svg::Series {
-                    name: m.as_str(),
-                    color: color(m),
-                    dashed: false,
+            .chain(plan.variants.iter().filter_map(|v| {
+                results.get(&(*v, depth)).map(|s| svg::Series {
+                    name: &labels[v],
+                    color: color(v.mode),
+                    // Settings other than the default are told apart by the dash.
+                    dashed: !v.event_idx || v.poll_us > 0,
                     sorted_ns: &s.ns,
                 })
             }))
@@ -881,6 +1005,24 @@ mod tests {
     }
 
     #[test]
+    fn variants_keep_the_mode_name_for_the_default_settings() {
+        let v = Variant {
+            mode: FlushMode::Group,
+            event_idx: true,
+            poll_us: 0,
+        };
+        assert_eq!(v.label(), "group");
+        assert!(v.daemon_args().is_empty());
+        let v = Variant {
+            event_idx: false,
+            poll_us: 50,
+            ..v
+        };
+        assert_eq!(v.label(), "group no-event-idx poll-us=50");
+        assert_eq!(v.daemon_args(), ["--poll-us", "50"]);
+    }
+
+    #[test]
     fn args_parse_with_defaults() {
         let a = Args::try_parse_from(["pmem-bench", "--quick", "--depths", "1,16"]).unwrap();
         assert_eq!(a.depths, [1, 16]);
@@ -889,6 +1031,12 @@ mod tests {
             [FlushMode::Group, FlushMode::Serial, FlushMode::Parallel]
         );
         assert_eq!(a.pages, 16);
+        assert_eq!(a.poll_us, [0]);
+        assert!(!a.compare_event_idx);
+        let a = Args::try_parse_from(["pmem-bench", "--compare-event-idx", "--poll-us", "0,50"])
+            .unwrap();
+        assert_eq!(a.poll_us, [0, 50]);
+        assert!(a.compare_event_idx);
         assert!(Args::try_parse_from(["pmem-bench", "--modes", "fast"]).is_err());
     }
 }

@@ -119,6 +119,24 @@ pub fn context_switches(pid: u32) -> io::Result<(u64, usize)> {
     Ok((total, threads))
 }
 
+/// CPU time every thread of `pid` has run so far, in ns: the first field of each thread's
+/// `/proc/PID/task/TID/schedstat` (time on the CPU, kept by the scheduler in ns, unlike the
+/// clock-tick granularity of `stat`).
+pub fn cpu_ns(pid: u32) -> io::Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Ok(text) = std::fs::read_to_string(task?.path().join("schedstat")) else {
+            continue; // the thread ended meanwhile
+        };
+        total += text
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
+}
+
 /// The benchmark file mapped MAP_SHARED by the benchmark itself, for the raw-fdatasync
 /// baseline: stores reach the same page cache a guest's DAX stores reach through the daemon.
 pub struct RawMapping {
@@ -173,6 +191,16 @@ impl Drop for RawMapping {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_own_cpu_time() {
+        let spent = cpu_ns(std::process::id()).unwrap();
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_millis(20) {
+            std::hint::spin_loop();
+        }
+        assert!(cpu_ns(std::process::id()).unwrap() >= spent + 10_000_000);
+    }
 
     #[test]
     fn reads_own_process() {

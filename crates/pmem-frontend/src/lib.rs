@@ -47,4 +47,6 @@ pub use vhost;
 /// Re-exported so users need not depend on `vhost` for flag and message types.
 pub use vhost::vhost_user::message::{VhostUserMMap, VhostUserMMapFlags, VhostUserShMemConfig};
 pub use vhost::vhost_user::VhostUserProtocolFeatures;
-pub use vring::{DescSpec, Used, AVAIL_RING_ADDR, DESC_TABLE_ADDR, MAX_QUEUE_SIZE, USED_RING_ADDR};
+pub use vring::{
+    DescSpec, NotifyCounts, Used, AVAIL_RING_ADDR, DESC_TABLE_ADDR, MAX_QUEUE_SIZE, USED_RING_ADDR,
+};

@@ -16,7 +16,7 @@
 //! | `SCRATCH_BASE..end`       | free for tests                                   |
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use virtio_bindings::bindings::virtio_ring::{
@@ -110,10 +110,32 @@ pub struct Used {
     pub len: u32,
 }
 
+/// How often each side told the other about the ring, for benchmarks of notification
+/// suppression. Counted from the harness's side of the eventfds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NotifyCounts {
+    /// Writes to the kick eventfd.
+    pub kicks: u64,
+    /// Kicks left out because the device's `avail_event` said it did not need them.
+    pub kicks_skipped: u64,
+    /// Signals of the call eventfd (an eventfd adds up the writes between two reads, so this
+    /// is the backend's writes, not our wakeups).
+    pub calls: u64,
+}
+
 /// Driver-side state of the split virtqueue.
 pub struct SplitVring {
     size: u16,
     event_idx: bool,
+    /// With EVENT_IDX, leave out the kicks the device's `avail_event` does not ask for, as
+    /// Linux's `virtqueue_kick_prepare` does; otherwise every submission kicks.
+    skip_kicks: bool,
+    /// `avail_idx` when the driver last decided whether to kick (Linux's `avail_idx_shadow -
+    /// num_added`): the entries after it are the ones a kick would announce.
+    kick_checked: u16,
+    kicks: AtomicU64,
+    kicks_skipped: AtomicU64,
+    calls: AtomicU64,
     /// Free descriptor indices (a stack).
     free: Vec<u16>,
     /// For every head in flight, the descriptor indices of its chain.
@@ -144,6 +166,11 @@ impl SplitVring {
         Ok(SplitVring {
             size,
             event_idx,
+            skip_kicks: false,
+            kick_checked: base,
+            kicks: AtomicU64::new(0),
+            kicks_skipped: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
             free: (0..size).rev().collect(),
             in_flight: vec![None; size as usize],
             avail_idx: base,
@@ -171,6 +198,22 @@ impl SplitVring {
     /// Whether EVENT_IDX was negotiated (changes how the device decides to signal).
     pub fn set_event_idx(&mut self, event_idx: bool) {
         self.event_idx = event_idx;
+    }
+
+    /// Whether [`Self::kick_if_needed`] may leave out kicks (only with EVENT_IDX).
+    pub fn set_skip_kicks(&mut self, skip: bool) {
+        self.skip_kicks = skip;
+    }
+
+    /// The kicks and calls so far. Takes in a call the device signalled that no wait has
+    /// read yet, so that counts taken between two runs are complete.
+    pub fn notify_counts(&self) -> Result<NotifyCounts> {
+        self.wait_call(Duration::ZERO)?;
+        Ok(NotifyCounts {
+            kicks: self.kicks.load(Ordering::Relaxed),
+            kicks_skipped: self.kicks_skipped.load(Ordering::Relaxed),
+            calls: self.calls.load(Ordering::Relaxed),
+        })
     }
 
     /// Number of heads submitted and not yet seen in the used ring.
@@ -302,7 +345,34 @@ impl SplitVring {
     /// Kicks unconditionally (even with EVENT_IDX, where a driver may skip it): an extra
     /// kick is harmless and costs one write(2).
     pub fn kick(&self) -> Result<()> {
+        self.kicks.fetch_add(1, Ordering::Relaxed);
         self.kick.write(1).map_err(Error::io("kick eventfd"))
+    }
+
+    /// Kicks after [`Self::publish`], unless EVENT_IDX and [`Self::set_skip_kicks`] are on and
+    /// the device's `avail_event` lies outside the entries published since the last decision:
+    /// then the device has said it will look at the ring without one.
+    pub fn kick_if_needed(&mut self, mem: &GuestMemoryMmap) -> Result<()> {
+        let old = std::mem::replace(&mut self.kick_checked, self.avail_idx);
+        if !(self.event_idx && self.skip_kicks) {
+            return self.kick();
+        }
+        // The device reads avail->idx after it writes avail_event; we read avail_event after
+        // we wrote avail->idx. With both orders full fences, one of us sees the other.
+        fence(Ordering::SeqCst);
+        let at = USED_RING_ADDR + 4 + 8 * u64::from(self.size);
+        let event = u16::from_le(mem.load(GuestAddress(at), Ordering::SeqCst)?);
+        if need_event(event, self.avail_idx, old) {
+            self.kick()
+        } else {
+            self.kicks_skipped.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    /// Takes the next used element if there is one, without waiting or asking for a call.
+    pub fn try_used(&mut self, mem: &GuestMemoryMmap) -> Result<Option<Used>> {
+        self.pop_used(mem)
     }
 
     /// Returns the next used element, blocking on the call eventfd for up to `timeout`.
@@ -360,7 +430,8 @@ impl SplitVring {
         }
         if n > 0 {
             // The eventfd is readable, so this read does not block; it resets the counter.
-            self.call.read().map_err(Error::io("read call eventfd"))?;
+            let signals = self.call.read().map_err(Error::io("read call eventfd"))?;
+            self.calls.fetch_add(signals, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -396,5 +467,31 @@ impl SplitVring {
             })?;
         self.free.extend(chain.iter().rev());
         Ok(Some(used))
+    }
+}
+
+/// The virtio spec's `vring_need_event`: whether moving an index from `old` to `new` passes
+/// `event` (the index the other side asked to be told about), in 16-bit wrapping arithmetic.
+fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::need_event;
+
+    #[test]
+    fn need_event_is_the_spec_formula() {
+        // The device asked about entry 5: moving 5 -> 6 passes it, 6 -> 7 does not.
+        assert!(need_event(5, 6, 5));
+        assert!(!need_event(5, 7, 6));
+        // Several entries at once, the asked-for one among them.
+        assert!(need_event(5, 8, 3));
+        assert!(!need_event(9, 8, 3));
+        // Across the 16-bit wrap.
+        assert!(need_event(0xffff, 1, 0xfffe));
+        assert!(!need_event(0xfffd, 1, 0xfffe));
+        // Nothing published, nothing to announce.
+        assert!(!need_event(5, 5, 5));
     }
 }

@@ -163,6 +163,15 @@ pub struct Args {
     #[arg(long, value_name = "OPS[/s][,burst=N]")]
     pub flush_rate_limit: Option<String>,
 
+    /// After the daemon answers requests, watch the queue for up to N microseconds (0 to
+    /// 1000) for the guest's next request before going back to sleep, and take one that
+    /// arrives at once, without waiting for the guest's kick to wake the daemon [default: 0,
+    /// off]. Polling spins a CPU for up to N us after every answer, and only then: an idle
+    /// daemon still never wakes up. It can shorten a flush by the cost of a wakeup when the
+    /// guest sends its next flush right after the last answer. See docs/operations.md.
+    #[arg(long, value_name = "N")]
+    pub poll_us: Option<u64>,
+
     /// Write the metrics as JSON to this file: at start, every --metrics-interval seconds, on
     /// SIGUSR1, and at exit. Each write goes to FILE.tmp and is renamed over FILE, so readers
     /// never see a partial file.

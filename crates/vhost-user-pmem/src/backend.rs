@@ -4,10 +4,10 @@
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use log::{debug, error, info, warn};
+use log::{debug, error, info, trace, warn};
 use vhost::vhost_user::message::{
     VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserVirtioFeatures,
 };
@@ -15,7 +15,7 @@ use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{
     Address, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
     MemoryRegionAddress,
@@ -28,7 +28,7 @@ use vmm_sys_util::event::{
 use crate::device::Device;
 use crate::flush::FlushJob;
 use crate::memory_guard;
-use crate::queue::{complete, notify, AnswerGate, GuestMemory, Vring};
+use crate::queue::{complete, notify, AfterAnswer, AnswerGate, GuestMemory, Vring};
 use crate::ratelimit::RateLimit;
 use crate::request::{self, Request};
 use crate::shmem::ShmemMapper;
@@ -61,6 +61,11 @@ pub struct PmemBackend {
     /// Closed when the connection ends and reset with the device, so that a flush answered
     /// after either never reaches the ring.
     answers: Arc<AnswerGate>,
+    /// This backend, for the `--poll-us` step the flush worker runs after its answers.
+    this: Weak<PmemBackend>,
+    /// A thread is polling this connection's queue (`--poll-us`); a second one would only
+    /// spin beside it, on a CPU the flush worker or the guest needs.
+    polling: AtomicBool,
 }
 
 impl PmemBackend {
@@ -68,9 +73,9 @@ impl PmemBackend {
         device: Arc<Device>,
         conn_id: u64,
         mem: GuestMemoryAtomic<GuestMemory>,
-    ) -> io::Result<Self> {
+    ) -> io::Result<Arc<Self>> {
         let mapper = ShmemMapper::new(device.backing.clone(), device.stats.clone(), conn_id)?;
-        Ok(PmemBackend {
+        Ok(Arc::new_cyclic(|this| PmemBackend {
             device,
             conn_id,
             mem,
@@ -83,7 +88,9 @@ impl PmemBackend {
             bad_input_log: RateLimit::new(Duration::from_secs(5), 10),
             memory_faults_seen: AtomicU64::new(memory_guard::faults()),
             answers: Arc::default(),
-        })
+            this: this.clone(),
+            polling: AtomicBool::new(false),
+        }))
     }
 
     /// Stops the vring worker threads after the connection has ended. A vring thread still in
@@ -97,16 +104,21 @@ impl PmemBackend {
         }
     }
 
-    /// Serves every available chain. Returns false once the ring itself is corrupt: then nothing
-    /// on it can be trusted, and the queue stays stopped until the driver restarts the device
-    /// (virtio's DEVICE_NEEDS_RESET); retrying would only spin on the same bad index.
-    fn process_queue(&self, vring: &Vring) -> bool {
+    /// Serves every available chain; returns whether it answered any itself. Returns `None` once
+    /// the ring itself is corrupt: then nothing on it can be trusted, and the queue stays
+    /// stopped until the driver restarts the device (virtio's DEVICE_NEEDS_RESET); retrying
+    /// would only spin on the same bad index. `polled`: called by a poll rather than a kick,
+    /// which may find the queue stopped by the frontend (GET_VRING_BASE) since it looked.
+    fn process_queue(&self, vring: &Vring, polled: bool) -> Option<bool> {
         if self.queue_broken.load(Ordering::Relaxed) {
-            return false;
+            return None;
         }
         let mem = self.mem.memory();
         let chains: Vec<_> = {
             let mut state = vring.get_mut();
+            if polled && !state.get_queue().ready() {
+                return None;
+            }
             match state.get_queue_mut().iter(mem.clone()) {
                 Ok(iter) => iter.collect(),
                 Err(e) => {
@@ -115,7 +127,7 @@ impl PmemBackend {
                         "guest queue is corrupt ({e}); it stays stopped until the driver \
                          restarts the device"
                     );
-                    return false;
+                    return None;
                 }
             }
         };
@@ -124,6 +136,7 @@ impl PmemBackend {
         let popped = Instant::now();
         let mut completed_here = false;
         let mut flushes = Vec::new();
+        let after_answer = self.after_answer(vring);
         for chain in chains {
             let head = chain.head_index();
             match request::parse(&*mem, chain) {
@@ -157,6 +170,7 @@ impl PmemBackend {
                     head,
                     status,
                     ticket: self.answers.ticket(),
+                    after_answer: after_answer.clone(),
                 }),
                 Request::Unknown { kind, status } => {
                     Stats::add(&self.device.stats.unknown, 1);
@@ -185,7 +199,92 @@ impl PmemBackend {
         if completed_here {
             notify(vring);
         }
-        true
+        Some(completed_here)
+    }
+
+    /// Serves the queue until it is empty; returns whether this answered any chain itself.
+    fn drain(&self, vring: &Vring, polled: bool) -> bool {
+        if !self.event_idx.load(Ordering::Relaxed) {
+            return self.process_queue(vring, polled).unwrap_or(false);
+        }
+        // With EVENT_IDX the guest only kicks again after it has seen the used index move,
+        // so drain until no new chain appeared while notifications were off. Enabling writes
+        // avail_event after our last pop, which is what keeps the guest kicking: a poll that
+        // popped without it would leave avail_event behind and the guest silent.
+        let mut answered = false;
+        loop {
+            if let Err(e) = vring.disable_notification() {
+                warn!("cannot disable notifications: {e}");
+            }
+            match self.process_queue(vring, polled) {
+                Some(here) => answered |= here,
+                None => break,
+            }
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn!("cannot enable notifications: {e}");
+                    break;
+                }
+            }
+        }
+        answered
+    }
+
+    /// The step a flush worker runs after answering this connection's requests: a poll, with
+    /// `--poll-us`.
+    fn after_answer(&self, vring: &Vring) -> Option<AfterAnswer> {
+        if self.device.poll.is_zero() {
+            return None;
+        }
+        let (this, vring) = (self.this.clone(), vring.clone());
+        Some(Arc::new(move || {
+            if let Some(backend) = this.upgrade() {
+                backend.poll(&vring);
+            }
+        }))
+    }
+
+    /// `--poll-us`: right after an answer, the guest may be about to send its next request.
+    /// Watching the avail ring for a little while lets this thread, already awake, take it at
+    /// once, instead of the request waiting for the kick to wake the vring thread (and that
+    /// thread to wake a flush worker). Ends at the first request found: the thread that polls
+    /// may be the worker that must now start the request's fdatasync. It never starts on its
+    /// own, so an idle daemon still never wakes.
+    fn poll(&self, vring: &Vring) {
+        let limit = self.device.poll;
+        if limit.is_zero() || self.polling.swap(true, Ordering::Acquire) {
+            return;
+        }
+        let mem = self.mem.memory();
+        let deadline = Instant::now() + limit;
+        loop {
+            let waiting = {
+                let state = vring.get_ref();
+                let queue = state.get_queue();
+                if !queue.ready() || self.queue_broken.load(Ordering::Relaxed) {
+                    break;
+                }
+                queue
+                    .avail_idx(&*mem, Ordering::Acquire)
+                    .is_ok_and(|idx| idx.0 != queue.next_avail())
+            };
+            if waiting {
+                trace!(
+                    "poll found a request {} us into its {} us",
+                    (limit - deadline.saturating_duration_since(Instant::now())).as_micros(),
+                    limit.as_micros()
+                );
+                self.drain(vring, true);
+                break;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        self.polling.store(false, Ordering::Release);
     }
 }
 
@@ -354,27 +453,9 @@ impl VhostUserBackend for PmemBackend {
         let Some(vring) = vrings.first() else {
             return Ok(());
         };
-        if self.event_idx.load(Ordering::Relaxed) {
-            // With EVENT_IDX the guest only kicks again after it has seen the used index move,
-            // so drain until no new chain appeared while notifications were off.
-            loop {
-                if let Err(e) = vring.disable_notification() {
-                    warn!("cannot disable notifications: {e}");
-                }
-                if !self.process_queue(vring) {
-                    break;
-                }
-                match vring.enable_notification() {
-                    Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(e) => {
-                        warn!("cannot enable notifications: {e}");
-                        break;
-                    }
-                }
-            }
-        } else {
-            self.process_queue(vring);
+        if self.drain(vring, false) {
+            // Answered here (a request refused at once): the guest may follow up right away.
+            self.poll(vring);
         }
         let faults = memory_guard::faults();
         if faults > self.memory_faults_seen.swap(faults, Ordering::Relaxed) {

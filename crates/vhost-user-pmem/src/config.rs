@@ -24,6 +24,9 @@ pub const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(10);
 /// Longest --metrics-interval: a day. Longer periods are almost surely a mistake (milliseconds
 /// given as seconds), and a bound keeps the timer arithmetic trivially in range.
 pub const MAX_METRICS_INTERVAL_SECS: u64 = 86_400;
+/// The longest `--poll-us`: a millisecond is many wakeups' worth of spinning; beyond it polling
+/// only burns the CPU the guest's own threads could use.
+pub const MAX_POLL_US: u64 = 1000;
 
 /// A refused command line (with the environment variables of socket activation). Every
 /// variant is a usage error: the daemon exits 2 for it, before anything is touched. Failures
@@ -124,6 +127,8 @@ pub enum ConfigError {
     IntervalWithoutPath,
     #[error("--metrics-interval {0} is more than a day ({MAX_METRICS_INTERVAL_SECS} s)")]
     IntervalTooLong(u64),
+    #[error("--poll-us {0} is more than {MAX_POLL_US}: longer spins burn a CPU for no gain, since a wakeup costs tens of microseconds")]
+    PollTooLong(u64),
 }
 
 /// Where and how often the metrics JSON is written.
@@ -229,6 +234,8 @@ pub struct Config {
     pub flush_mode: FlushMode,
     /// `None`: fdatasyncs start as soon as there are requests for them.
     pub flush_rate_limit: Option<FlushRateLimit>,
+    /// `--poll-us`: how long to watch the queue after answering; zero is off.
+    pub poll: Duration,
     pub metrics: Option<MetricsFile>,
     pub seccomp: SeccompMode,
     /// Where to send READY=1 and STOPPING=1 (NOTIFY_SOCKET), if anywhere.
@@ -321,6 +328,10 @@ impl Config {
             .as_deref()
             .map(str::parse::<FlushRateLimit>)
             .transpose()?;
+        let poll = match args.poll_us.unwrap_or(0) {
+            us if us > MAX_POLL_US => return Err(ConfigError::PollTooLong(us)),
+            us => Duration::from_micros(us),
+        };
         let metrics = match (args.metrics_path, args.metrics_interval) {
             (None, None) => None,
             (None, Some(_)) => return Err(ConfigError::IntervalWithoutPath),
@@ -361,6 +372,7 @@ impl Config {
             access,
             flush_mode: args.flush_mode,
             flush_rate_limit,
+            poll,
             metrics,
             seccomp: args.seccomp,
             notify,
@@ -532,11 +544,32 @@ mod tests {
             snapshot: false,
             flush_mode: FlushMode::Group,
             flush_rate_limit: None,
+            poll_us: None,
             metrics_path: None,
             metrics_interval: None,
             log_level: None,
             print_capabilities: false,
         }
+    }
+
+    #[test]
+    fn poll_us_is_checked_here() {
+        let mut a = args(None);
+        assert_eq!(Config::try_from(a.clone()).unwrap().poll, Duration::ZERO);
+        a.poll_us = Some(0);
+        assert_eq!(Config::try_from(a.clone()).unwrap().poll, Duration::ZERO);
+        a.poll_us = Some(MAX_POLL_US);
+        assert_eq!(
+            Config::try_from(a.clone()).unwrap().poll,
+            Duration::from_millis(1)
+        );
+        a.poll_us = Some(MAX_POLL_US + 1);
+        let e = Config::try_from(a).unwrap_err();
+        assert_eq!(e, ConfigError::PollTooLong(MAX_POLL_US + 1));
+        assert!(
+            e.to_string().contains("--poll-us 1001 is more than 1000"),
+            "{e}"
+        );
     }
 
     #[test]

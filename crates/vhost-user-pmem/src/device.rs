@@ -3,7 +3,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::backing::BackingFile;
 use crate::flush::{FlushEngine, FlushJob};
@@ -14,6 +14,9 @@ use crate::stats::Stats;
 pub struct Device {
     pub backing: Arc<BackingFile>,
     pub stats: Arc<Stats>,
+    /// `--poll-us`: how long a thread that just answered watches the queue for the next
+    /// request (zero: never).
+    pub poll: Duration,
     engine: FlushEngine,
 }
 
@@ -29,7 +32,13 @@ impl Device {
             engine: FlushEngine::new(mode, limit, backing.clone(), stats.clone())?,
             backing,
             stats,
+            poll: Duration::ZERO,
         })
+    }
+
+    /// The device with `--poll-us` set to `poll`.
+    pub fn with_poll(self, poll: Duration) -> Self {
+        Device { poll, ..self }
     }
 
     pub fn flush_mode(&self) -> FlushMode {

@@ -44,7 +44,7 @@ use vm_memory::GuestAddress;
 use crate::backing::{BackingFile, FlushFailure};
 use crate::flush_limit::{FlushRateLimit, TokenBucket};
 use crate::modes::{FlushMode, PARALLEL_THREADS};
-use crate::queue::{complete, notify, AnswerTicket, MemGuard, Vring};
+use crate::queue::{complete, notify, AfterAnswer, AnswerTicket, MemGuard, Vring};
 use crate::stats::{PerConnection, Stats};
 use crate::sync::{lock, unpoison};
 use crate::virtio::{RESP_ERR, RESP_OK};
@@ -97,6 +97,8 @@ pub struct FlushJob {
     pub status: GuestAddress,
     /// Whether the ring may still take the answer once the fdatasync ends.
     pub ticket: AnswerTicket,
+    /// Run once the answer is notified (`--poll-us`), if set.
+    pub after_answer: Option<AfterAnswer>,
 }
 
 impl Job for FlushJob {
@@ -113,7 +115,11 @@ impl Job for FlushJob {
     }
 
     fn notify(&self) {
-        self.ticket.answer(|| notify(&self.vring));
+        let notified = self.ticket.answer(|| notify(&self.vring));
+        // A connection that has ended is not polled.
+        if let (Some(()), Some(then)) = (notified, &self.after_answer) {
+            then();
+        }
     }
 
     fn conn_id(&self) -> u64 {

@@ -81,7 +81,6 @@ pub struct Session {
 fn new_session(device: &Arc<Device>, conn_id: u64) -> Result<Session, String> {
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let backend = PmemBackend::new(device.clone(), conn_id, mem.clone())
-        .map(Arc::new)
         .map_err(|e| format!("cannot start the connection's threads: {e}"))?;
     let daemon = VhostUserDaemon::new("vhost-user-pmem".into(), backend.clone(), mem)
         .map_err(|e| format!("cannot set up the vhost-user handler: {e}"))?;
@@ -234,7 +233,7 @@ pub fn prepare(config: &config::Config) -> Result<(Arc<Device>, Frontends), Erro
         },
     };
     let device = match Device::new(backing, config.flush_mode, config.flush_rate_limit) {
-        Ok(d) => Arc::new(d),
+        Ok(d) => Arc::new(d.with_poll(config.poll)),
         Err(e) => {
             if let Endpoint::Listen { path, .. } = &config.endpoint {
                 // The listener does not remove its file when dropped; a failed start leaves
@@ -262,8 +261,12 @@ pub fn prepare(config: &config::Config) -> Result<(Arc<Device>, Frontends), Erro
         Some(l) => format!(", flush rate limit {l}"),
         None => String::new(),
     };
+    let poll = match config.poll.as_micros() {
+        0 => String::new(),
+        us => format!(", polling {us} us after each answer"),
+    };
     info!(
-        "serving {} ({}, {}, flush mode {}{limit}), {}",
+        "serving {} ({}, {}, flush mode {}{limit}{poll}), {}",
         config.file.display(),
         size::ByteSize(size),
         if read_only { "read-only" } else { "read-write" },

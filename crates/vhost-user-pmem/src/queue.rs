@@ -17,6 +17,10 @@ pub type GuestMemory = GuestMemoryMmap<()>;
 pub type MemGuard = GuestMemoryLoadGuard<GuestMemory>;
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
 
+/// What a thread that has just answered requests on a queue does next (`--poll-us`): called
+/// after the notification, with no lock held.
+pub type AfterAnswer = Arc<dyn Fn() + Send + Sync>;
+
 static COMPLETION_ERRORS: RateLimit = RateLimit::new(std::time::Duration::from_secs(5), 5);
 
 /// Writes `code` to `status` (if given) and puts `head` on the used ring. The caller notifies

@@ -131,6 +131,24 @@ fn bad_flush_rate_limits_are_one_line_usage_errors() {
 }
 
 #[test]
+fn poll_us_is_checked_before_anything_is_touched() {
+    let env = Env::new();
+    env.create_file(2 * MIB);
+    let line = refused_usage(&env, &["--poll-us", "1001"]);
+    assert!(
+        line.contains("--poll-us 1001") && line.contains("1000"),
+        "{line}"
+    );
+    // Not a number of microseconds: clap's to refuse, still a usage error before anything.
+    for bad in ["-1", "20us", "", "0.5"] {
+        let o = run(&env.args(&[&format!("--poll-us={bad}")]));
+        assert_eq!(o.code(), Some(2), "{bad:?}: stderr: {}", o.stderr);
+        assert!(o.stderr.contains("--poll-us"), "{bad:?}: {}", o.stderr);
+        assert!(!env.socket.exists(), "{bad:?} left a socket behind");
+    }
+}
+
+#[test]
 fn metrics_arguments_are_checked_before_anything_is_touched() {
     let env = Env::new();
     env.create_file(2 * MIB);
