@@ -6,7 +6,7 @@
 # measured is the clone's; give --dir to measure another.
 #
 # Usage: scripts/bench-host.sh [--quick] [--update-docs] [--out DIR] [--sweep-pages LIST]
-#                              [PMEM-BENCH ARGS...]
+#                              [--against REV] [PMEM-BENCH ARGS...]
 #   --quick        a run of a few seconds, to check that everything works
 #   --update-docs  copy latency.svg to docs/bench-host-latency.svg
 #   --out DIR      results there instead of .cache/bench
@@ -14,6 +14,9 @@
 #                  (e.g. 1,4,16,64,128,256), at depth 16 unless --depths is given, into
 #                  OUT/pages-N, then a table of how group commit's gain depends on it
 #                  (about 2 minutes for 6 counts with --rounds 2 --flushes 300)
+#   --against REV  also run the daemon as built from git revision REV (e.g. main~3), in the
+#                  same interleaved rounds (rows labelled "compare"): before/after a change
+#                  on one noisy machine. REV is built once into .cache/bench-against/SHA.
 #   other arguments go to pmem-bench (see target/release/pmem-bench --help), e.g.
 #   --depths 1,16 --pages 1 --rounds 3 --dir /mnt/other-fs
 # After the build it waits up to a minute for the load average to fall to 1.5, and warns if it
@@ -25,13 +28,14 @@ VUP_PROG=bench-host
 source "$(dirname "$0")/lib.sh"
 cd "$VUP_ROOT"
 
-update_docs=0 args=() out="$VUP_BUILD/bench" sweep=""
+update_docs=0 args=() out="$VUP_BUILD/bench" sweep="" against=""
 while (($#)); do
     case "$1" in
         --update-docs) update_docs=1 ;;
         --out) [[ $# -ge 2 ]] || die "--out needs a directory"; out="$2"; shift ;;
         --sweep-pages) [[ ${2:-} =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--sweep-pages needs a list like 1,16,64"; sweep="$2"; shift ;;
-        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --against) [[ $# -ge 2 ]] || die "--against needs a git revision"; against="$2"; shift ;;
+        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) args+=("$1") ;;
     esac
     shift
@@ -40,6 +44,19 @@ done
 need_cmd cargo
 info "building release binaries"
 cargo build --release --quiet -p vhost-user-pmem -p pmem-bench
+if [[ -n $against ]]; then
+    sha=$(git rev-parse --verify --quiet "$against^{commit}") || die "--against: no commit $against"
+    tree="$VUP_BUILD/bench-against/$sha"
+    if [[ ! -x $tree/target/release/vhost-user-pmem ]]; then
+        rm -rf "$tree" && mkdir -p "$tree"
+        git archive "$sha" | tar -x -C "$tree"
+        # Cargo.lock is not committed: today's lock keeps the dependencies the same where it can.
+        [[ -f Cargo.lock ]] && cp Cargo.lock "$tree/"
+        info "building the daemon of $against ($sha) in $tree"
+        (cd "$tree" && cargo build --release --quiet -p vhost-user-pmem)
+    fi
+    args+=(--compare-daemon "$tree/target/release/vhost-user-pmem")
+fi
 # The build itself raises the load average; give it a minute to decay before judging the machine.
 high_load() { awk -v l="$(cut -d' ' -f1 /proc/loadavg)" 'BEGIN { exit !(l > 1.5) }'; }
 for _ in $(seq 12); do high_load || break; sleep 5; done

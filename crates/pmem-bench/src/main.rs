@@ -14,7 +14,7 @@ mod sys;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -81,6 +81,10 @@ struct Args {
     /// The daemon binary [default: vhost-user-pmem next to this binary].
     #[arg(long, value_name = "PATH")]
     daemon: Option<PathBuf>,
+    /// A second daemon binary (e.g. a build of an earlier commit) to run every mode with as
+    /// well, interleaved in the same rounds; its rows are labelled "compare".
+    #[arg(long, value_name = "PATH")]
+    compare_daemon: Option<PathBuf>,
     /// Directory for the results.
     #[arg(long, value_name = "DIR", default_value = ".cache/bench")]
     out: PathBuf,
@@ -137,6 +141,8 @@ struct Variant {
     event_idx: bool,
     /// The daemon's --poll-us.
     poll_us: u64,
+    /// Run with --compare-daemon's binary instead of --daemon's.
+    compare: bool,
 }
 
 impl Variant {
@@ -150,7 +156,18 @@ impl Variant {
         if self.poll_us > 0 {
             let _ = write!(s, " poll-us={}", self.poll_us);
         }
+        if self.compare {
+            s.push_str(" compare");
+        }
         s
+    }
+
+    /// The binary this variant runs.
+    fn binary<'a>(&self, plan: &'a Plan) -> &'a Path {
+        match (&plan.compare_daemon, self.compare) {
+            (Some(other), true) => other,
+            _ => &plan.daemon,
+        }
     }
 
     /// The daemon's arguments beyond --flush-mode.
@@ -164,6 +181,7 @@ impl Variant {
 
 struct Plan {
     daemon: PathBuf,
+    compare_daemon: Option<PathBuf>,
     out: PathBuf,
     dir: PathBuf,
     file: PathBuf,
@@ -221,6 +239,12 @@ impl Plan {
                 daemon.display()
             ));
         }
+        if let Some(other) = a.compare_daemon.as_ref().filter(|p| !p.is_file()) {
+            return usage(format!(
+                "no daemon binary at {} (--compare-daemon)",
+                other.display()
+            ));
+        }
         // The daemon's own limit; it would refuse to start.
         if a.poll_us.is_empty() || a.poll_us.iter().any(|&us| us > 1000) {
             return usage("--poll-us values must be between 0 and 1000".into());
@@ -239,16 +263,23 @@ impl Plan {
         for &mode in &modes {
             for &event_idx in event_idx {
                 for &poll_us in &polls {
-                    variants.push(Variant {
-                        mode,
-                        event_idx,
-                        poll_us,
-                    });
+                    for compare in [false, true] {
+                        if compare && a.compare_daemon.is_none() {
+                            continue;
+                        }
+                        variants.push(Variant {
+                            mode,
+                            event_idx,
+                            poll_us,
+                            compare,
+                        });
+                    }
                 }
             }
         }
         Ok(Plan {
             daemon,
+            compare_daemon: a.compare_daemon,
             file: dir.join("pmem-bench.img"),
             dir,
             out: a.out,
@@ -441,9 +472,13 @@ fn run_variant(
     let mode = v.mode;
     let socket = plan.dir.join("bench.sock");
     let metrics = plan.dir.join(format!("metrics-{}.json", mode.as_str()));
-    let log = plan.out.join(format!("daemon-{}.log", mode.as_str()));
+    let log = plan.out.join(format!(
+        "daemon-{}{}.log",
+        mode.as_str(),
+        if v.compare { "-compare" } else { "" }
+    ));
     let mut d = Daemon::start(
-        &plan.daemon,
+        v.binary(plan),
         mode.as_str(),
         &v.daemon_args(),
         &plan.file,
@@ -930,7 +965,7 @@ fn run(args: Args) -> Result<(), BenchError> {
                     name: &labels[v],
                     color: color(v.mode),
                     // Settings other than the default are told apart by the dash.
-                    dashed: !v.event_idx || v.poll_us > 0,
+                    dashed: !v.event_idx || v.poll_us > 0 || v.compare,
                     sorted_ns: &s.ns,
                 })
             }))
@@ -1010,6 +1045,7 @@ mod tests {
             mode: FlushMode::Group,
             event_idx: true,
             poll_us: 0,
+            compare: false,
         };
         assert_eq!(v.label(), "group");
         assert!(v.daemon_args().is_empty());
@@ -1020,6 +1056,8 @@ mod tests {
         };
         assert_eq!(v.label(), "group no-event-idx poll-us=50");
         assert_eq!(v.daemon_args(), ["--poll-us", "50"]);
+        let v = Variant { compare: true, ..v };
+        assert_eq!(v.label(), "group no-event-idx poll-us=50 compare");
     }
 
     #[test]

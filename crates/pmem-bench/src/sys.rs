@@ -192,14 +192,36 @@ impl Drop for RawMapping {
 mod tests {
     use super::*;
 
+    /// On a busy child of one thread: this test binary's own sum moves with the other tests'
+    /// threads, which take their time with them when they end.
     #[test]
-    fn reads_own_cpu_time() {
-        let spent = cpu_ns(std::process::id()).unwrap();
-        let t = std::time::Instant::now();
-        while t.elapsed() < std::time::Duration::from_millis(20) {
-            std::hint::spin_loop();
-        }
-        assert!(cpu_ns(std::process::id()).unwrap() >= spent + 10_000_000);
+    fn reads_cpu_time_in_ns() {
+        use std::time::{Duration, Instant};
+        let started = Instant::now();
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap();
+        let deadline = started + Duration::from_secs(10);
+        let spent = loop {
+            let ns = cpu_ns(child.id()).unwrap();
+            if ns >= 20_000_000 || Instant::now() > deadline {
+                break ns;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let wall = started.elapsed();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            spent >= 20_000_000,
+            "a busy loop ran {spent} ns in {wall:?}"
+        );
+        // One thread cannot run longer than the wall clock: a figure in another unit would.
+        assert!(
+            spent <= wall.as_nanos() as u64,
+            "{spent} ns of CPU in {wall:?}"
+        );
     }
 
     #[test]
