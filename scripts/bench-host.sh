@@ -17,7 +17,8 @@
 #                  (about 2 minutes for 6 counts with --rounds 2 --flushes 300)
 #   --many         instead of the modes run: 1, 4 and 16 daemons at once against as many raw
 #                  fdatasync loops at once (pmem-bench --daemons 1,4,16, unless --daemons is
-#                  given; an 8 MiB working set per file unless --working-set-mib is given);
+#                  given; 256 MiB files with an 8 MiB working set unless --size-mib or
+#                  --working-set-mib say otherwise: each daemon allocates all of its file);
 #                  about 2.5 minutes
 #   other arguments go to pmem-bench (see target/release/pmem-bench --help), e.g.
 #   --depths 1,16 --pages 1 --rounds 3 --dir /mnt/other-fs
@@ -37,7 +38,7 @@ while (($#)); do
         --out) [[ $# -ge 2 ]] || die "--out needs a directory"; out="$2"; shift ;;
         --many) many=1 ;;
         --sweep-pages) [[ ${2:-} =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--sweep-pages needs a list like 1,16,64"; sweep="$2"; shift ;;
-        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) args+=("$1") ;;
     esac
     shift
@@ -46,6 +47,8 @@ if [[ $many == 1 ]]; then
     [[ -z $sweep ]] || die "--many and --sweep-pages are different runs; give one"
     [[ -n $out ]] || out="$VUP_BUILD/bench-many"
     [[ " ${args[*]-} " == *" --daemons "* ]] || args=(--daemons "1,4,16" ${args[@]+"${args[@]}"})
+    # Each daemon allocates all of its file at start: 16 of the default 4 GiB would take 64 GiB.
+    [[ " ${args[*]-} " == *" --size-mib "* ]] || args=(--size-mib 256 "${args[@]}")
     [[ " ${args[*]-} " == *" --working-set-mib "* ]] || args=(--working-set-mib 8 "${args[@]}")
 fi
 [[ -n $out ]] || out="$VUP_BUILD/bench"

@@ -111,7 +111,8 @@ struct Args {
     modes: Vec<FlushMode>,
     /// Instead of the modes x depths run: for each count N, N daemons (each on its own file
     /// in --dir, each driven by its own frontend thread) at once against N raw fdatasync
-    /// loops at once (N threads, each on its own file), interleaved in rounds.
+    /// loops at once (N threads, each on its own file), interleaved in rounds. Each daemon
+    /// allocates all of its --size-mib file at start, so N of them must fit in --dir.
     #[arg(long, value_name = "N,..", value_delimiter = ',')]
     daemons: Vec<usize>,
     /// With --daemons: seconds every run of N daemons or N raw loops measures [default: 3, or
@@ -300,6 +301,8 @@ struct Samples {
     cpu_flushes: u64,
     /// Some CPU figure came from clock ticks (10 ms resolution), not schedstat.
     cpu_from_ticks: bool,
+    /// The daemon's CPU over the same flushes from /proc/PID/stat's clock ticks, a cross-check.
+    cpu_ticks_ns: u64,
     /// The raw baseline's CPU over its whole loop, page stores included.
     loop_cpu_ns: u64,
 }
@@ -314,6 +317,7 @@ impl Samples {
         self.cpu_ns += other.cpu_ns;
         self.cpu_flushes += other.cpu_flushes;
         self.cpu_from_ticks |= other.cpu_from_ticks;
+        self.cpu_ticks_ns += other.cpu_ticks_ns;
         self.loop_cpu_ns += other.loop_cpu_ns;
     }
 
@@ -330,6 +334,7 @@ impl Samples {
             self.cpu_ns = ns;
             self.cpu_flushes = self.ns.len() as u64;
             self.cpu_from_ticks = !exact;
+            self.cpu_ticks_ns = b.stat_ns.saturating_sub(a.stat_ns);
         }
     }
 }
@@ -655,6 +660,9 @@ struct Row {
     /// Some of it was counted in clock ticks (10 ms) because schedstat was missing or a
     /// daemon thread came or went meanwhile.
     cpu_from_clock_ticks: bool,
+    /// The daemon's CPU per flush counted in /proc/PID/stat's clock ticks instead (10 ms
+    /// resolution over the row's measured flushes): a cross-check of the figure above.
+    cpu_ticks_us_per_flush: Option<f64>,
     log2_buckets_us: Vec<Bucket>,
 }
 
@@ -711,6 +719,16 @@ fn row(label: &str, depth: usize, s: &mut Samples, raw_p50: f64) -> Row {
             .then(|| (s.fdatasyncs as f64 / s.requests as f64 * 1000.0).round() / 1000.0),
         cpu_us_per_flush: s.cpu_us_per_flush(),
         cpu_from_clock_ticks: s.cpu_from_ticks,
+        cpu_ticks_us_per_flush: (s.cpu_ticks_ns > 0)
+            .then(|| {
+                Samples {
+                    cpu_ns: s.cpu_ticks_ns,
+                    cpu_flushes: s.cpu_flushes,
+                    ..Samples::default()
+                }
+                .cpu_us_per_flush()
+            })
+            .flatten(),
         log2_buckets_us: log2_buckets_ns(&s.ns),
     }
 }

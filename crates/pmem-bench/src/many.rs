@@ -467,7 +467,10 @@ struct Row {
     raw_fdatasyncs_per_s: f64,
     /// Of the two medians.
     ratio: f64,
+    /// Each round's daemons / raw, whose two runs followed each other, and their median: a
+    /// load that changes between rounds moves both runs of a round alike.
     round_ratios: Vec<f64>,
+    median_round_ratio: f64,
     daemon_p50_us: f64,
     daemon_p99_us: f64,
     raw_p50_us: f64,
@@ -512,6 +515,7 @@ fn row(n: usize, rounds: &[&Round]) -> Row {
             0.0
         },
         round_ratios: rounds.iter().map(|r| r.ratio).collect(),
+        median_round_ratio: med(&|r| r.ratio),
         daemon_p50_us: med(&|r| r.daemon.p50_us),
         daemon_p99_us: med(&|r| r.daemon.p99_us),
         raw_p50_us: med(&|r| r.raw.p50_us),
@@ -557,13 +561,15 @@ fn targets(rows: &[Row], idle_secs: u64) -> Vec<Target> {
             "{n} daemons at once: total flushes/s >= 0.9 x {n} raw fdatasync loops at once"
         ),
         measured: format!(
-            "{:.0} vs {:.0} /s = {:.2} x (rounds: {})",
+            "{:.0} vs {:.0} /s = {:.2} x; median of the rounds' ratios {:.2} x ({})",
             top.daemon_flushes_per_s,
             top.raw_fdatasyncs_per_s,
             top.ratio,
+            top.median_round_ratio,
             join(&top.round_ratios, |r| format!("{r:.2}"))
         ),
-        met: top.ratio >= 0.9,
+        // Both ways of reading the rounds must meet it.
+        met: top.ratio.min(top.median_round_ratio) >= 0.9,
     });
     if idle_secs > 0 {
         t.push(Target {
@@ -625,7 +631,7 @@ fn markdown(res: &Results) -> String {
     );
     let _ = writeln!(
         s,
-        "For each N: N daemons (`--flush-mode {}`) at once, each on its own {} MiB sparse file, each driven by its own frontend thread at depth {} with {} dirty page(s) per flush, for {} s; against N raw fdatasync loops at once (N threads, each on one of the same files, dirtying the same pages through its own mapping). {} rounds, raw and daemons alternating which goes first; medians over the rounds. Latency percentiles are over the requests of all N threads together.\n",
+        "For each N: N daemons (`--flush-mode {}`) at once, each on its own {} MiB file (which it allocates at start), each driven by its own frontend thread at depth {} with {} dirty page(s) per flush, for {} s; against N raw fdatasync loops at once (N threads, each on one of the same files, dirtying the same pages through its own mapping). {} rounds, raw and daemons alternating which goes first; medians over the rounds. Latency percentiles are over the requests of all N threads together.\n",
         res.mode,
         res.file_size >> 20,
         res.depth,
@@ -635,18 +641,19 @@ fn markdown(res: &Results) -> String {
     );
     let _ = writeln!(
         s,
-        "| daemons | daemons flushes/s (total) | raw fdatasyncs/s (total) | daemons / raw | each round | daemons p50 / p99 us | raw p50 / p99 us | daemon CPU us per flush | raw CPU us per fdatasync | fdatasyncs/request |"
+        "| daemons | daemons flushes/s (total) | raw fdatasyncs/s (total) | daemons / raw | each round (median) | daemons p50 / p99 us | raw p50 / p99 us | daemon CPU us per flush | raw CPU us per fdatasync | fdatasyncs/request |"
     );
     let _ = writeln!(s, "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|");
     for r in &res.rows {
         let _ = writeln!(
             s,
-            "| {} | {:.0} | {:.0} | {:.2} | {} | {:.0} / {:.0} | {:.0} / {:.0} | {}{} | {} | {:.3} |",
+            "| {} | {:.0} | {:.0} | {:.2} | {} ({:.2}) | {:.0} / {:.0} | {:.0} / {:.0} | {}{} | {} | {:.3} |",
             r.daemons,
             r.daemon_flushes_per_s,
             r.raw_fdatasyncs_per_s,
             r.ratio,
             join(&r.round_ratios, |x| format!("{x:.2}")),
+            r.median_round_ratio,
             r.daemon_p50_us,
             r.daemon_p99_us,
             r.raw_p50_us,
@@ -702,6 +709,37 @@ fn markdown(res: &Results) -> String {
     s
 }
 
+/// Space that must stay free beside the daemons' files: the file system is shared with
+/// everything else on the host.
+const SPARE_SPACE: u64 = 4 << 30;
+
+/// Refuses a run whose files would fill the file system. Each daemon allocates every block of
+/// its file at start (its default `--allocate full`), and each checks only its own need, so
+/// `n` of them at once could together take more than is free.
+fn check_space(plan: &Plan, n: usize) -> Result<(), BenchError> {
+    std::fs::create_dir_all(&plan.dir)
+        .map_err(BenchError::io(format!("create {}", plan.dir.display())))?;
+    let free = sys::free_bytes(&plan.dir)
+        .map_err(BenchError::io(format!("statvfs {}", plan.dir.display())))?;
+    // Files left by an earlier run count as free: they are replaced.
+    let old: u64 = (0..n)
+        .filter_map(|i| std::fs::metadata(file(plan, i)).ok())
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+        .sum();
+    let need = n as u64 * plan.size;
+    if need + SPARE_SPACE > free + old {
+        return Err(BenchError::Usage(format!(
+            "{n} daemons allocate {n} x {} MiB = {} MiB in {}, which has {} MiB free and must keep {} MiB: give a smaller --size-mib",
+            plan.size >> 20,
+            need >> 20,
+            plan.dir.display(),
+            (free + old) >> 20,
+            SPARE_SPACE >> 20
+        )));
+    }
+    Ok(())
+}
+
 /// The many-daemons comparison: every N in `plan.daemons`, `plan.rounds` rounds.
 pub fn run(plan: &Plan, command: String) -> Result<(), BenchError> {
     let max = plan.daemons.iter().copied().max().unwrap_or(1);
@@ -712,6 +750,7 @@ pub fn run(plan: &Plan, command: String) -> Result<(), BenchError> {
     if loadavg_start > 1.5 {
         eprintln!("pmem-bench: warning: load average is {loadavg_start:.2}; results will be noisy");
     }
+    check_space(plan, max)?;
     let t0 = Instant::now();
     for i in 0..max {
         prepare_file(plan, &file(plan, i))?;
@@ -929,6 +968,7 @@ mod tests {
             (900.0, 1000.0)
         );
         assert_eq!(r.ratio, 0.9);
+        assert_eq!(r.median_round_ratio, 0.9);
         assert_eq!(r.vm_rss_sum_mib, 64.0);
         assert_eq!(r.vm_rss_per_daemon_mib, 4.0);
         assert_eq!(r.vm_hwm_max_mib, 8.79);
@@ -937,6 +977,9 @@ mod tests {
         let t = targets(&[r], 3);
         assert_eq!(t.len(), 3);
         assert!(t[0].met, "0.90 x meets >= 0.9");
+        let mut skewed = row(16, &refs);
+        skewed.median_round_ratio = 0.85;
+        assert!(!targets(&[skewed], 3)[0].met, "both readings must meet it");
         assert!(!t[1].met, "one round woke up");
         assert!(!t[2].met, "8.79 MiB > 8 MiB");
         assert!(t[0].target.starts_with("16 daemons"));

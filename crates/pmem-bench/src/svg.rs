@@ -361,10 +361,14 @@ pub fn render_lines(
                 l.color
             );
             if let Some(note) = l.notes.get(i) {
+                // Below the point when another line passes above it, so as not to sit on it.
+                let above_others = lines
+                    .iter()
+                    .all(|o| o.values.get(i).is_none_or(|&ov| ov <= v));
                 let _ = writeln!(
                     svg,
                     r#"<text x="{cx:.1}" y="{:.1}" text-anchor="middle" fill="{}">{}</text>"#,
-                    cy - 9.0,
+                    if above_others { cy - 9.0 } else { cy + 18.0 },
                     l.color,
                     esc(note)
                 );

@@ -208,6 +208,22 @@ pub fn thread_cpu_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Bytes an unprivileged process may still allocate on the file system holding `path`.
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: all-zero is a valid statvfs (plain integers), and it is only read after
+    // statvfs has filled it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a writable statvfs, both live for the
+    // call.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// The benchmark file mapped MAP_SHARED by the benchmark itself, for the raw-fdatasync
 /// baseline: stores reach the same page cache a guest's DAX stores reach through the daemon.
 pub struct RawMapping {
@@ -282,6 +298,8 @@ mod tests {
             assert!(exact == cpu.sched_ns.is_some());
             assert!(ns >= 20_000_000, "{ns} ns");
         }
+        assert!(free_bytes(Path::new("/")).unwrap() > 0);
+        assert!(free_bytes(Path::new("/no/such/dir")).is_err());
         let m = machine(Path::new("/"));
         assert!(m.nproc >= 1);
         assert_eq!(m.mount_point, "/");
