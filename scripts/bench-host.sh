@@ -6,10 +6,11 @@
 # measured is the clone's; give --dir to measure another.
 #
 # Usage: scripts/bench-host.sh [--quick] [--update-docs] [--out DIR] [--sweep-pages LIST]
-#                              [--against REV] [PMEM-BENCH ARGS...]
+#                              [--against REV] [--many] [PMEM-BENCH ARGS...]
 #   --quick        a run of a few seconds, to check that everything works
-#   --update-docs  copy latency.svg to docs/bench-host-latency.svg
-#   --out DIR      results there instead of .cache/bench
+#   --update-docs  copy latency.svg to docs/bench-host-latency.svg (with --many: daemons.svg
+#                  to docs/bench-host-daemons.svg)
+#   --out DIR      results there instead of .cache/bench (.cache/bench-many with --many)
 #   --sweep-pages LIST  instead of one run: one run per number of pages dirtied per flush
 #                  (e.g. 1,4,16,64,128,256), at depth 16 unless --depths is given, into
 #                  OUT/pages-N, then a table of how group commit's gain depends on it
@@ -17,6 +18,11 @@
 #   --against REV  also run the daemon as built from git revision REV (e.g. main~3), in the
 #                  same interleaved rounds (rows labelled "compare"): before/after a change
 #                  on one noisy machine. REV is built once into .cache/bench-against/SHA.
+#   --many         instead of the modes run: 1, 4 and 16 daemons at once against as many raw
+#                  fdatasync loops at once (pmem-bench --daemons 1,4,16, unless --daemons is
+#                  given; 256 MiB files with an 8 MiB working set unless --size-mib or
+#                  --working-set-mib say otherwise: each daemon allocates all of its file);
+#                  about 2.5 minutes
 #   other arguments go to pmem-bench (see target/release/pmem-bench --help), e.g.
 #   --depths 1,16 --pages 1 --rounds 3 --dir /mnt/other-fs
 # After the build it waits up to a minute for the load average to fall to 1.5, and warns if it
@@ -28,18 +34,28 @@ VUP_PROG=bench-host
 source "$(dirname "$0")/lib.sh"
 cd "$VUP_ROOT"
 
-update_docs=0 args=() out="$VUP_BUILD/bench" sweep="" against=""
+update_docs=0 args=() out="" sweep="" many=0 against=""
 while (($#)); do
     case "$1" in
         --update-docs) update_docs=1 ;;
         --out) [[ $# -ge 2 ]] || die "--out needs a directory"; out="$2"; shift ;;
+        --many) many=1 ;;
         --sweep-pages) [[ ${2:-} =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--sweep-pages needs a list like 1,16,64"; sweep="$2"; shift ;;
         --against) [[ $# -ge 2 ]] || die "--against needs a git revision"; against="$2"; shift ;;
-        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) args+=("$1") ;;
     esac
     shift
 done
+if [[ $many == 1 ]]; then
+    [[ -z $sweep ]] || die "--many and --sweep-pages are different runs; give one"
+    [[ -n $out ]] || out="$VUP_BUILD/bench-many"
+    [[ " ${args[*]-} " == *" --daemons "* ]] || args=(--daemons "1,4,16" ${args[@]+"${args[@]}"})
+    # Each daemon allocates all of its file at start: 16 of the default 4 GiB would take 64 GiB.
+    [[ " ${args[*]-} " == *" --size-mib "* ]] || args=(--size-mib 256 "${args[@]}")
+    [[ " ${args[*]-} " == *" --working-set-mib "* ]] || args=(--working-set-mib 8 "${args[@]}")
+fi
+[[ -n $out ]] || out="$VUP_BUILD/bench"
 
 need_cmd cargo
 info "building release binaries"
@@ -101,6 +117,14 @@ if [[ -n $sweep ]]; then
     exit 0
 fi
 target/release/pmem-bench --daemon target/release/vhost-user-pmem --out "$out" ${args[@]+"${args[@]}"}
+if [[ $many == 1 ]]; then
+    if [[ $update_docs == 1 ]]; then
+        cp "$out/daemons.svg" docs/bench-host-daemons.svg
+        info "copied $out/daemons.svg to docs/bench-host-daemons.svg"
+    fi
+    info "results in $out (results.json, summary.md, daemons.svg)"
+    exit 0
+fi
 if [[ $update_docs == 1 ]]; then
     cp "$out/latency.svg" docs/bench-host-latency.svg
     info "copied $out/latency.svg to docs/bench-host-latency.svg"

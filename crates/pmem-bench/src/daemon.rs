@@ -1,6 +1,7 @@
 //! The real daemon binary for one flush mode, through the project's one launcher
 //! (`pmem_frontend::daemon`), with the benchmark's own check on its metrics.
 
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -31,6 +32,22 @@ impl Daemon {
         metrics: Option<&Path>,
         log: &Path,
     ) -> Result<Daemon, BenchError> {
+        let mut d = Daemon::spawn(bin, mode, extra, file, socket, metrics, log)?;
+        d.wait_serving()?;
+        Ok(d)
+    }
+
+    /// Like [`Daemon::start`], without waiting: for timing the start-up, and for starting
+    /// many daemons at once.
+    pub fn spawn(
+        bin: &Path,
+        mode: &str,
+        extra: &[String],
+        file: &Path,
+        socket: &Path,
+        metrics: Option<&Path>,
+        log: &Path,
+    ) -> Result<Daemon, BenchError> {
         let _ = std::fs::remove_file(socket);
         let mut cmd = DaemonCommand::new(bin, Side::Listen(socket.to_path_buf()), file)
             .args(["--flush-mode", mode])
@@ -40,9 +57,30 @@ impl Daemon {
         if let Some(m) = metrics {
             cmd = cmd.metrics(m);
         }
-        let mut d = cmd.spawn().map_err(daemon_err)?;
-        d.wait_serving(START_TIMEOUT).map_err(daemon_err)?;
-        Ok(Daemon(d))
+        Ok(Daemon(cmd.spawn().map_err(daemon_err)?))
+    }
+
+    /// Whether the socket takes a connection yet (the daemon is listening). The connection is
+    /// closed at once; the daemon takes it as an ordinary disconnect, as it does the probe of
+    /// [`Daemon::wait_serving`].
+    pub fn accepts(&self) -> bool {
+        UnixStream::connect(self.0.socket()).is_ok()
+    }
+
+    /// An error if the daemon has exited.
+    pub fn check_running(&mut self) -> Result<(), BenchError> {
+        match self.0.try_wait() {
+            None => Ok(()),
+            Some(status) => Err(BenchError::Daemon(format!(
+                "the daemon exited with {status}; see {}",
+                self.0.log_path().display()
+            ))),
+        }
+    }
+
+    /// Waits until the daemon answers GET_FEATURES on its socket.
+    pub fn wait_serving(&mut self) -> Result<(), BenchError> {
+        self.0.wait_serving(START_TIMEOUT).map_err(daemon_err)
     }
 
     pub fn pid(&self) -> u32 {

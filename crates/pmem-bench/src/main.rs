@@ -8,6 +8,7 @@
 //! interleaved in rounds so that machine noise spreads over all of them alike.
 
 mod daemon;
+mod many;
 mod report;
 mod svg;
 mod sys;
@@ -75,6 +76,8 @@ fn color(mode: FlushMode) -> &'static str {
 /// fdatasync of the same file, with no VM.
 ///
 /// Writes OUT/results.json, OUT/summary.md (the tables, also printed) and OUT/latency.svg.
+/// With --daemons it runs the many-daemons comparison instead: N daemons at once against N
+/// raw fdatasync loops at once, for each N, with OUT/daemons.svg as the plot.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
@@ -99,24 +102,36 @@ struct Args {
     /// written once before the run, so flushes overwrite allocated blocks).
     #[arg(long, value_name = "MIB", default_value_t = 32)]
     working_set_mib: u64,
-    /// Pages dirtied through the mapping before each flush.
-    #[arg(long, value_name = "N", default_value_t = 16)]
-    pages: usize,
-    /// Queue depths: this many flush requests are kept outstanding.
-    #[arg(long, value_name = "D,..", value_delimiter = ',', default_values_t = [1usize, 4, 16, 64])]
+    /// Pages dirtied through the mapping before each flush [default: 16, or 1 with --daemons].
+    #[arg(long, value_name = "N")]
+    pages: Option<usize>,
+    /// Queue depths: this many flush requests are kept outstanding [default: 1,4,16,64, or 1
+    /// with --daemons, which takes one depth].
+    #[arg(long, value_name = "D,..", value_delimiter = ',')]
     depths: Vec<usize>,
-    /// Flush modes to run.
-    #[arg(long, value_name = "MODE,..", value_delimiter = ',', default_values_t = [FlushMode::Group, FlushMode::Serial, FlushMode::Parallel])]
+    /// Flush modes to run [default: group,serial,parallel, or group with --daemons, which
+    /// takes one mode].
+    #[arg(long, value_name = "MODE,..", value_delimiter = ',')]
     modes: Vec<FlushMode>,
+    /// Instead of the modes x depths run: for each count N, N daemons (each on its own file
+    /// in --dir, each driven by its own frontend thread) at once against N raw fdatasync
+    /// loops at once (N threads, each on its own file), interleaved in rounds. Each daemon
+    /// allocates all of its --size-mib file at start, so N of them must fit in --dir.
+    #[arg(long, value_name = "N,..", value_delimiter = ',')]
+    daemons: Vec<usize>,
+    /// With --daemons: seconds every run of N daemons or N raw loops measures [default: 3, or
+    /// 1 with --quick].
+    #[arg(long, value_name = "SECS")]
+    run_secs: Option<f64>,
     /// Rounds; each round runs the baseline and every mode at every depth [default: 5, or 2
-    /// with --quick].
+    /// with --quick; with --daemons 3, or 2 with --quick].
     #[arg(long, value_name = "N")]
     rounds: Option<usize>,
     /// Measured flushes per round, mode and depth [default: 1000, or 150 with --quick].
     #[arg(long, value_name = "N")]
     flushes: Option<usize>,
     /// Seconds each mode's daemon idles while its wakeups are counted [default: 10, or 2
-    /// with --quick].
+    /// with --quick; with --daemons 3 in every run of N daemons, or 1 with --quick].
     #[arg(long, value_name = "SECS")]
     idle_secs: Option<u64>,
     /// Run every mode twice, with and without VIRTIO_RING_F_EVENT_IDX (the harness then also
@@ -179,7 +194,7 @@ impl Variant {
     }
 }
 
-struct Plan {
+pub(crate) struct Plan {
     daemon: PathBuf,
     compare_daemon: Option<PathBuf>,
     out: PathBuf,
@@ -196,7 +211,14 @@ struct Plan {
     flushes: usize,
     idle_secs: u64,
     quick: bool,
+    /// Counts of daemons run at once; empty for the modes x depths run.
+    daemons: Vec<usize>,
+    run_secs: f64,
 }
+
+/// The most daemons run at once: each has a few threads and its own file, and the frontend
+/// drives each from a thread of its own.
+const MAX_DAEMONS: usize = 64;
 
 impl Plan {
     fn from_args(a: Args) -> Result<Plan, BenchError> {
@@ -214,18 +236,47 @@ impl Plan {
             ));
         }
         let working_pages = (a.working_set_mib << 20) as usize / PAGE;
-        if a.pages == 0 || a.pages > working_pages {
+        let many = !a.daemons.is_empty();
+        let pages = a.pages.unwrap_or(if many { 1 } else { 16 });
+        if pages == 0 || pages > working_pages {
             return usage(format!(
-                "--pages {} must be between 1 and the working set's {working_pages} pages",
-                a.pages
+                "--pages {pages} must be between 1 and the working set's {working_pages} pages"
             ));
         }
+        let depths = match (a.depths.is_empty(), many) {
+            (true, true) => vec![1],
+            (true, false) => vec![1, 4, 16, 64],
+            (false, _) => a.depths,
+        };
         // Two descriptors per request on a 256-entry queue.
-        if a.depths.is_empty() || a.depths.iter().any(|&d| d == 0 || d > 128) {
+        if depths.iter().any(|&d| d == 0 || d > 128) {
             return usage("--depths must be between 1 and 128".into());
         }
-        if a.modes.is_empty() {
-            return usage("--modes is empty".into());
+        let mut modes = match (a.modes.is_empty(), many) {
+            (true, true) => vec![FlushMode::Group],
+            (true, false) => vec![FlushMode::Group, FlushMode::Serial, FlushMode::Parallel],
+            (false, _) => a.modes,
+        };
+        modes.dedup();
+        if many && (depths.len() != 1 || modes.len() != 1) {
+            return usage("--daemons takes one --depths and one --modes".into());
+        }
+        if many && (a.compare_daemon.is_some() || a.compare_event_idx || a.poll_us != [0]) {
+            return usage(
+                "--daemons runs one daemon binary with its default notification settings \
+                 (no --compare-daemon, --compare-event-idx or --poll-us)"
+                    .into(),
+            );
+        }
+        let mut daemons = a.daemons;
+        daemons.sort_unstable();
+        daemons.dedup();
+        if daemons.iter().any(|&n| n == 0 || n > MAX_DAEMONS) {
+            return usage(format!("--daemons must be between 1 and {MAX_DAEMONS}"));
+        }
+        let run_secs = a.run_secs.unwrap_or(if a.quick { 1.0 } else { 3.0 });
+        if !(run_secs > 0.0 && run_secs <= 600.0) {
+            return usage(format!("--run-secs {run_secs} must be in (0, 600]"));
         }
         let daemon = match a.daemon {
             Some(d) => d,
@@ -250,8 +301,6 @@ impl Plan {
             return usage("--poll-us values must be between 0 and 1000".into());
         }
         let dir = a.dir.unwrap_or_else(|| a.out.join("work"));
-        let mut modes = a.modes;
-        modes.dedup();
         let mut polls = a.poll_us;
         polls.dedup();
         let event_idx: &[bool] = if a.compare_event_idx {
@@ -277,6 +326,12 @@ impl Plan {
                 }
             }
         }
+        let (rounds, idle_secs) = match (many, a.quick) {
+            (false, false) => (5, 10),
+            (false, true) => (2, 2),
+            (true, false) => (3, 3),
+            (true, true) => (2, 1),
+        };
         Ok(Plan {
             daemon,
             compare_daemon: a.compare_daemon,
@@ -285,14 +340,16 @@ impl Plan {
             out: a.out,
             size: a.size_mib << 20,
             working_pages,
-            pages: a.pages,
-            depths: a.depths,
+            pages,
+            depths,
             modes,
             variants,
-            rounds: a.rounds.unwrap_or(if a.quick { 2 } else { 5 }).max(1),
+            rounds: a.rounds.unwrap_or(rounds).max(1),
             flushes: a.flushes.unwrap_or(if a.quick { 150 } else { 1000 }).max(1),
-            idle_secs: a.idle_secs.unwrap_or(if a.quick { 2 } else { 10 }),
+            idle_secs: a.idle_secs.unwrap_or(idle_secs),
             quick: a.quick,
+            daemons,
+            run_secs,
         })
     }
 
@@ -339,50 +396,108 @@ impl Dirtier {
 struct Samples {
     ns: Vec<u64>,
     wall: Duration,
+    /// When the last measured completion came.
+    ended: Option<Instant>,
     /// fdatasyncs the daemon made for the measured and warm-up requests, and those requests.
     fdatasyncs: u64,
     requests: u64,
     /// For the same requests: the daemon's CPU time (ns, all threads), the harness's kicks
     /// and the kicks it left out, and the daemon's call-eventfd signals.
-    cpu_ns: u64,
     kicks: u64,
     kicks_skipped: u64,
     calls: u64,
+    /// CPU time of the daemon (or, for the raw baseline, of the benchmark thread inside
+    /// fdatasync) while `cpu_flushes` measured flushes completed.
+    cpu_ns: u64,
+    cpu_flushes: u64,
+    /// Some CPU figure came from clock ticks (10 ms resolution), not schedstat.
+    cpu_from_ticks: bool,
+    /// The daemon's CPU over the same flushes from /proc/PID/stat's clock ticks, a cross-check.
+    cpu_ticks_ns: u64,
+    /// The raw baseline's CPU over its whole loop, page stores included.
+    loop_cpu_ns: u64,
 }
 
 impl Samples {
     fn add(&mut self, other: Samples) {
         self.ns.extend(other.ns);
         self.wall += other.wall;
+        self.ended = self.ended.max(other.ended);
         self.fdatasyncs += other.fdatasyncs;
         self.requests += other.requests;
         self.cpu_ns += other.cpu_ns;
         self.kicks += other.kicks;
         self.kicks_skipped += other.kicks_skipped;
         self.calls += other.calls;
+        self.cpu_flushes += other.cpu_flushes;
+        self.cpu_from_ticks |= other.cpu_from_ticks;
+        self.cpu_ticks_ns += other.cpu_ticks_ns;
+        self.loop_cpu_ns += other.loop_cpu_ns;
+    }
+
+    /// CPU µs per measured flush, to 0.1 µs.
+    fn cpu_us_per_flush(&self) -> Option<f64> {
+        (self.cpu_flushes > 0)
+            .then(|| (self.cpu_ns as f64 / self.cpu_flushes as f64 / 100.0).round() / 10.0)
+    }
+
+    /// Records the CPU `pid` used between two readings over the measured flushes.
+    fn set_daemon_cpu(&mut self, before: Option<sys::CpuTime>, after: Option<sys::CpuTime>) {
+        if let (Some(a), Some(b)) = (before, after) {
+            let (ns, exact) = a.since(&b);
+            self.cpu_ns = ns;
+            self.cpu_flushes = self.ns.len() as u64;
+            self.cpu_from_ticks = !exact;
+            self.cpu_ticks_ns = b.stat_ns.saturating_sub(a.stat_ns);
+        }
     }
 }
 
-/// Keeps `depth` flushes outstanding until `warmup + count` have completed.
+/// When a run stops submitting: after a number of measured flushes, or at a deadline (the
+/// requests then outstanding still complete and count).
+#[derive(Clone, Copy)]
+pub(crate) enum Until {
+    Count(usize),
+    Deadline(Instant),
+}
+
+impl Until {
+    fn more(self, measured_submitted: usize) -> bool {
+        match self {
+            Until::Count(n) => measured_submitted < n,
+            Until::Deadline(t) => Instant::now() < t,
+        }
+    }
+}
+
+/// Keeps `depth` flushes outstanding: `warmup` unmeasured completions, then measured ones
+/// `until` says stop. `on_measure` runs once, when measuring starts.
 fn run_depth(
     fe: &mut Frontend,
     map: &ShmemMapping,
     dirt: &mut Dirtier,
     depth: usize,
     warmup: usize,
-    count: usize,
+    until: Until,
+    on_measure: &mut dyn FnMut(),
 ) -> Result<Samples, BenchError> {
-    let total = warmup + count;
     let mut submitted_at: Vec<Option<Instant>> = vec![None; usize::from(u16::MAX) + 1];
     let (mut submitted, mut completed, mut in_flight) = (0, 0, 0);
     let mut samples = Samples {
-        ns: Vec::with_capacity(count),
+        ns: Vec::with_capacity(match until {
+            Until::Count(n) => n,
+            Until::Deadline(_) => 4096,
+        }),
         ..Samples::default()
     };
     let mut measuring_since = None;
+    if warmup == 0 {
+        on_measure();
+        measuring_since = Some(Instant::now());
+    }
     let mut write_err = None;
-    while completed < total {
-        while in_flight < depth && submitted < total {
+    loop {
+        while in_flight < depth && (submitted < warmup || until.more(submitted - warmup)) {
             dirt.dirty(|off, data| {
                 if let Err(e) = map.write(off, data) {
                     write_err.get_or_insert(e);
@@ -398,6 +513,9 @@ fn run_depth(
             submitted_at[usize::from(head)] = Some(now);
             submitted += 1;
             in_flight += 1;
+        }
+        if in_flight == 0 {
+            break;
         }
         let used = fe
             .wait_used(Duration::from_secs(30))
@@ -419,13 +537,58 @@ fn run_depth(
         in_flight -= 1;
         completed += 1;
         match measuring_since {
-            Some(_) => samples.ns.push((done - start).as_nanos() as u64),
-            None if completed == warmup => measuring_since = Some(done),
+            Some(_) => {
+                samples.ns.push((done - start).as_nanos() as u64);
+                samples.ended = Some(done);
+            }
+            None if completed == warmup => {
+                on_measure();
+                measuring_since = Some(Instant::now());
+            }
             None => {}
         }
     }
     samples.wall = measuring_since.map_or(Duration::ZERO, |t| t.elapsed());
-    samples.requests = total as u64;
+    samples.requests = submitted as u64;
+    Ok(samples)
+}
+
+/// Dirties pages through our own mapping and fdatasyncs, `warmup` times unmeasured, then
+/// until `until`. The CPU counted is this thread's inside fdatasync (what the daemon's own
+/// CPU figure compares with: the daemon does not store the pages), and over the whole loop.
+fn raw_loop(
+    map: &sys::RawMapping,
+    dirt: &mut Dirtier,
+    warmup: usize,
+    until: Until,
+) -> Result<Samples, BenchError> {
+    let mut samples = Samples::default();
+    let mut measuring_since = None;
+    let mut loop_cpu_start = 0;
+    let mut i = 0;
+    while i < warmup || until.more(i - warmup) {
+        if i == warmup {
+            measuring_since = Some(Instant::now());
+            loop_cpu_start = sys::thread_cpu_ns();
+        }
+        dirt.dirty(|off, data| map.write(off, data));
+        let cpu = sys::thread_cpu_ns();
+        let t = Instant::now();
+        map.fdatasync()
+            .map_err(BenchError::io("fdatasync for the baseline"))?;
+        let done = Instant::now();
+        if i >= warmup {
+            samples.cpu_ns += sys::thread_cpu_ns() - cpu;
+            samples.ns.push((done - t).as_nanos() as u64);
+            samples.ended = Some(done);
+        }
+        i += 1;
+    }
+    if measuring_since.is_some() {
+        samples.loop_cpu_ns = sys::thread_cpu_ns() - loop_cpu_start;
+    }
+    samples.wall = measuring_since.map_or(Duration::ZERO, |t| t.elapsed());
+    samples.cpu_flushes = samples.ns.len() as u64;
     Ok(samples)
 }
 
@@ -433,23 +596,7 @@ fn run_depth(
 fn run_baseline(plan: &Plan, dirt: &mut Dirtier, count: usize) -> Result<Samples, BenchError> {
     let map = sys::RawMapping::open(&plan.file, plan.working_pages * PAGE)
         .map_err(BenchError::io(format!("map {}", plan.file.display())))?;
-    let warmup = plan.warmup(1);
-    let mut samples = Samples::default();
-    let mut measuring_since = None;
-    for i in 0..warmup + count {
-        if i == warmup {
-            measuring_since = Some(Instant::now());
-        }
-        dirt.dirty(|off, data| map.write(off, data));
-        let t = Instant::now();
-        map.fdatasync()
-            .map_err(BenchError::io("fdatasync for the baseline"))?;
-        if i >= warmup {
-            samples.ns.push(t.elapsed().as_nanos() as u64);
-        }
-    }
-    samples.wall = measuring_since.map_or(Duration::ZERO, |t| t.elapsed());
-    Ok(samples)
+    raw_loop(&map, dirt, plan.warmup(1), Until::Count(count))
 }
 
 #[derive(Default, Clone, Copy, Serialize)]
@@ -504,20 +651,22 @@ fn run_variant(
         depths.reverse();
     }
     for depth in depths {
-        let cpu_before = sys::cpu_ns(d.pid()).map_err(BenchError::io("read /proc"))?;
         let counts_before = fe
             .notify_counts()
             .map_err(BenchError::fe("count notifications"))?;
+        // The daemon's CPU over the measured flushes only: not the warm-up, nor the metrics
+        // report below.
+        let mut before = None;
         let mut s = run_depth(
             &mut fe,
             &map,
             &mut dirt,
             depth,
             plan.warmup(depth),
-            plan.flushes,
+            Until::Count(plan.flushes),
+            &mut || before = sys::cpu_time(d.pid()).ok(),
         )?;
-        // Before the metrics request, whose SIGUSR1 costs the daemon CPU too.
-        s.cpu_ns = sys::cpu_ns(d.pid()).map_err(BenchError::io("read /proc"))? - cpu_before;
+        s.set_daemon_cpu(before, sys::cpu_time(d.pid()).ok());
         let counts = fe
             .notify_counts()
             .map_err(BenchError::fe("count notifications"))?;
@@ -582,10 +731,7 @@ fn run_idle(plan: &Plan, mode: FlushMode) -> Result<Idle, BenchError> {
     if status != 0 {
         return Err(BenchError::Daemon(format!("idle flush answered {status}")));
     }
-    std::thread::sleep(Duration::from_millis(500));
-    let (before, threads) = sys::context_switches(d.pid()).map_err(BenchError::io("read /proc"))?;
-    std::thread::sleep(Duration::from_secs(plan.idle_secs));
-    let (after, _) = sys::context_switches(d.pid()).map_err(BenchError::io("read /proc"))?;
+    let (switches, threads) = idle_window(&[d.pid()], plan.idle_secs)?;
     let rss = sys::memory_kib(d.pid()).map_or(0, |m| m.0);
     drop(map);
     drop(fe);
@@ -593,20 +739,40 @@ fn run_idle(plan: &Plan, mode: FlushMode) -> Result<Idle, BenchError> {
     Ok(Idle {
         seconds: plan.idle_secs,
         threads,
-        context_switches: after.saturating_sub(before),
+        context_switches: switches,
         vm_rss_kib: rss,
     })
 }
 
-/// Creates the backing file: sparse at full size, with the working set written and synced so
+/// Context switches summed over every thread of the daemons `pids` during `secs` seconds
+/// of idling, and their threads. The first half second is left out: the last answer's
+/// wakeups may still be settling.
+fn idle_window(pids: &[u32], secs: u64) -> Result<(u64, usize), BenchError> {
+    let count = || -> Result<(u64, usize), BenchError> {
+        let mut total = (0, 0);
+        for &pid in pids {
+            let (cs, threads) =
+                sys::context_switches(pid).map_err(BenchError::io(format!("read /proc/{pid}")))?;
+            total = (total.0 + cs, total.1 + threads);
+        }
+        Ok(total)
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let (before, threads) = count()?;
+    std::thread::sleep(Duration::from_secs(secs));
+    let (after, _) = count()?;
+    Ok((after.saturating_sub(before), threads))
+}
+
+/// Creates a backing file: sparse at full size, with the working set written and synced so
 /// that the measured flushes overwrite allocated blocks.
-fn prepare_file(plan: &Plan) -> Result<(), BenchError> {
+fn prepare_file(plan: &Plan, path: &std::path::Path) -> Result<(), BenchError> {
     use std::io::Write;
     std::fs::create_dir_all(&plan.dir)
         .map_err(BenchError::io(format!("create {}", plan.dir.display())))?;
-    let _ = std::fs::remove_file(&plan.file);
-    let mut f = std::fs::File::create(&plan.file)
-        .map_err(BenchError::io(format!("create {}", plan.file.display())))?;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::File::create(path)
+        .map_err(BenchError::io(format!("create {}", path.display())))?;
     let chunk = vec![0xa5u8; 1 << 20];
     for _ in 0..(plan.working_pages * PAGE) >> 20 {
         f.write_all(&chunk)
@@ -628,8 +794,15 @@ struct Row {
     p50_vs_raw_p50: f64,
     /// fdatasyncs per request, from the daemon's own counters (warm-up included).
     fdatasyncs_per_request: Option<f64>,
-    /// The daemon's CPU time per request, all threads, in us (warm-up included).
-    cpu_us_per_request: Option<f64>,
+    /// The daemon's CPU time (user + system, all threads) per measured flush, µs; for the
+    /// raw baseline the benchmark thread's own CPU time inside fdatasync.
+    cpu_us_per_flush: Option<f64>,
+    /// Some of it was counted in clock ticks (10 ms) because schedstat was missing or a
+    /// daemon thread came or went meanwhile.
+    cpu_from_clock_ticks: bool,
+    /// The daemon's CPU per flush counted in /proc/PID/stat's clock ticks instead (10 ms
+    /// resolution over the row's measured flushes): a cross-check of the figure above.
+    cpu_ticks_us_per_flush: Option<f64>,
     /// Kicks the harness made, and call-eventfd signals the daemon made, per request.
     kicks_per_request: Option<f64>,
     calls_per_request: Option<f64>,
@@ -658,6 +831,9 @@ struct Results {
     quick: bool,
     duration_s: f64,
     baseline: Row,
+    /// The raw baseline's CPU per fdatasync over its whole loop (the page stores and their
+    /// write faults too), µs.
+    baseline_loop_cpu_us_per_flush: Option<f64>,
     results: Vec<Row>,
     daemon_memory: BTreeMap<FlushMode, Memory>,
     idle: BTreeMap<FlushMode, Idle>,
@@ -683,7 +859,18 @@ fn row(label: &str, depth: usize, s: &mut Samples, raw_p50: f64) -> Row {
             0.0
         },
         fdatasyncs_per_request: per_request(s.fdatasyncs, s.requests),
-        cpu_us_per_request: per_request(s.cpu_ns, s.requests).map(|ns| (ns / 100.0).round() / 10.0),
+        cpu_us_per_flush: s.cpu_us_per_flush(),
+        cpu_from_clock_ticks: s.cpu_from_ticks,
+        cpu_ticks_us_per_flush: (s.cpu_ticks_ns > 0)
+            .then(|| {
+                Samples {
+                    cpu_ns: s.cpu_ticks_ns,
+                    cpu_flushes: s.cpu_flushes,
+                    ..Samples::default()
+                }
+                .cpu_us_per_flush()
+            })
+            .flatten(),
         kicks_per_request: per_request(s.kicks, s.requests),
         calls_per_request: per_request(s.calls, s.requests),
         log2_buckets_us: log2_buckets_ns(&s.ns),
@@ -782,7 +969,7 @@ fn markdown(res: &Results) -> String {
     );
     let _ = writeln!(
         s,
-        "| mode | depth | n | min us | avg us | p50 us | p99 us | max us | p50 / raw p50 | flushes/s | fdatasyncs/request | daemon CPU us/request | kicks/request | calls/request |"
+        "| mode | depth | n | min us | avg us | p50 us | p99 us | max us | p50 / raw p50 | flushes/s | fdatasyncs/request | daemon CPU us per flush | kicks/request | calls/request |"
     );
     let _ = writeln!(
         s,
@@ -792,9 +979,10 @@ fn markdown(res: &Results) -> String {
         |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |f| format!("{f:.digits$}"));
     for r in std::iter::once(&res.baseline).chain(res.results.iter()) {
         let l = &r.latency_us;
-        let _ = writeln!(
+        let _ =
+            writeln!(
             s,
-            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} | {} | {}{} | {} | {} |",
             r.mode,
             r.depth,
             l.count,
@@ -806,11 +994,18 @@ fn markdown(res: &Results) -> String {
             r.p50_vs_raw_p50,
             r.flushes_per_s,
             or_dash(r.fdatasyncs_per_request, 3),
-            or_dash(r.cpu_us_per_request, 1),
+            or_dash(r.cpu_us_per_flush, 1),
+            if r.cpu_from_clock_ticks { " (ticks)" } else { "" },
             or_dash(r.kicks_per_request, 3),
             or_dash(r.calls_per_request, 3),
         );
     }
+    let _ = writeln!(
+        s,
+        "\nCPU per flush: the daemon's user + system time summed over its threads (/proc/PID/task/*/schedstat, ns; `(ticks)`: /proc/PID/stat, 10 ms ticks), read when the measured flushes of the row start and when they end. The raw fdatasync row has the benchmark thread's own CPU time inside fdatasync (CLOCK_THREAD_CPUTIME_ID); over its whole loop, page stores and their write faults included, {} us.",
+        res.baseline_loop_cpu_us_per_flush
+            .map_or("-".to_string(), |c| format!("{c:.1}"))
+    );
     let _ = writeln!(s, "\nDaemon memory and idle wakeups:\n");
     let _ = writeln!(
         s,
@@ -856,6 +1051,9 @@ fn run(args: Args) -> Result<(), BenchError> {
     let plan = Plan::from_args(args)?;
     std::fs::create_dir_all(&plan.out)
         .map_err(BenchError::io(format!("create {}", plan.out.display())))?;
+    if !plan.daemons.is_empty() {
+        return many::run(&plan, command);
+    }
     for mode in &plan.modes {
         let _ = std::fs::remove_file(plan.out.join(format!("daemon-{}.log", mode.as_str())));
     }
@@ -864,7 +1062,7 @@ fn run(args: Args) -> Result<(), BenchError> {
         eprintln!("pmem-bench: warning: load average is {loadavg_start:.2}; results will be noisy");
     }
     let t0 = Instant::now();
-    prepare_file(&plan)?;
+    prepare_file(&plan, &plan.file)?;
     let machine = sys::machine(&plan.dir);
 
     #[derive(Clone, Copy)]
@@ -904,6 +1102,12 @@ fn run(args: Args) -> Result<(), BenchError> {
         }
     }
 
+    let baseline_loop_cpu_us_per_flush = Samples {
+        cpu_ns: baseline.loop_cpu_ns,
+        cpu_flushes: baseline.cpu_flushes,
+        ..Samples::default()
+    }
+    .cpu_us_per_flush();
     let baseline_row = row("raw fdatasync", 1, &mut baseline, 0.0);
     let raw_p50 = baseline_row.latency_us.p50;
     let baseline_row = Row {
@@ -931,6 +1135,7 @@ fn run(args: Args) -> Result<(), BenchError> {
         quick: plan.quick,
         duration_s: t0.elapsed().as_secs_f64().round(),
         baseline: baseline_row,
+        baseline_loop_cpu_us_per_flush,
         results: rows,
         daemon_memory: memory,
         idle,
@@ -1064,17 +1269,79 @@ mod tests {
     fn args_parse_with_defaults() {
         let a = Args::try_parse_from(["pmem-bench", "--quick", "--depths", "1,16"]).unwrap();
         assert_eq!(a.depths, [1, 16]);
-        assert_eq!(
-            a.modes,
-            [FlushMode::Group, FlushMode::Serial, FlushMode::Parallel]
-        );
-        assert_eq!(a.pages, 16);
+        assert!(a.modes.is_empty() && a.daemons.is_empty());
+        assert_eq!(a.pages, None);
         assert_eq!(a.poll_us, [0]);
-        assert!(!a.compare_event_idx);
+        assert!(!a.compare_event_idx && a.compare_daemon.is_none());
         let a = Args::try_parse_from(["pmem-bench", "--compare-event-idx", "--poll-us", "0,50"])
             .unwrap();
         assert_eq!(a.poll_us, [0, 50]);
         assert!(a.compare_event_idx);
         assert!(Args::try_parse_from(["pmem-bench", "--modes", "fast"]).is_err());
+        assert!(Args::try_parse_from(["pmem-bench", "--daemons", "1,x"]).is_err());
+    }
+
+    /// A plan from these arguments, with a daemon binary that exists.
+    fn plan(args: &[&str]) -> Result<Plan, BenchError> {
+        let exe = std::env::current_exe().unwrap();
+        let mut argv = vec!["pmem-bench", "--daemon", exe.to_str().unwrap()];
+        argv.extend_from_slice(args);
+        Plan::from_args(Args::try_parse_from(argv).unwrap())
+    }
+
+    #[test]
+    fn plan_defaults_differ_between_the_mode_run_and_the_many_daemons_run() {
+        let p = plan(&[]).unwrap();
+        assert_eq!((p.pages, p.rounds, p.idle_secs), (16, 5, 10));
+        assert_eq!(p.depths, [1, 4, 16, 64]);
+        assert_eq!(
+            p.modes,
+            [FlushMode::Group, FlushMode::Serial, FlushMode::Parallel]
+        );
+        assert!(p.daemons.is_empty());
+
+        let p = plan(&["--daemons", "16,1,4,4"]).unwrap();
+        assert_eq!(p.daemons, [1, 4, 16], "sorted, once each");
+        assert_eq!((p.pages, p.rounds, p.idle_secs), (1, 3, 3));
+        assert_eq!((p.depths.as_slice(), p.run_secs), ([1].as_slice(), 3.0));
+        assert_eq!(p.modes, [FlushMode::Group]);
+
+        let p = plan(&[
+            "--daemons",
+            "2",
+            "--pages",
+            "16",
+            "--depths",
+            "4",
+            "--modes",
+            "serial",
+            "--quick",
+        ])
+        .unwrap();
+        assert_eq!(
+            (p.pages, p.depths[0], p.modes[0]),
+            (16, 4, FlushMode::Serial)
+        );
+        assert_eq!((p.rounds, p.idle_secs, p.run_secs), (2, 1, 1.0));
+    }
+
+    #[test]
+    fn plan_rejects_what_it_cannot_run() {
+        for bad in [
+            &["--daemons", "0"][..],
+            &["--daemons", "65"],
+            &["--daemons", "4", "--depths", "1,16"],
+            &["--daemons", "4", "--modes", "group,serial"],
+            &["--daemons", "4", "--run-secs", "0"],
+            &["--daemons", "4", "--poll-us", "20"],
+            &["--daemons", "4", "--compare-event-idx"],
+            &["--depths", "0"],
+            &["--pages", "0"],
+        ] {
+            assert!(
+                matches!(plan(bad), Err(BenchError::Usage(_))),
+                "{bad:?} accepted"
+            );
+        }
     }
 }

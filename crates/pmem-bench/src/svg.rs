@@ -1,6 +1,7 @@
 //! A hand-written SVG of the latency distributions: one panel per queue depth, one percentile
 //! curve per flush mode (HdrHistogram style: the x axis stretches the tail, 90%, 99%, 99.9%
 //! ..., the y axis is latency on a log scale), and the raw-fdatasync baseline in every panel.
+//! Also a plain line plot of one figure against a count, for the many-daemons comparison.
 
 use std::fmt::Write as _;
 
@@ -226,6 +227,158 @@ pub fn render(title: &str, subtitle: &str, panels: &[Panel], columns: usize) -> 
     svg
 }
 
+/// One line of a [`render_lines`] plot: a value per x label, and an optional note printed
+/// above each point.
+pub struct Line<'a> {
+    pub name: String,
+    pub color: &'a str,
+    pub dashed: bool,
+    pub values: Vec<f64>,
+    pub notes: Vec<String>,
+}
+
+/// A line plot of `lines` over evenly spaced `labels` (counts such as 1, 4, 16), with the y
+/// axis linear from 0 so that totals compare by height.
+pub fn render_lines(
+    title: &str,
+    subtitle: &str,
+    x_title: &str,
+    y_title: &str,
+    labels: &[String],
+    lines: &[Line],
+) -> String {
+    let (width, height) = (760.0, 420.0);
+    let (px, py) = (MARGIN_L + 14.0, TOP + LEGEND_H + 10.0);
+    let (pw, ph) = (width - px - MARGIN_R, height - py - MARGIN_B - 8.0);
+    let top = lines
+        .iter()
+        .flat_map(|l| l.values.iter().copied())
+        .fold(0.0, f64::max);
+    // A round step (1, 2 or 5 times a power of ten) giving 4 to 10 grid lines.
+    let raw_step = (top / 5.0).max(1.0);
+    let mag = 10f64.powf(raw_step.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * mag)
+        .find(|s| top / s <= 8.0)
+        .unwrap_or(10.0 * mag);
+    let y_max = ((top / step).floor() + 1.0) * step;
+    let n = labels.len().max(1);
+    let sx = |i: usize| px + pw * (i as f64 + 0.5) / n as f64;
+    let sy = |v: f64| py + ph * (1.0 - (v / y_max).clamp(0.0, 1.0));
+
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(
+        svg,
+        r##"<rect width="100%" height="100%" fill="white"/><text x="{}" y="20" font-size="14" text-anchor="middle" font-weight="bold">{}</text><text x="{}" y="38" text-anchor="middle" fill="#444">{}</text>"##,
+        width / 2.0,
+        esc(title),
+        width / 2.0,
+        esc(subtitle)
+    );
+    let mut x = 20.0;
+    for l in lines {
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{x}" y1="{}" x2="{}" y2="{}" stroke="{}" stroke-width="2.5"{}/><text x="{}" y="{}">{}</text>"#,
+            TOP + 12.0,
+            x + 24.0,
+            TOP + 12.0,
+            l.color,
+            if l.dashed {
+                r#" stroke-dasharray="5,3""#
+            } else {
+                ""
+            },
+            x + 30.0,
+            TOP + 16.0,
+            esc(&l.name)
+        );
+        x += 40.0 + 6.5 * l.name.len() as f64;
+    }
+    let _ = writeln!(
+        svg,
+        r##"<rect x="{px}" y="{py}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>"##
+    );
+    let mut v = 0.0;
+    while v <= y_max + step / 2.0 {
+        let y = sy(v);
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{px}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{v:.0}</text>"##,
+            px + pw,
+            px - 5.0,
+            y + 4.0
+        );
+        v += step;
+    }
+    for (i, label) in labels.iter().enumerate() {
+        let _ = writeln!(
+            svg,
+            r##"<text x="{}" y="{}" text-anchor="middle">{}</text>"##,
+            sx(i),
+            py + ph + 15.0,
+            esc(label)
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r##"<text x="{}" y="{}" text-anchor="middle" fill="#444">{}</text><text x="16" y="{}" text-anchor="middle" fill="#444" transform="rotate(-90 16 {})">{}</text>"##,
+        px + pw / 2.0,
+        py + ph + 32.0,
+        esc(x_title),
+        py + ph / 2.0,
+        py + ph / 2.0,
+        esc(y_title)
+    );
+    for l in lines {
+        let pts: Vec<String> = l
+            .values
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| format!("{:.1},{:.1}", sx(i), sy(v)))
+            .collect();
+        let _ = writeln!(
+            svg,
+            r#"<polyline fill="none" stroke="{}" stroke-width="2"{} points="{}"/>"#,
+            l.color,
+            if l.dashed {
+                r#" stroke-dasharray="5,3""#
+            } else {
+                ""
+            },
+            pts.join(" ")
+        );
+        for (i, &v) in l.values.iter().enumerate() {
+            let (cx, cy) = (sx(i), sy(v));
+            let _ = writeln!(
+                svg,
+                r#"<circle cx="{cx:.1}" cy="{cy:.1}" r="3.5" fill="{}"/>"#,
+                l.color
+            );
+            if let Some(note) = l.notes.get(i) {
+                // Below the point when another line passes above it, so as not to sit on it.
+                let above_others = lines
+                    .iter()
+                    .all(|o| o.values.get(i).is_none_or(|&ov| ov <= v));
+                let _ = writeln!(
+                    svg,
+                    r#"<text x="{cx:.1}" y="{:.1}" text-anchor="middle" fill="{}">{}</text>"#,
+                    if above_others { cy - 9.0 } else { cy + 18.0 },
+                    l.color,
+                    esc(note)
+                );
+            }
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,5 +416,35 @@ mod tests {
         assert!(svg.contains("raw &lt;fdatasync&gt;"));
         assert!(svg.contains("99.9%"), "n=1000 resolves 99.9%");
         assert!(!svg.contains("NaN") && !svg.contains("inf"));
+    }
+
+    #[test]
+    fn line_plot_has_a_point_per_value_and_a_zero_based_axis() {
+        let labels = ["1", "4", "16"].map(String::from);
+        let lines = [
+            Line {
+                name: "daemons".into(),
+                color: "#1f77b4",
+                dashed: false,
+                values: vec![2000.0, 5200.0, 6100.0],
+                notes: vec!["0.95 x".into(), "0.9 x".into(), "0.8 x".into()],
+            },
+            Line {
+                name: "raw <loops>".into(),
+                color: "#555",
+                dashed: true,
+                values: vec![2100.0, 5800.0, 7600.0],
+                notes: Vec::new(),
+            },
+        ];
+        let svg = render_lines("t", "s", "N", "flushes/s", &labels, &lines);
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert_eq!(svg.matches("<circle").count(), 6);
+        assert!(svg.contains(">0.95 x<") && svg.contains("raw &lt;loops&gt;"));
+        assert!(svg.contains(">0</text>") && svg.contains(">8000</text>"));
+        assert!(!svg.contains("NaN") && !svg.contains("inf"));
+        // Nothing to plot still gives a valid document.
+        assert!(render_lines("t", "s", "N", "y", &[], &[]).ends_with("</svg>\n"));
     }
 }
