@@ -121,8 +121,13 @@ pub fn write_file(path: &Path, metrics: &Metrics) -> Result<(), WriteError> {
     json.push('\n');
     std::fs::write(&tmp, json)
         .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|source| WriteError {
-            path: path.to_path_buf(),
-            source,
+        .map_err(|source| {
+            // A partial file (the file system was full) would keep taking its space. Emptied,
+            // not removed: the sandbox allows unlink for the socket file alone.
+            let _ = std::fs::File::create(&tmp);
+            WriteError {
+                path: path.to_path_buf(),
+                source,
+            }
         })
 }
