@@ -95,7 +95,8 @@ struct Args {
     /// [default: OUT/work].
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
-    /// Size of the (sparse) backing file in MiB, a power of two.
+    /// Size of the backing file in MiB, a power of two (created sparse; the daemon allocates it
+    /// in full at start, its default --allocate full).
     #[arg(long, value_name = "MIB", default_value_t = 4096)]
     size_mib: u64,
     /// Pages of the working set the dirtied pages are spread over, in MiB (a power of two;
@@ -960,7 +961,7 @@ fn markdown(res: &Results) -> String {
     );
     let _ = writeln!(
         s,
-        "Each flush dirties {} pages (4 KiB, scattered over a {} MiB working set of a {} MiB sparse file) through the shared-memory mapping, then submits a FLUSH; latency is submission to completion. {} rounds x {} measured flushes per mode and depth, after a warm-up.\n",
+        "Each flush dirties {} pages (4 KiB, scattered over a {} MiB working set of a {} MiB file) through the shared-memory mapping, then submits a FLUSH; latency is submission to completion. {} rounds x {} measured flushes per mode and depth, after a warm-up.\n",
         res.pages_per_flush,
         res.working_set_bytes >> 20,
         res.file_size >> 20,
