@@ -1160,6 +1160,20 @@ fn run(args: Args) -> Result<(), BenchError> {
         .iter()
         .map(|&depth| svg::Panel {
             title: format!("queue depth {depth}"),
+            // The curves show latency only.
+            note: format!(
+                "CPU us per flush: {}",
+                std::iter::once(("raw".to_string(), baseline.cpu_us_per_flush()))
+                    .chain(plan.variants.iter().filter_map(|v| {
+                        let s = results.get(&(*v, depth))?;
+                        Some((v.label(), s.cpu_us_per_flush()))
+                    }))
+                    .map(|(name, cpu): (String, Option<f64>)| {
+                        format!("{name} {}", cpu.map_or("-".into(), |c| format!("{c:.0}")))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             series: std::iter::once(svg::Series {
                 name: "raw fdatasync (depth 1)",
                 color: "#555555",
