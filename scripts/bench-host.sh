@@ -97,9 +97,9 @@ if [[ -n $sweep ]]; then
             awk -F'|' -v p="$p" '
                 function t(s) { gsub(/^ +| +$/, "", s); return s }
                 t($2) == "raw fdatasync" { raw = t($7) }
-                t($2) ~ /^(group|serial|parallel)$/ && t($3) ~ /^[0-9]+$/ && NF > 11 {
+                t($2) ~ /^(group|serial|parallel)$/ && t($3) ~ /^[0-9]+$/ && NF > 13 {
                     d = t($3); if (!(d in seen)) { seen[d] = 1; ds[++nd] = d }
-                    rate[t($2), d] = t($11); per[t($2), d] = t($12)
+                    rate[t($2), d] = t($12); per[t($2), d] = t($13)
                 }
                 function r(a, b) { return (a != "" && b + 0 > 0) ? sprintf("%.2f", a / b) : "-" }
                 function v(x) { return x == "" ? "-" : x }

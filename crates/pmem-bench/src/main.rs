@@ -417,10 +417,19 @@ struct Samples {
     cpu_ticks_ns: u64,
     /// The raw baseline's CPU over its whole loop, page stores included.
     loop_cpu_ns: u64,
+    /// The p50 of each round added, in order: a ratio to the baseline round by round leaves
+    /// out the drift of the disk between rounds.
+    round_p50_ns: Vec<u64>,
 }
 
 impl Samples {
+    /// Adds one round's samples.
     fn add(&mut self, other: Samples) {
+        let mut sorted = other.ns.clone();
+        sorted.sort_unstable();
+        if !sorted.is_empty() {
+            self.round_p50_ns.push(sorted[sorted.len() / 2]);
+        }
         self.ns.extend(other.ns);
         self.wall += other.wall;
         self.ended = self.ended.max(other.ended);
@@ -793,6 +802,8 @@ struct Row {
     latency_us: Summary,
     flushes_per_s: f64,
     p50_vs_raw_p50: f64,
+    /// The median over the rounds of this row's p50 over the baseline's p50 in the same round.
+    p50_vs_raw_p50_median_of_rounds: Option<f64>,
     /// fdatasyncs per request, from the daemon's own counters (warm-up included).
     fdatasyncs_per_request: Option<f64>,
     /// The daemon's CPU time (user + system, all threads) per measured flush, µs; for the
@@ -841,7 +852,21 @@ struct Results {
     targets: Vec<Target>,
 }
 
-fn row(label: &str, depth: usize, s: &mut Samples, raw_p50: f64) -> Row {
+fn row(label: &str, depth: usize, s: &mut Samples, raw_p50: f64, raw_rounds: &[u64]) -> Row {
+    let mut ratios: Vec<f64> = s
+        .round_p50_ns
+        .iter()
+        .zip(raw_rounds)
+        .filter(|&(_, &raw)| raw > 0)
+        .map(|(&p, &raw)| p as f64 / raw as f64)
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let median_of_rounds = match ratios.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(ratios[n / 2]),
+        n => Some((ratios[n / 2 - 1] + ratios[n / 2]) / 2.0),
+    }
+    .map(|r| (r * 100.0).round() / 100.0);
     s.ns.sort_unstable();
     let latency_us = Summary::of(&s.ns);
     let secs = s.wall.as_secs_f64();
@@ -859,6 +884,7 @@ fn row(label: &str, depth: usize, s: &mut Samples, raw_p50: f64) -> Row {
         } else {
             0.0
         },
+        p50_vs_raw_p50_median_of_rounds: median_of_rounds,
         fdatasyncs_per_request: per_request(s.fdatasyncs, s.requests),
         cpu_us_per_flush: s.cpu_us_per_flush(),
         cpu_from_clock_ticks: s.cpu_from_ticks,
@@ -891,14 +917,23 @@ fn targets(res: &Results) -> Vec<Target> {
     };
     let mut t = Vec::new();
     if let Some(g) = find("group", 1) {
-        let ratio = g.p50_vs_raw_p50;
+        // Issue 12's targets: the fixed cost shows with 1 dirty page, the disk with 16.
+        let limit = if res.pages_per_flush <= 1 { 1.10 } else { 1.05 };
+        // Round by round where there are enough rounds: the disk drifts between them.
+        let (ratio, how) = match g.p50_vs_raw_p50_median_of_rounds {
+            Some(r) if res.rounds >= 3 => (r, format!("median of {} rounds' ratios", res.rounds)),
+            _ => (g.p50_vs_raw_p50, "all rounds pooled".to_string()),
+        };
         t.push(Target {
-            target: "depth 1: group p50 <= 1.10 x raw fdatasync p50".into(),
-            measured: format!(
-                "{:.1} us vs {:.1} us = {ratio:.2} x",
-                g.latency_us.p50, res.baseline.latency_us.p50
+            target: format!(
+                "depth 1, {} pages: group p50 <= {limit:.2} x raw fdatasync p50",
+                res.pages_per_flush
             ),
-            met: ratio <= 1.10,
+            measured: format!(
+                "{ratio:.2} x ({how}); pooled {:.1} us vs {:.1} us = {:.2} x",
+                g.latency_us.p50, res.baseline.latency_us.p50, g.p50_vs_raw_p50
+            ),
+            met: ratio <= limit,
         });
     }
     if let Some(g) = find("group", 16) {
@@ -970,11 +1005,11 @@ fn markdown(res: &Results) -> String {
     );
     let _ = writeln!(
         s,
-        "| mode | depth | n | min us | avg us | p50 us | p99 us | max us | p50 / raw p50 | flushes/s | fdatasyncs/request | daemon CPU us per flush | kicks/request | calls/request |"
+        "| mode | depth | n | min us | avg us | p50 us | p99 us | max us | p50 / raw p50 | p50 / raw p50, median of rounds | flushes/s | fdatasyncs/request | daemon CPU us per flush | kicks/request | calls/request |"
     );
     let _ = writeln!(
         s,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let or_dash =
         |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |f| format!("{f:.digits$}"));
@@ -983,7 +1018,7 @@ fn markdown(res: &Results) -> String {
         let _ =
             writeln!(
             s,
-            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} | {} | {}{} | {} | {} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {} | {:.0} | {} | {}{} | {} | {} |",
             r.mode,
             r.depth,
             l.count,
@@ -993,6 +1028,7 @@ fn markdown(res: &Results) -> String {
             l.p99,
             l.max,
             r.p50_vs_raw_p50,
+            or_dash(r.p50_vs_raw_p50_median_of_rounds, 2),
             r.flushes_per_s,
             or_dash(r.fdatasyncs_per_request, 3),
             or_dash(r.cpu_us_per_flush, 1),
@@ -1109,16 +1145,18 @@ fn run(args: Args) -> Result<(), BenchError> {
         ..Samples::default()
     }
     .cpu_us_per_flush();
-    let baseline_row = row("raw fdatasync", 1, &mut baseline, 0.0);
+    let raw_rounds = baseline.round_p50_ns.clone();
+    let baseline_row = row("raw fdatasync", 1, &mut baseline, 0.0, &[]);
     let raw_p50 = baseline_row.latency_us.p50;
     let baseline_row = Row {
         p50_vs_raw_p50: 1.0,
+        p50_vs_raw_p50_median_of_rounds: Some(1.0),
         fdatasyncs_per_request: Some(1.0),
         ..baseline_row
     };
     let mut rows = Vec::new();
     for (&(v, depth), s) in results.iter_mut() {
-        rows.push(row(&v.label(), depth, s, raw_p50));
+        rows.push(row(&v.label(), depth, s, raw_p50, &raw_rounds));
     }
     // By depth, then mode: the order the tables compare in.
     rows.sort_by_key(|r| (r.depth, r.mode.clone()));
@@ -1257,6 +1295,32 @@ mod tests {
             256,
             "16 flushes of 16 pages visit all 256 pages once"
         );
+    }
+
+    #[test]
+    fn the_ratio_to_raw_is_also_taken_round_by_round() {
+        // The disk slows down from round to round; the daemon is 1.1 x raw in each.
+        let (mut raw, mut daemon) = (Samples::default(), Samples::default());
+        for base in [100_000u64, 200_000, 400_000] {
+            raw.add(Samples {
+                ns: vec![base; 3],
+                ..Samples::default()
+            });
+            daemon.add(Samples {
+                ns: vec![base * 11 / 10; 3],
+                ..Samples::default()
+            });
+        }
+        assert_eq!(raw.round_p50_ns, [100_000, 200_000, 400_000]);
+        let rounds = raw.round_p50_ns.clone();
+        let r = row("group", 1, &mut daemon, 200.0, &rounds);
+        assert_eq!(r.p50_vs_raw_p50_median_of_rounds, Some(1.1));
+        assert_eq!(
+            r.p50_vs_raw_p50, 1.1,
+            "pooled: 220 us over the pooled raw 200 us"
+        );
+        let r = row("group", 1, &mut Samples::default(), 200.0, &rounds);
+        assert_eq!(r.p50_vs_raw_p50_median_of_rounds, None);
     }
 
     #[test]
