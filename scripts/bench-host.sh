@@ -8,8 +8,11 @@
 # Usage: scripts/bench-host.sh [--quick] [--update-docs] [--out DIR] [--sweep-pages LIST]
 #                              [--against REV] [--many] [PMEM-BENCH ARGS...]
 #   --quick        a run of a few seconds, to check that everything works
-#   --update-docs  copy latency.svg to docs/bench-host-latency.svg (with --many: daemons.svg
-#                  to docs/bench-host-daemons.svg)
+#   --update-docs  copy latency.svg to docs/bench-host-latency.svg and pages-1/latency.svg to
+#                  docs/bench-host-latency-1page.svg (with --many: daemons.svg to
+#                  docs/bench-host-daemons.svg)
+# A plain run is followed by the same run with 1 dirty page per flush at depths 1 and 16 (the
+# daemon's fixed cost shows only when the fdatasync is cheap), into OUT/pages-1.
 #   --out DIR      results there instead of .cache/bench (.cache/bench-many with --many)
 #   --sweep-pages LIST  instead of one run: one run per number of pages dirtied per flush
 #                  (e.g. 1,4,16,64,128,256), at depth 16 unless --depths is given, into
@@ -42,7 +45,7 @@ while (($#)); do
         --many) many=1 ;;
         --sweep-pages) [[ ${2:-} =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--sweep-pages needs a list like 1,16,64"; sweep="$2"; shift ;;
         --against) [[ $# -ge 2 ]] || die "--against needs a git revision"; against="$2"; shift ;;
-        -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) args+=("$1") ;;
     esac
     shift
@@ -125,8 +128,32 @@ if [[ $many == 1 ]]; then
     info "results in $out (results.json, summary.md, daemons.svg)"
     exit 0
 fi
+# The daemon's fixed cost shows only when the fdatasync is cheap: the same run again with 1
+# dirty page per flush, at depths 1 and 16, into OUT/pages-1 (unless the run above was that).
+one_page=() skip="" pages_given=""
+for a in ${args[@]+"${args[@]}"}; do
+    if [[ -n $skip ]]; then
+        [[ $skip == pages ]] && pages_given="$a"
+        skip=""
+        continue
+    fi
+    case "$a" in
+        --pages) skip=pages ;;
+        --depths) skip=depths ;;
+        *) one_page+=("$a") ;;
+    esac
+done
+if [[ $pages_given != 1 ]]; then
+    info "the same with 1 dirty page per flush (depths 1 and 16), into $out/pages-1"
+    target/release/pmem-bench --daemon target/release/vhost-user-pmem --out "$out/pages-1" \
+        --pages 1 --depths 1,16 ${one_page[@]+"${one_page[@]}"}
+fi
 if [[ $update_docs == 1 ]]; then
     cp "$out/latency.svg" docs/bench-host-latency.svg
     info "copied $out/latency.svg to docs/bench-host-latency.svg"
+    if [[ -f $out/pages-1/latency.svg && $pages_given != 1 ]]; then
+        cp "$out/pages-1/latency.svg" docs/bench-host-latency-1page.svg
+        info "copied $out/pages-1/latency.svg to docs/bench-host-latency-1page.svg"
+    fi
 fi
-info "results in $out (results.json, summary.md, latency.svg)"
+info "results in $out (results.json, summary.md, latency.svg; pages-1/ the same with 1 page)"
