@@ -430,6 +430,9 @@ awk -v nrounds="$rounds" '
         for (i = 2; i <= NF; i++) { eq = index($i, "="); kv[substr($i, 1, eq - 1)] = substr($i, eq + 1) }
         cpu[round, dev, kv["proc"], kv["comm"]] = kv["cpu_us"]
         if (kv["proc"] == "qemu" && kv["comm"] == "worker") workers[round, dev] = kv["threads"]
+        if (kv["proc"] == "daemon" && kv["comm"] != "*") {
+            if (!(kv["comm"] in dseen)) { dseen[kv["comm"]] = 1; dcomm[++nd] = kv["comm"] }
+        }
     }
     END {
         printf "== host CPU per guest flush, us (whole boot; flushes = requests the daemon answered in the round'"'"'s vhost-user boot)\n"
@@ -447,6 +450,15 @@ awk -v nrounds="$rounds" '
                 if (dev == "builtin" && wk != "0") { sub(/ .*/, "", wk); l_wk = l_wk " " wk }
                 l_main[dev] = l_main[dev] " " mn; l_tot[dev] = l_tot[dev] " " tt
             }
+        }
+        # Where the daemon spends it: its flush thread runs the fdatasync (what a pool worker does
+        # for the built-in device), the vring thread pops chains and signals completions.
+        for (x = 1; x <= nr; x++) {
+            r = rs[x]; line = ""
+            for (k = 1; k <= nd; k++)
+                if ((r, "vhost-user", "daemon", dcomm[k]) in cpu)
+                    line = line sprintf(" %s %s,", dcomm[k], per(cpu[r, "vhost-user", "daemon", dcomm[k]], flushes[r]))
+            if (line != "") { sub(/,$/, "", line); printf "round %s daemon threads per flush, us:%s\n", r, line }
         }
         a = med(l_dm); b = med(l_wk)
         printf "device cost per flush (median of %d round(s)): vhost-user-pmem daemon %s us, QEMU built-in pool workers %s us%s\n", \

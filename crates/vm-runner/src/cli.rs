@@ -28,8 +28,9 @@ output, copied by the guest to a second serial port), tap.txt, junit.xml, metric
 (VUP-METRIC lines), hostchecks.txt and hostchecks.result, daemon.log, daemon-metrics.json
 (the daemon's metrics, format 2), sync-LABEL.json (host-link snapshots), qemu.log, qemu.cmd,
 hostlink.log, faultfs.log and faultfs.counts.json, pids (every child the runner started),
-result.txt, after-kill.txt; with --libvirt also virsh.log and libvirt/ (the embedded driver's
-root, with domain.xml).
+result.txt, after-kill.txt, cpu.txt (host CPU of QEMU and the daemon per thread name over the
+boot, from /proc/PID/task/*/schedstat every 200 ms; not with --libvirt); with --libvirt also
+virsh.log and libvirt/ (the embedded driver's root, with domain.xml).
 
 Fails (exit 1) on: a timeout; QEMU exiting non-zero; a managed daemon that died, or did not
 exit with --expect-daemon-exit's status on SIGTERM; a refused host-link action; no VUP-END
