@@ -345,8 +345,8 @@ build_vm_inputs() {
     "$VUP_ROOT/scripts/fetch-qemu.sh" >/dev/null
     "$VUP_ROOT/scripts/fetch-kernel.sh" >/dev/null
     "$VUP_ROOT/scripts/fetch-guest-tools.sh" >/dev/null
-    # The initramfs and vmrun must boot the same kernel (vmrun's own default is the
-    # bookworm-backports one), so hand the resolved one to both.
+    # The initramfs and vmrun must boot the same kernel: hand both the one resolved here
+    # (vmrun alone would also follow KERNEL= and VUP_KERNEL_SUITE=, but not this script's view).
     resolve_kernel
     export KERNEL="$KERNEL_IMAGE"
     if [[ -n $KERNEL_MODDIR ]]; then export KERNEL_MODULES="$KERNEL_MODDIR"; fi
