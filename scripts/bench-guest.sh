@@ -3,13 +3,13 @@
 # vhost-user-pmem daemon and once on QEMU's built-in virtio-pmem, each with a fresh image of
 # the same size, runs flush_latency (F20: every flush kind at each concurrency) and
 # fault_latency (F19: the 12-cell write-fault matrix), and prints the two devices side by
-# side with ratios. Results go to OUT: rounds.tsv (one row per round, device and measurement),
-# results.tsv (the same with each figure's median over the rounds),
-# results.json (the rows plus the ratios), comparison.txt (the printed tables),
-# comparison.md (the same in Markdown, plus each round's ratios), guest-bench.svg (a plot of
-# the medians), and each round's run-vm logs (round*/*/guest-out.txt has the cover-letter
-# blocks and log2 buckets).
-#
+# side with ratios, then the host CPU per guest flush of each (daemon against QEMU's pool
+# workers). Results go to OUT: rounds.tsv (one row per round, device and measurement),
+# results.tsv (the same with each figure's median over the rounds), results.json (the rows
+# plus the ratios), comparison.txt (the printed tables), comparison.md (the same in Markdown,
+# plus each round's ratios), guest-bench.svg (a plot of the medians), and each round's vmrun
+# logs (round*/*/guest-out.txt: the cover-letter blocks and log2 buckets; cpu.txt: the CPU).
+# VUP_KERNEL_SUITE=sid benchmarks sid's kernel instead of 6.12 (scripts/fetch-kernel.sh).
 # Usage: scripts/bench-guest.sh [options]
 #   --samples N      timed ops per flush kind and concurrency, split over its threads
 #                    (default 1000)
