@@ -3,13 +3,13 @@
 # vhost-user-pmem daemon and once on QEMU's built-in virtio-pmem, each with a fresh image of
 # the same size, runs flush_latency (F20: every flush kind at each concurrency) and
 # fault_latency (F19: the 12-cell write-fault matrix), and prints the two devices side by
-# side with ratios. Results go to OUT: rounds.tsv (one row per round, device and measurement),
-# results.tsv (the same with each figure's median over the rounds),
-# results.json (the rows plus the ratios), comparison.txt (the printed tables),
-# comparison.md (the same in Markdown, plus each round's ratios), guest-bench.svg (a plot of
-# the medians), and each round's run-vm logs (round*/*/guest-out.txt has the cover-letter
-# blocks and log2 buckets).
-#
+# side with ratios, then the host CPU per guest flush of each (daemon against QEMU's pool
+# workers). Results go to OUT: rounds.tsv (one row per round, device and measurement),
+# results.tsv (the same with each figure's median over the rounds), results.json (the rows
+# plus the ratios), comparison.txt (the printed tables), comparison.md (the same in Markdown,
+# plus each round's ratios), guest-bench.svg (a plot of the medians), and each round's vmrun
+# logs (round*/*/guest-out.txt: the cover-letter blocks and log2 buckets; cpu.txt: the CPU).
+# VUP_KERNEL_SUITE=sid benchmarks sid's kernel instead of 6.12 (scripts/fetch-kernel.sh).
 # Usage: scripts/bench-guest.sh [options]
 #   --samples N      timed ops per flush kind and concurrency, split over its threads
 #                    (default 1000)
@@ -65,6 +65,7 @@ if [[ $report_only == 0 ]]; then
         echo "host: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), kernel $(uname -r)"
         echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
         echo "guest: --samples $samples --threads $threads, suites $suites, $size image, $rounds round(s), first order $order"
+        echo "guest kernel: ${KERNEL_MODULES:+$(basename "$KERNEL_MODULES") }($KERNEL; VUP_KERNEL_SUITE=$VUP_KERNEL_SUITE)"
     } >"$out/machine.txt"
 
     for ((r = 1; r <= rounds; r++)); do
@@ -405,6 +406,68 @@ for rt in "$out"/round*/vhost-user/result.txt; do
     r=${rt%/vhost-user/*}; r=${r##*/}
     echo "daemon counters over the whole vhost-user boot of $r: ${counters:-not found}" | tee -a "$out/comparison.txt"
 done
+# Host CPU per guest flush (vmrun's LOGDIR/cpu.txt: schedstat per process and thread name over
+# the whole boot, docs/benchmarks.md "Host CPU per guest flush"). The flushes are the device
+# requests the daemon answered in the vhost-user boot; the built-in device's boot of the same
+# round ran the same guest workload, so its figures are divided by that count too.
+awk -v nrounds="$rounds" '
+    function med(list,   n, a, j, k, t) {
+        n = split(list, a, " ")
+        for (j = 2; j <= n; j++) for (k = j; k > 1 && a[k - 1] + 0 > a[k] + 0; k--) { t = a[k]; a[k] = a[k - 1]; a[k - 1] = t }
+        return n ? a[int((n + 1) / 2)] : ""
+    }
+    function per(us, n) { return (us != "" && n + 0 > 0) ? sprintf("%.1f", us / n) : "-" }
+    FNR == 1 {
+        f = FILENAME; dev = f; sub(/\/[^\/]*$/, "", dev); round = dev
+        sub(/.*\//, "", dev); sub(/\/[^\/]*$/, "", round); sub(/.*round/, "", round)
+        if (!(round in rseen)) { rseen[round] = 1; rs[++nr] = round }
+    }
+    /^daemon: / && FILENAME ~ /result\.txt$/ {
+        for (i = 2; i <= NF; i++) if ($i ~ /^requests=/) { sub(/requests=/, "", $i); flushes[round] = $i }
+    }
+    /^VUP-CPU / {
+        delete kv
+        for (i = 2; i <= NF; i++) { eq = index($i, "="); kv[substr($i, 1, eq - 1)] = substr($i, eq + 1) }
+        cpu[round, dev, kv["proc"], kv["comm"]] = kv["cpu_us"]
+        if (kv["proc"] == "qemu" && kv["comm"] == "worker") workers[round, dev] = kv["threads"]
+        if (kv["proc"] == "daemon" && kv["comm"] != "*") {
+            if (!(kv["comm"] in dseen)) { dseen[kv["comm"]] = 1; dcomm[++nd] = kv["comm"] }
+        }
+    }
+    END {
+        printf "== host CPU per guest flush, us (whole boot; flushes = requests the daemon answered in the round'"'"'s vhost-user boot)\n"
+        printf "%-6s %-11s %8s %12s %14s %10s %11s\n", "round", "device", "flushes", "daemon", "QEMU workers", "QEMU main", "QEMU total"
+        for (x = 1; x <= nr; x++) {
+            r = rs[x]; n = flushes[r]
+            for (d = 1; d <= 2; d++) {
+                dev = (d == 1) ? "vhost-user" : "builtin"
+                if (!((r, dev, "qemu", "*") in cpu)) continue
+                dm = (dev == "vhost-user") ? per(cpu[r, dev, "daemon", "*"], n) : "-"
+                wk = ((r, dev, "qemu", "worker") in cpu) ? per(cpu[r, dev, "qemu", "worker"], n) " (" workers[r, dev] ")" : "0"
+                mn = per(cpu[r, dev, "qemu", "main"], n); tt = per(cpu[r, dev, "qemu", "*"], n)
+                printf "%-6s %-11s %8s %12s %14s %10s %11s\n", r, dev, n, dm, wk, mn, tt
+                if (dm != "-") l_dm = l_dm " " dm
+                if (dev == "builtin" && wk != "0") { sub(/ .*/, "", wk); l_wk = l_wk " " wk }
+                l_main[dev] = l_main[dev] " " mn; l_tot[dev] = l_tot[dev] " " tt
+            }
+        }
+        # Where the daemon spends it: its flush thread runs the fdatasync (what a pool worker does
+        # for the built-in device), the vring thread pops chains and signals completions.
+        for (x = 1; x <= nr; x++) {
+            r = rs[x]; line = ""
+            for (k = 1; k <= nd; k++)
+                if ((r, "vhost-user", "daemon", dcomm[k]) in cpu)
+                    line = line sprintf(" %s %s,", dcomm[k], per(cpu[r, "vhost-user", "daemon", dcomm[k]], flushes[r]))
+            if (line != "") { sub(/,$/, "", line); printf "round %s daemon threads per flush, us:%s\n", r, line }
+        }
+        a = med(l_dm); b = med(l_wk)
+        printf "device cost per flush (median of %d round(s)): vhost-user-pmem daemon %s us, QEMU built-in pool workers %s us%s\n", \
+            nr, (a == "" ? "-" : a), (b == "" ? "-" : b), (a != "" && b + 0 > 0 ? sprintf(" (%.2f x)", a / b) : "")
+        printf "QEMU main loop per flush: %s us (vhost-user), %s us (built-in); QEMU in all: %s us, %s us (TCG: the guest itself)\n", \
+            med(l_main["vhost-user"]), med(l_main["builtin"]), med(l_tot["vhost-user"]), med(l_tot["builtin"])
+    }' "$out"/round*/vhost-user/result.txt "$out"/round*/*/cpu.txt 2>/dev/null | tee -a "$out/comparison.txt" \
+    || warn "no cpu.txt in $out/round*/: this run predates vmrun's CPU sampling"
+
 echo
 cat "$out/machine.txt"
 info "results in $out (comparison.txt and .md, results.tsv, rounds.tsv, results.json, guest-bench.svg; guest output in round*/*/guest-out.txt)"

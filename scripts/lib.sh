@@ -11,6 +11,9 @@
 #   KERNEL=/path/to/bzImage            use this kernel
 #   KERNEL_MODULES=/path/lib/modules/V use these modules (with KERNEL but without
 #                                      KERNEL_MODULES, the drivers are assumed built in)
+#   VUP_KERNEL_SUITE=sid               use that suite's current Debian kernel (fetched into
+#                                      $VUP_CACHE/kernel-sid) instead of 6.12 from
+#                                      bookworm-backports
 #   VUP_DEBIAN_MIRROR=URI              Debian archive URI (default: taken from the machine's
 #                                      own apt sources at run time)
 
@@ -27,8 +30,13 @@ export VUP_CACHE
 VUP_QEMU_PKG="${VUP_QEMU_PKG:-qemu-system-x86}"
 VUP_QEMU_SUITE="${VUP_QEMU_SUITE:-trixie-backports}"
 VUP_QEMU_MIN_MAJOR=11
-VUP_KERNEL_PKG="${VUP_KERNEL_PKG:-linux-image-6.12.95+deb12-amd64}"
+# The guest kernel's suite: bookworm-backports (the default, VUP_KERNEL_DEFAULT_PKG) or another
+# Debian suite, whose current kernel scripts/fetch-kernel.sh fetches into $VUP_CACHE/kernel-SUITE.
+# VUP_KERNEL_PKG pins a package (empty: the suite's default).
+VUP_KERNEL_DEFAULT_PKG=linux-image-6.12.95+deb12-amd64
+VUP_KERNEL_PKG="${VUP_KERNEL_PKG:-}"
 VUP_KERNEL_SUITE="${VUP_KERNEL_SUITE:-bookworm-backports}"
+export VUP_KERNEL_SUITE
 DEBIAN_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
 info() { printf '%s: %s\n' "$VUP_PROG" "$*" >&2; }
@@ -302,11 +310,22 @@ resolve_kernel() {
         fi
         return
     fi
-    if [[ ! -f $VUP_CACHE/kernel/.complete ]]; then
+    local dir
+    dir="$(kernel_cache_dir)"
+    if [[ ! -f $dir/.complete ]]; then
         "$VUP_ROOT/scripts/fetch-kernel.sh" >&2 || die "fetching the kernel failed"
     fi
-    KERNEL_IMAGE="$VUP_CACHE/kernel/vmlinuz"
-    KERNEL_MODDIR="$(readlink -f "$VUP_CACHE/kernel/modules")"
+    KERNEL_IMAGE="$dir/vmlinuz"
+    KERNEL_MODDIR="$(readlink -f "$dir/modules")"
+}
+
+# kernel_cache_dir: where scripts/fetch-kernel.sh puts the kernel of VUP_KERNEL_SUITE.
+kernel_cache_dir() {
+    if [[ $VUP_KERNEL_SUITE == bookworm-backports ]]; then
+        printf '%s\n' "$VUP_CACHE/kernel"
+    else
+        printf '%s\n' "$VUP_CACHE/kernel-$VUP_KERNEL_SUITE"
+    fi
 }
 
 # resolve_guest_tools: set GUEST_TOOLS to the directory holding bin/, lib/ and etc/ for the
@@ -326,6 +345,11 @@ build_vm_inputs() {
     "$VUP_ROOT/scripts/fetch-qemu.sh" >/dev/null
     "$VUP_ROOT/scripts/fetch-kernel.sh" >/dev/null
     "$VUP_ROOT/scripts/fetch-guest-tools.sh" >/dev/null
+    # The initramfs and vmrun must boot the same kernel: hand both the one resolved here
+    # (vmrun alone would also follow KERNEL= and VUP_KERNEL_SUITE=, but not this script's view).
+    resolve_kernel
+    export KERNEL="$KERNEL_IMAGE"
+    if [[ -n $KERNEL_MODDIR ]]; then export KERNEL_MODULES="$KERNEL_MODDIR"; fi
     local guest_bin
     guest_bin=$("$VUP_ROOT/scripts/build-guest.sh")
     "$VUP_ROOT/scripts/build-initramfs.sh" --guest-bin "$guest_bin" --out "$1" >/dev/null

@@ -28,8 +28,9 @@ output, copied by the guest to a second serial port), tap.txt, junit.xml, metric
 (VUP-METRIC lines), hostchecks.txt and hostchecks.result, daemon.log, daemon-metrics.json
 (the daemon's metrics, format 2), sync-LABEL.json (host-link snapshots), qemu.log, qemu.cmd,
 hostlink.log, faultfs.log and faultfs.counts.json, pids (every child the runner started),
-result.txt, after-kill.txt; with --libvirt also virsh.log and libvirt/ (the embedded driver's
-root, with domain.xml).
+result.txt, after-kill.txt, cpu.txt (host CPU of QEMU and the daemon per thread name over the
+boot, from /proc/PID/task/*/schedstat every 200 ms; not with --libvirt); with --libvirt also
+virsh.log and libvirt/ (the embedded driver's root, with domain.xml).
 
 Fails (exit 1) on: a timeout; QEMU exiting non-zero; a managed daemon that died, or did not
 exit with --expect-daemon-exit's status on SIGTERM; a refused host-link action; no VUP-END
@@ -39,7 +40,9 @@ wrong TAP plan; a VUP-HOSTCHECK whose sha256 does not match the image; kernel wa
 failed runner checks). Bad options exit 2.
 
 Environment: QEMU and KERNEL (as --qemu and --kernel), VUP_CACHE (the download cache, default
-~/.cache/vhost-user-pmem), VUP_BUILD (default log directory root), RUST_LOG (the daemon's
+~/.cache/vhost-user-pmem), VUP_KERNEL_SUITE (whose fetched kernel boots without KERNEL or
+--kernel: VUP_CACHE/kernel for bookworm-backports, the default, else VUP_CACHE/kernel-SUITE, as
+scripts/fetch-kernel.sh --suite SUITE puts it), VUP_BUILD (default log directory root), RUST_LOG (the daemon's
 log filter, default info).";
 
 #[derive(Parser, Debug)]
@@ -378,6 +381,8 @@ pub enum CliError {
 pub struct Defaults {
     pub qemu: Option<PathBuf>,
     pub kernel: Option<PathBuf>,
+    /// VUP_KERNEL_SUITE: which fetched kernel is the default (see [`kernel_cache_dir`]).
+    pub kernel_suite: Option<String>,
     pub accel: Option<String>,
     pub cache: PathBuf,
     pub build: PathBuf,
@@ -386,6 +391,15 @@ pub struct Defaults {
     pub rust_log: Option<String>,
     /// A name for the default log directory, unique per run (time and pid).
     pub run_name: String,
+}
+
+/// The cache directory scripts/fetch-kernel.sh fills for a suite: `kernel` for the default
+/// (bookworm-backports), `kernel-SUITE` for any other.
+pub fn kernel_cache_dir(suite: Option<&str>) -> String {
+    match suite {
+        None | Some("bookworm-backports") => "kernel".into(),
+        Some(s) => format!("kernel-{s}"),
+    }
 }
 
 impl Defaults {
@@ -410,6 +424,7 @@ impl Defaults {
         Defaults {
             qemu: var("QEMU").map(PathBuf::from),
             kernel: var("KERNEL").map(PathBuf::from),
+            kernel_suite: var("VUP_KERNEL_SUITE").map(|v| v.to_string_lossy().into_owned()),
             accel: var("VUP_ACCEL").map(|v| v.to_string_lossy().into_owned()),
             cache,
             build: var("VUP_BUILD")
@@ -660,7 +675,11 @@ impl RunArgs {
             .kernel
             .clone()
             .or_else(|| d.kernel.clone())
-            .unwrap_or_else(|| d.cache.join("kernel/vmlinuz"));
+            .unwrap_or_else(|| {
+                d.cache
+                    .join(kernel_cache_dir(d.kernel_suite.as_deref()))
+                    .join("vmlinuz")
+            });
         let Some(initrd) = self.initrd.clone() else {
             return Err(invalid(
                 "--initrd",
@@ -860,6 +879,13 @@ mod tests {
             run_name: "t".into(),
             ..Defaults::default()
         }
+    }
+
+    #[test]
+    fn kernel_cache_dir_follows_the_suite() {
+        assert_eq!(kernel_cache_dir(None), "kernel");
+        assert_eq!(kernel_cache_dir(Some("bookworm-backports")), "kernel");
+        assert_eq!(kernel_cache_dir(Some("sid")), "kernel-sid");
     }
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {

@@ -12,6 +12,7 @@ pub mod checks;
 pub mod children;
 pub mod cli;
 pub mod console;
+pub mod cpu;
 pub mod flush_checks;
 pub mod hostcheck;
 pub mod hostlink;

@@ -137,6 +137,8 @@ pub fn qemu_args(spec: &RunSpec, backing: &PmemBacking, guest_out: &Path) -> Vec
     if !matches!(spec.guest.end, GuestEnd::Reboot(_)) {
         a.push("-no-reboot".into());
     }
+    // Thread names (`worker`, `CPU 0/TCG`, ...), by which LOGDIR/cpu.txt splits QEMU's CPU.
+    a.extend(["-name".into(), "debug-threads=on".into()]);
     if spec.qemu.trace_vhost || matches!(spec.stop, crate::spec::Stop::KillDaemonAt { .. }) {
         // Wall-clock times on QEMU's messages, to line them up with a daemon kill.
         a.extend(["-msg".into(), "timestamp=on".into()]);
@@ -320,6 +322,7 @@ mod tests {
         assert_eq!(after(&a, "-cpu"), ["max"]);
         assert_eq!(after(&a, "-serial"), ["stdio", "file:/l/out"]);
         assert!(a.contains(&"-no-reboot".to_string()));
+        assert_eq!(after(&a, "-name"), ["debug-threads=on"]);
         assert_eq!(a.last().unwrap(), "-s", "extra arguments come last");
         assert_eq!(
             after(&a, "-append"),

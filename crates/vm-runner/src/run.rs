@@ -17,6 +17,7 @@ use pmem_metrics::Metrics;
 use crate::checks;
 use crate::children::{self, Children};
 use crate::console::Tail;
+use crate::cpu;
 use crate::hostcheck;
 use crate::hostlink::{Host, HostLink};
 use crate::junit;
@@ -121,6 +122,7 @@ const STALE: &[&str] = &[
     "daemon-metrics.json",
     "pids",
     "virsh.log",
+    "cpu.txt",
 ];
 
 fn prepare_log_dir(dir: &Path) -> Result<PathBuf, RunError> {
@@ -675,13 +677,34 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
         start_daemon(&mut children, cmd, &log_dir)?;
     }
 
+    // Host CPU per process and thread name while the guest runs (LOGDIR/cpu.txt). Not with
+    // libvirt, where the child is virsh and QEMU is libvirt's.
+    let sampler = match spec.qemu.launch {
+        Launch::Direct => {
+            let mut procs = Vec::new();
+            if let Some(q) = &children.qemu {
+                procs.push(("qemu".to_string(), q.id()));
+            }
+            if let Some(d) = &children.daemon {
+                procs.push(("daemon".to_string(), d.pid()));
+            }
+            Some(cpu::Sampler::start(procs))
+        }
+        Launch::Libvirt(_) => None,
+    };
+
     // ---- watch the run
     let mut w = Watch {
         guest_out: Tail::new(&guest_out_path),
         console: Tail::new(&log_dir.join("console.log")),
         qemu_log: Tail::new(&qemu_log_path),
     };
-    let end = w.watch(spec, t0, &mut children, &mut link, &image_name, &log_dir)?;
+    let end = w.watch(spec, t0, &mut children, &mut link, &image_name, &log_dir);
+    // QEMU has ended; the daemon is still up, so its last sample holds all it did.
+    if let Some(s) = sampler {
+        cpu::write(&log_dir, &s.finish());
+    }
+    let end = end?;
     if let Some(e) = &embedded {
         // libvirt daemonizes QEMU: virsh's exit is the guest's lifecycle event, and QEMU
         // ends a moment later, by libvirt's hand or by ours.
