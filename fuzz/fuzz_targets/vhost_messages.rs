@@ -141,6 +141,7 @@ fn harness() -> &'static Harness {
             access: Access::ReadWrite(Allocation::Full),
             flush_mode: FlushMode::Group,
             flush_rate_limit: None,
+            poll: Duration::ZERO,
             metrics: None,
             // The fuzzer runs the backend inside its own process, which needs far more
             // calls than the daemon's allow-list.
