@@ -56,17 +56,7 @@ done
 out=$(realpath -m "$out")
 
 if [[ $report_only == 0 ]]; then
-    rm -rf "$out"; mkdir -p "$out"
-    info "building the daemon and the guest, fetching QEMU and the kernel (cached after the first run)"
-    build_vm_inputs "$out/initrd.cpio.gz"
-
-    {
-        echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-        echo "host: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), kernel $(uname -r)"
-        echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-        echo "guest: --samples $samples --threads $threads, suites $suites, $size image, $rounds round(s), first order $order"
-        echo "guest kernel: ${KERNEL_MODULES:+$(basename "$KERNEL_MODULES") }($KERNEL; VUP_KERNEL_SUITE=$VUP_KERNEL_SUITE)"
-    } >"$out/machine.txt"
+    guest_bench_start "$out" "--samples $samples --threads $threads, suites $suites, $size image, $rounds round(s), first order $order"
 
     for ((r = 1; r <= rounds; r++)); do
         # Alternate which device boots first, so that a load that rises or falls during the

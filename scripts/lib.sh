@@ -355,6 +355,22 @@ build_vm_inputs() {
     "$VUP_ROOT/scripts/build-initramfs.sh" --guest-bin "$guest_bin" --out "$1" >/dev/null
 }
 
+# guest_bench_start OUT GUEST-LINE: a guest benchmark's fresh results directory OUT, with
+# everything its VM runs need (build_vm_inputs, the initramfs in OUT/initrd.cpio.gz) and the head
+# of OUT/machine.txt: when, which host, its load, what the guest runs (GUEST-LINE), which kernel.
+guest_bench_start() {
+    rm -rf "$1"; mkdir -p "$1"
+    info "building the daemon and the guest, fetching QEMU and the kernel (cached after the first run)"
+    build_vm_inputs "$1/initrd.cpio.gz"
+    {
+        echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+        echo "host: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), kernel $(uname -r)"
+        echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+        echo "guest: $2"
+        echo "guest kernel: ${KERNEL_MODULES:+$(basename "$KERNEL_MODULES") }($KERNEL; VUP_KERNEL_SUITE=$VUP_KERNEL_SUITE)"
+    } >"$1/machine.txt"
+}
+
 # VUP_RUNNER: the VM runner (crates/vm-runner), next to the daemon and faultfs it starts.
 VUP_RUNNER="$VUP_ROOT/target/release/vmrun"
 

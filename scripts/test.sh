@@ -169,6 +169,11 @@ if [[ $vm == 1 ]]; then
         --image "$img" --log-dir "$out/after-sigkill" --args "--expect-gen 8 persist"
     step "VM [vhost-user] QEMU listens (server=on), daemon --connect: DAX suite" "${vr[@]}" \
         --daemon-mode client --image "$out/client.img" --log-dir "$out/client" --args "--mkfs e2e"
+    # The paired benchmark's VM (scripts/bench-guest-paired.sh), briefly: the guest must find
+    # the built-in device at its PCI address and the vhost-user one elsewhere, DAX on both.
+    step "VM [vhost-user + builtin] both devices in one guest (--pair-builtin): told apart by PCI address, DAX on both, flushes timed on both" \
+        "${vr[@]}" --pair-builtin --image "$out/paired.img" --log-dir "$out/paired" \
+        --args "--mkfs --iters 10 --blocks 2 paired"
     # Two device starts (boot, rebind) seen by QEMU and by the daemon, and the data of
     # generations 1 and 2 and rebind.dat in the image.
     step "VM [vhost-user] virtio_pmem unbind/bind through sysfs: region mapped again, data kept" \

@@ -36,6 +36,10 @@ Options:
   --samples N        instead of --iters: N measured operations per op and
                      concurrency, split over its threads (at least 1 each)
   --threads LIST     concurrencies, separated by ',' ':' or spaces [default: 1]
+  --pair-pci ADDR    PCI address of QEMU's built-in pmem device beside the
+                     vhost-user one (vmrun --pair-builtin passes it; paired)
+  --blocks N         paired: blocks of --iters ops per device and flush kind,
+                     alternating the devices [default: 20]
   --stress DURATION  run each time-bounded case (hole_waiters rounds, the races,
                      flush_queue_full) for DURATION instead of its short TCG default:
                      plain seconds (90) or with a unit (90s, 10m, 2h); at most 24h
@@ -84,6 +88,10 @@ pub struct Args {
     pub stress_secs: Option<u64>,
     /// --only: run only these catalogue cases (empty: all).
     pub only: Vec<String>,
+    /// --pair-pci: where the built-in device of a paired run sits (`0000:00:06.0`).
+    pub pair_pci: Option<String>,
+    /// --blocks: how many alternating blocks the paired suite measures.
+    pub blocks: usize,
 }
 
 impl Default for Args {
@@ -101,6 +109,8 @@ impl Default for Args {
             crash_at_end: false,
             stress_secs: None,
             only: Vec::new(),
+            pair_pci: None,
+            blocks: 20,
         }
     }
 }
@@ -118,7 +128,7 @@ impl Args {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
-    Run(Args),
+    Run(Box<Args>),
     Help,
 }
 
@@ -298,6 +308,18 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Command, ArgErro
                 args.stress_secs = Some(parse_duration(&opt, &v)?);
             }
             "--only" => args.only.push(value(&mut it)?),
+            "--pair-pci" => args.pair_pci = Some(value(&mut it)?),
+            "--blocks" => {
+                let v = value(&mut it)?;
+                args.blocks = parse_number(&opt, &v)?;
+                if !(1..=1000).contains(&args.blocks) {
+                    return Err(ArgError::BadValue {
+                        option: opt,
+                        value: v,
+                        why: "must be between 1 and 1000",
+                    });
+                }
+            }
             "--threads" => {
                 parse_threads(&value(&mut it)?, &mut threads)?;
                 while let Some(next) = it.next_if(|a| looks_like_thread_list(a)) {
@@ -317,7 +339,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Command, ArgErro
     if args.suites.is_empty() {
         return Err(ArgError::NoSuite);
     }
-    Ok(Command::Run(args))
+    Ok(Command::Run(Box::new(args)))
 }
 
 #[cfg(test)]
@@ -330,7 +352,7 @@ mod tests {
 
     fn run(line: &str) -> Result<Args, ArgError> {
         match parse(line.split_whitespace().map(String::from))? {
-            Command::Run(a) => Ok(a),
+            Command::Run(a) => Ok(*a),
             Command::Help => panic!("unexpected help"),
         }
     }
@@ -449,6 +471,22 @@ mod tests {
             Err(ArgError::BadValue { .. })
         ));
         assert_eq!(names(&run("faultlat").unwrap()), ["faultlat"]);
+    }
+
+    #[test]
+    fn paired_options() {
+        let a = run("--pair-pci 0000:00:06.0 --blocks=5 --iters 30 paired").unwrap();
+        assert_eq!(a.pair_pci.as_deref(), Some("0000:00:06.0"));
+        assert_eq!((a.blocks, a.iters), (5, 30));
+        assert_eq!(names(&a), ["paired"]);
+        assert_eq!(run("paired").unwrap().blocks, 20);
+        for bad in [
+            "--blocks 0 paired",
+            "--blocks 1001 paired",
+            "--blocks x paired",
+        ] {
+            assert!(matches!(run(bad), Err(ArgError::BadValue { .. })), "{bad}");
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@ use args::Command;
 
 fn main() {
     let args = match args::parse(std::env::args().skip(1)) {
-        Ok(Command::Run(a)) => a,
+        Ok(Command::Run(a)) => *a,
         Ok(Command::Help) => {
             print!("{}", args::usage());
             return;

@@ -190,6 +190,12 @@ pub struct RunArgs {
     /// events) to qemu.log.
     #[arg(long, help_heading = "Device")]
     pub trace_vhost: bool,
+    /// Also give the guest QEMU's built-in virtio-pmem, on LOGDIR/pair.img (created at
+    /// --size), at PCI address 0000:00:06.0, and pass the guest `--pair-pci 0000:00:06.0`:
+    /// one boot with both devices, for the guest suite `paired` (scripts/bench-guest-paired.sh).
+    #[arg(long, help_heading = "Device",
+          conflicts_with_all = ["libvirt", "host_fs_size", "faultfs", "external_socket"])]
+    pub pair_builtin: bool,
 
     // ---- guest
     /// Arguments of the guest binary, space-separated (sent as vup.args=A,B,C; no commas).
@@ -495,7 +501,15 @@ impl RunArgs {
         // size, and the built-in device gets the same check here as the daemon makes.
         vhost_user_pmem::size::check_requested(size.bytes)?;
         let memory = parse_size("--memory", &self.memory)?;
-        let args = split_guest_args(&self.args)?;
+        let mut args = split_guest_args(&self.args)?;
+        if self.pair_builtin {
+            if args.iter().any(|a| a.starts_with("--pair-pci")) {
+                return Err(CliError::Conflict(
+                    "--args cannot set --pair-pci: --pair-builtin sets it".into(),
+                ));
+            }
+            args.extend(["--pair-pci".into(), crate::qemu::pair_pci_addr()]);
+        }
         let device_arg = self.device.unwrap_or(DeviceArg::VhostUser);
 
         if device_arg == DeviceArg::Builtin {
@@ -518,6 +532,7 @@ impl RunArgs {
                     self.expect_device_starts.is_some(),
                 ),
                 ("--expect-readonly-outcome", self.expect_readonly_outcome),
+                ("--pair-builtin", self.pair_builtin),
             ];
             if let Some((name, _)) = vhost_only.iter().find(|(_, set)| *set) {
                 return Err(CliError::Conflict(format!(
@@ -702,6 +717,7 @@ impl RunArgs {
             device,
             image,
             host_fs,
+            pair_builtin: self.pair_builtin.then(|| log_dir.join("pair.img")),
             size,
             guest: Guest {
                 kernel,
@@ -897,6 +913,37 @@ mod tests {
         let mut all = vec!["--initrd", initrd.as_str()];
         all.extend_from_slice(args);
         parse(&all).expect("clap accepts").run.spec(&defaults(dir))
+    }
+
+    #[test]
+    fn pair_builtin_adds_the_image_and_tells_the_guest_where_the_device_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let s = spec(
+            d,
+            &[
+                "--pair-builtin",
+                "--log-dir",
+                "/l",
+                "--args",
+                "--mkfs paired",
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.pair_builtin.as_deref(), Some(Path::new("/l/pair.img")));
+        assert_eq!(
+            s.guest.args,
+            ["--mkfs", "paired", "--pair-pci", "0000:00:06.0"]
+        );
+        let e = spec(d, &["--pair-builtin", "--device", "builtin"]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--pair-builtin needs --device vhost-user"),
+            "{e}"
+        );
+        let e = spec(d, &["--pair-builtin", "--args", "--pair-pci=x paired"]).unwrap_err();
+        assert!(e.to_string().contains("--pair-builtin sets it"), "{e}");
+        assert!(spec(d, &[]).unwrap().pair_builtin.is_none());
     }
 
     #[test]

@@ -16,6 +16,16 @@ pub const VHOST_USER_PMEM_DEVICE: &str =
 /// The queue size in [`VHOST_USER_PMEM_DEVICE`].
 pub const QUEUE_SIZE: u32 = 256;
 
+/// Where `--pair-builtin` puts QEMU's built-in device: a fixed slot on q35's root bus, so
+/// the guest can tell the two pmem devices apart by their sysfs path (the vhost-user device
+/// takes the first free slot, 01).
+const PAIR_PCI_SLOT: u8 = 6;
+
+/// [`PAIR_PCI_SLOT`] as the guest's sysfs spells it (`0000:00:06.0`), for its `--pair-pci`.
+pub fn pair_pci_addr() -> String {
+    format!("0000:00:{PAIR_PCI_SLOT:02x}.0")
+}
+
 /// A comma inside a QEMU option value must be doubled.
 pub fn escape(value: &Path) -> String {
     value.display().to_string().replace(',', ",,")
@@ -71,6 +81,19 @@ pub fn device_args(backing: &PmemBacking) -> Vec<String> {
     }
 }
 
+/// The built-in device of `--pair-builtin`, with ids of its own beside the vhost-user one.
+fn pair_device_args(image: &Path, size: u64) -> Vec<String> {
+    vec![
+        "-object".into(),
+        format!(
+            "memory-backend-file,id=pairmem,share=on,mem-path={},size={size}",
+            escape(image)
+        ),
+        "-device".into(),
+        format!("virtio-pmem-pci,memdev=pairmem,id=vpmem1,bus=pcie.0,addr=0x{PAIR_PCI_SLOT:02x}"),
+    ]
+}
+
 /// The kernel command line: the console, a panic that ends QEMU, and the guest suite's
 /// `vup.*` parameters.
 pub fn kernel_cmdline(spec: &RunSpec) -> String {
@@ -94,9 +117,13 @@ pub fn kernel_cmdline(spec: &RunSpec) -> String {
 pub fn qemu_args(spec: &RunSpec, backing: &PmemBacking, guest_out: &Path) -> Vec<OsString> {
     let mem = spec.guest.memory.bytes;
     let mut memory = format!("{}M", mem >> 20);
-    if let PmemBacking::Builtin { size, .. } = backing {
-        // The built-in device lives in the memory hotplug area: leave room for it above RAM.
-        let maxmem = mem + size + (1 << 30);
+    // A built-in device lives in the memory hotplug area: leave room for it above RAM.
+    let builtin_bytes = match backing {
+        PmemBacking::Builtin { size, .. } => *size,
+        PmemBacking::VhostUser { .. } => 0,
+    } + spec.pair_builtin.as_ref().map_or(0, |_| spec.size.bytes);
+    if builtin_bytes > 0 {
+        let maxmem = mem + builtin_bytes + (1 << 30);
         memory = format!("{}M,slots=2,maxmem={}M", mem >> 20, maxmem >> 20);
     }
     let (accel, cpu) = match spec.qemu.accel {
@@ -119,6 +146,9 @@ pub fn qemu_args(spec: &RunSpec, backing: &PmemBacking, guest_out: &Path) -> Vec
         format!("memory-backend-memfd,id=mem0,size={mem},share=on"),
     ];
     a.extend(device_args(backing));
+    if let Some(image) = &spec.pair_builtin {
+        a.extend(pair_device_args(image, spec.size.bytes));
+    }
     a.extend([
         "-kernel".into(),
         spec.guest.kernel.display().to_string(),
@@ -262,6 +292,7 @@ mod tests {
             device: Device::Builtin,
             image: "/i/p,0.img".into(),
             host_fs: None,
+            pair_builtin: None,
             size: Size {
                 text: "1G".into(),
                 bytes: 1 << 30,
@@ -361,6 +392,31 @@ mod tests {
         assert_eq!(after(&a, "-cpu"), ["host"]);
         assert_eq!(after(&a, "-trace").len(), 4);
         assert!(after(&a, "-append")[0].contains("vup.end=reboot vup.reboots=2"));
+    }
+
+    #[test]
+    fn paired_builtin_device_sits_at_its_fixed_slot_with_room_above_ram() {
+        let mut s = spec();
+        s.pair_builtin = Some("/l/pair.img".into());
+        let b = PmemBacking::VhostUser {
+            socket: "/s".into(),
+            server: false,
+            chardev_opts: None,
+        };
+        let a = strings(&qemu_args(&s, &b, Path::new("/o")));
+        assert_eq!(after(&a, "-m"), ["1024M,slots=2,maxmem=3072M"]);
+        assert_eq!(
+            after(&a, "-device"),
+            [
+                VHOST_USER_PMEM_DEVICE,
+                "virtio-pmem-pci,memdev=pairmem,id=vpmem1,bus=pcie.0,addr=0x06"
+            ]
+        );
+        assert_eq!(
+            after(&a, "-object")[1],
+            "memory-backend-file,id=pairmem,share=on,mem-path=/l/pair.img,size=1073741824"
+        );
+        assert_eq!(pair_pci_addr(), "0000:00:06.0");
     }
 
     #[test]

@@ -524,6 +524,14 @@ pub fn run(spec: &RunSpec) -> Result<Outcome, RunError> {
         None
     };
 
+    if let Some(pair) = &spec.pair_builtin {
+        builtin_image(pair, spec.size.bytes)?;
+        info(format!(
+            "paired: QEMU's built-in device on {} at PCI {}",
+            pair.display(),
+            qemu::pair_pci_addr()
+        ));
+    }
     let mut children = Children::new(Some(log_dir.join("pids")));
     let mut socket_dir = None;
     let mut connect_later: Option<DaemonCommand> = None;

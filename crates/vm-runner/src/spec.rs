@@ -13,6 +13,10 @@ pub struct RunSpec {
     pub image: PathBuf,
     /// A tmpfs of its own for the image, at LOGDIR/hostfs.
     pub host_fs: Option<HostFs>,
+    /// A second pmem device beside the vhost-user one: QEMU's built-in device on this image,
+    /// of the same size, at [`crate::qemu::pair_pci_addr`], so that one guest can measure
+    /// both devices in alternation (the guest suite `paired`).
+    pub pair_builtin: Option<PathBuf>,
     /// The device size, as given (passed to the daemon in its own grammar) and in bytes.
     pub size: Size,
     pub guest: Guest,

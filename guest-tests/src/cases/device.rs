@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::Path;
 
 use super::{Ctx, Verdict};
 use crate::args::FsType;
@@ -66,7 +67,17 @@ pub fn pmem0_present(ctx: &mut Ctx) -> Result<Verdict> {
 }
 
 pub fn mkfs(ctx: &mut Ctx) -> Result<Verdict> {
-    let dev = ctx.args.dev.to_string_lossy().into_owned();
+    let out = run_mkfs(ctx.args.fs, &ctx.args.dev)?;
+    if !out.success() {
+        ctx.diag(&out.tail(20));
+        fail!("mkfs exited with {:?}", out.status);
+    }
+    Ok(Verdict::Pass)
+}
+
+/// The project's one mkfs command line per file system, for `dev`.
+pub fn run_mkfs(fs: FsType, dev: &Path) -> Result<tools::Output> {
+    let dev = dev.to_string_lossy().into_owned();
     // A 2 MiB stripe (512 blocks of 4 KiB) makes ext4's allocator align large allocations
     // to 2 MiB, as su=2m does for xfs. Without it a large fallocate is aligned only when
     // the free space happens to be: after the A-C cases had churned the file system, one
@@ -79,25 +90,20 @@ pub fn mkfs(ctx: &mut Ctx) -> Result<Verdict> {
         "-E",
         "stride=512,stripe_width=512",
     ];
-    let out = match ctx.args.fs {
+    match fs {
         FsType::Ext4 if tools::exists("mkfs.ext4") => {
-            tools::run("mkfs.ext4", &[&ext4_opts[..], &[dev.as_str()]].concat())?
+            tools::run("mkfs.ext4", &[&ext4_opts[..], &[dev.as_str()]].concat())
         }
         FsType::Ext4 => tools::run(
             "mke2fs",
             &[&["-t", "ext4"][..], &ext4_opts[..], &[dev.as_str()]].concat(),
-        )?,
+        ),
         // 2 MiB stripe unit so data extents can be PMD-aligned; no reflink (DAX excludes it).
         FsType::Xfs => tools::run(
             "mkfs.xfs",
             &["-f", "-q", "-d", "su=2m,sw=1", "-m", "reflink=0", &dev],
-        )?,
-    };
-    if !out.success() {
-        ctx.diag(&out.tail(20));
-        fail!("mkfs exited with {:?}", out.status);
+        ),
     }
-    Ok(Verdict::Pass)
 }
 
 /// ext4's superblock sits at byte 1024; s_feature_incompat at +0x60 carries RECOVER

@@ -16,6 +16,7 @@ mod fs_state;
 mod fsync_loop;
 mod hostlink;
 mod map_sync;
+mod paired;
 mod persist;
 mod pmd;
 mod readonly;

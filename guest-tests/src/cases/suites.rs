@@ -4,7 +4,7 @@
 use std::fmt;
 
 use super::{
-    fault_latency, faults, fill, flush, flush_latency, fsync_loop, map_sync, persist, pmd,
+    fault_latency, faults, fill, flush, flush_latency, fsync_loop, map_sync, paired, persist, pmd,
     readonly, rebind, selftest, soak, truncate, Ctx,
 };
 use crate::sys;
@@ -92,6 +92,7 @@ pub const TABLE: &[Entry] = &[
     Entry::Suite(&flush_latency::SUITE),
     Entry::Suite(&fault_latency::SUITE),
     Entry::Alias(&BENCH),
+    Entry::Suite(&paired::SUITE),
     Entry::Suite(&faults::SUITE),
     Entry::Suite(&map_sync::SUITE),
     Entry::Suite(&truncate::SUITE),
@@ -209,7 +210,7 @@ mod tests {
     fn error_lists_every_name() {
         assert_eq!(
             names_in_words(),
-            "e2e, persist, latency, faultlat, bench, faults, mapsync, truncate, pmd, flush, \
+            "e2e, persist, latency, faultlat, bench, paired, faults, mapsync, truncate, pmd, flush, \
              catalogue, selftest, rebind, readonly, soak, fsyncloop or fill"
         );
     }
