@@ -12,9 +12,9 @@ pub struct Summary {
     pub max_ns: u64,
 }
 
-/// The buckets and the percentile are the project's one implementation, shared with the
-/// daemon's metrics and the host benchmark, so the three report alike.
-pub use pmem_metrics::{log2_buckets_ns as log2_buckets, percentile, Bucket};
+/// The buckets, the percentile and the median are the project's one implementation, shared
+/// with the daemon's metrics and the host benchmark, so the three report alike.
+pub use pmem_metrics::{log2_buckets_ns as log2_buckets, median, percentile, Bucket};
 
 pub fn summarize(samples_ns: &[u64]) -> Option<Summary> {
     if samples_ns.is_empty() {

@@ -11,6 +11,7 @@ use std::sync::{Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
 use pmem_frontend::{Frontend, Options};
+use pmem_metrics::median;
 use serde::Serialize;
 
 use crate::daemon::Daemon;
@@ -438,21 +439,6 @@ fn run_raw(plan: &Plan, n: usize) -> Result<Side, BenchError> {
         None => Err(BenchError::Daemon(
             "a raw loop failed without an error".into(),
         )),
-    }
-}
-
-/// Median of `v` (the mean of the middle two for an even count); 0 for none.
-fn median(v: impl IntoIterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = v.into_iter().collect();
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
     }
 }
 
@@ -891,13 +877,6 @@ pub fn run(plan: &Plan, command: String) -> Result<(), BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn median_of_odd_even_and_none() {
-        assert_eq!(median([3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median([4.0, 1.0, 3.0, 2.0]), 2.5);
-        assert_eq!(median(Vec::<f64>::new()), 0.0);
-    }
 
     #[test]
     fn a_failed_step_releases_everyone() {

@@ -10,7 +10,7 @@
 pub mod buckets;
 pub mod schema;
 
-pub use buckets::{buckets_from_counts, log2_buckets_ns, log2_index, percentile, Bucket};
+pub use buckets::{buckets_from_counts, log2_buckets_ns, log2_index, median, percentile, Bucket};
 pub use schema::{
     BackingSpace, ConnectionCounters, Counters, FlushRateLimitSetting, LatencySummary, Metrics,
     ReadError, FORMAT_VERSION,

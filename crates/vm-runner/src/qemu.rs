@@ -17,8 +17,8 @@ pub const VHOST_USER_PMEM_DEVICE: &str =
 pub const QUEUE_SIZE: u32 = 256;
 
 /// Where `--pair-builtin` puts QEMU's built-in device: a fixed slot on q35's root bus, so
-/// the guest can tell the two pmem devices apart by their sysfs path (the vhost-user device
-/// takes the first free slot, 01).
+/// the guest can tell the two pmem devices apart by their sysfs path (the vhost-user device,
+/// added first without an address, takes the lowest free slot).
 const PAIR_PCI_SLOT: u8 = 6;
 
 /// [`PAIR_PCI_SLOT`] as the guest's sysfs spells it (`0000:00:06.0`), for its `--pair-pci`.

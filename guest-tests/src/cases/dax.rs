@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 use super::{common, Ctx, Verdict};
 use crate::error::{fail, Context, Result};
@@ -12,13 +13,8 @@ use crate::sys::{self, Mapping};
 
 pub fn precond_dax(ctx: &mut Ctx) -> Result<Verdict> {
     let name = ctx.dev_name();
-    let facts = precond::gather(&name, ctx.mnt());
-    let checks = precond::evaluate(&facts, &name);
-    for c in &checks {
-        let mark = if c.ok { "ok  " } else { "FAIL" };
-        ctx.diag(&format!("{mark} {}: {}", c.name, c.detail));
-    }
-    let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
+    let mnt = ctx.args.mnt.clone();
+    let failed = dax_checks(ctx, &name, &mnt);
     ctx.fs_state.dax_checked = true;
     ctx.fs_state.dax_ok = failed.is_empty();
     if failed.is_empty() {
@@ -34,6 +30,17 @@ pub fn precond_dax(ctx: &mut Ctx) -> Result<Verdict> {
         "DAX precondition failed: {}",
         failed.join(", ")
     )))
+}
+
+/// Checks the DAX preconditions of block device `dev_name` mounted on `mnt`, each on its own
+/// diagnostic line; returns the names of those that failed.
+pub fn dax_checks(ctx: &mut Ctx, dev_name: &str, mnt: &Path) -> Vec<&'static str> {
+    let checks = precond::evaluate(&precond::gather(dev_name, mnt), dev_name);
+    for c in &checks {
+        let mark = if c.ok { "ok  " } else { "FAIL" };
+        ctx.diag(&format!("{mark} {}: {}", c.name, c.detail));
+    }
+    checks.iter().filter(|c| !c.ok).map(|c| c.name).collect()
 }
 
 /// pwrite, fsync, fdatasync, read back. Any flush error (EIO from the device) fails it.

@@ -67,16 +67,15 @@ pub fn pmem0_present(ctx: &mut Ctx) -> Result<Verdict> {
 }
 
 pub fn mkfs(ctx: &mut Ctx) -> Result<Verdict> {
-    let out = run_mkfs(ctx.args.fs, &ctx.args.dev)?;
-    if !out.success() {
-        ctx.diag(&out.tail(20));
-        fail!("mkfs exited with {:?}", out.status);
-    }
+    let dev = ctx.args.dev.clone();
+    make_fs(ctx, &dev)?;
     Ok(Verdict::Pass)
 }
 
-/// The project's one mkfs command line per file system, for `dev`.
-pub fn run_mkfs(fs: FsType, dev: &Path) -> Result<tools::Output> {
+/// The project's one mkfs command line per file system (`--fs`), on `dev`; the tool's last
+/// lines are reported when it fails.
+pub fn make_fs(ctx: &mut Ctx, dev: &Path) -> Result<()> {
+    let path = dev;
     let dev = dev.to_string_lossy().into_owned();
     // A 2 MiB stripe (512 blocks of 4 KiB) makes ext4's allocator align large allocations
     // to 2 MiB, as su=2m does for xfs. Without it a large fallocate is aligned only when
@@ -90,20 +89,25 @@ pub fn run_mkfs(fs: FsType, dev: &Path) -> Result<tools::Output> {
         "-E",
         "stride=512,stripe_width=512",
     ];
-    match fs {
+    let out = match ctx.args.fs {
         FsType::Ext4 if tools::exists("mkfs.ext4") => {
-            tools::run("mkfs.ext4", &[&ext4_opts[..], &[dev.as_str()]].concat())
+            tools::run("mkfs.ext4", &[&ext4_opts[..], &[dev.as_str()]].concat())?
         }
         FsType::Ext4 => tools::run(
             "mke2fs",
             &[&["-t", "ext4"][..], &ext4_opts[..], &[dev.as_str()]].concat(),
-        ),
+        )?,
         // 2 MiB stripe unit so data extents can be PMD-aligned; no reflink (DAX excludes it).
         FsType::Xfs => tools::run(
             "mkfs.xfs",
             &["-f", "-q", "-d", "su=2m,sw=1", "-m", "reflink=0", &dev],
-        ),
+        )?,
+    };
+    if !out.success() {
+        ctx.diag(&out.tail(20));
+        fail!("mkfs on {} exited with {:?}", path.display(), out.status);
     }
+    Ok(())
 }
 
 /// ext4's superblock sits at byte 1024; s_feature_incompat at +0x60 carries RECOVER
@@ -173,17 +177,23 @@ pub fn fsck_clean(ctx: &mut Ctx) -> Result<Verdict> {
 }
 
 pub fn mount_dax(ctx: &mut Ctx) -> Result<Verdict> {
-    let mnt = ctx.args.mnt.clone();
-    std::fs::create_dir_all(&mnt).ctx(format!("mkdir -p {}", mnt.display()))?;
+    let (dev, mnt) = (ctx.args.dev.clone(), ctx.args.mnt.clone());
+    mount_dax_at(ctx, &dev, &mnt)?;
+    ctx.fs_state.mounted_by_us = true;
+    Ok(Verdict::Pass)
+}
+
+/// Mounts `dev` (`--fs`) on `mnt` with every file DAX, creating `mnt`.
+pub fn mount_dax_at(ctx: &mut Ctx, dev: &Path, mnt: &Path) -> Result<()> {
+    std::fs::create_dir_all(mnt).ctx(format!("mkdir -p {}", mnt.display()))?;
     let fs = ctx.args.fs.name();
     // "dax=always" is the current spelling; plain "dax" is the legacy one some kernels
     // want. Both ask for every file to be DAX.
     let mut last = None;
     for opts in ["dax=always", "dax"] {
-        match sys::mount(&ctx.args.dev, &mnt, fs, opts) {
+        match sys::mount(dev, mnt, fs, opts) {
             Ok(()) => {
-                ctx.fs_state.mounted_by_us = true;
-                let line = crate::mounts::current(&mnt)
+                let line = crate::mounts::current(mnt)
                     .map(|m| {
                         format!(
                             "{} on {} type {} ({})",
@@ -195,23 +205,21 @@ pub fn mount_dax(ctx: &mut Ctx) -> Result<Verdict> {
                     })
                     .unwrap_or_else(|| "mounted, but not in /proc/mounts".into());
                 ctx.diag(&format!("mount -o {opts}: {line}"));
-                return Ok(Verdict::Pass);
+                return Ok(());
             }
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 ctx.diag(&format!("mount -o {opts}: {}", describe(&e)));
                 last = Some(e);
             }
-            Err(e) => {
-                return Err(e).ctx(format!(
-                    "mount -t {fs} -o {opts} {}",
-                    ctx.args.dev.display()
-                ))
-            }
+            Err(e) => return Err(e).ctx(format!("mount -t {fs} -o {opts} {}", dev.display())),
         }
     }
     // EINVAL covers both "no such filesystem here" and "DAX not supported"; only the
     // kernel log says which.
-    let name = ctx.dev_name();
+    let name = dev
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if let Some(log) = sys::kernel_log() {
         let lines: Vec<&str> = log.lines().filter(|l| l.contains(name.as_str())).collect();
         for line in &lines[lines.len().saturating_sub(5)..] {
@@ -219,5 +227,5 @@ pub fn mount_dax(ctx: &mut Ctx) -> Result<Verdict> {
         }
     }
     let e = last.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EINVAL));
-    Err(e).ctx(format!("mount -t {fs} -o dax {}", ctx.args.dev.display()))
+    Err(e).ctx(format!("mount -t {fs} -o dax {}", dev.display()))
 }

@@ -7,12 +7,12 @@
 
 use std::path::{Path, PathBuf};
 
-use super::device::run_mkfs;
+use super::dax::dax_checks;
+use super::device::{make_fs, mount_dax_at};
 use super::suites::SuiteDef;
 use super::{Ctx, Verdict};
 use crate::error::{fail, Context, Result};
 use crate::flush_timer::{self, Op, Targets};
-use crate::precond;
 use crate::stats;
 use crate::sys;
 
@@ -57,30 +57,16 @@ fn find_devices(pci: &str) -> Result<(PathBuf, PathBuf)> {
 }
 
 fn set_up(ctx: &mut Ctx, side: &mut Side) -> Result<Verdict> {
+    if ctx.args.mkfs {
+        make_fs(ctx, &side.dev)?;
+    }
+    mount_dax_at(ctx, &side.dev, &side.mnt)?;
     let name = side
         .dev
         .file_name()
-        .map(|n| n.to_string_lossy().into_owned());
-    let name = name.unwrap_or_default();
-    if ctx.args.mkfs {
-        let out = run_mkfs(ctx.args.fs, &side.dev)?;
-        if !out.success() {
-            ctx.diag(&out.tail(20));
-            fail!(
-                "mkfs on {} exited with {:?}",
-                side.dev.display(),
-                out.status
-            );
-        }
-    }
-    std::fs::create_dir_all(&side.mnt).ctx(format!("mkdir -p {}", side.mnt.display()))?;
-    sys::mount(&side.dev, &side.mnt, ctx.args.fs.name(), "dax=always").ctx(format!(
-        "mount -o dax=always {} {}",
-        side.dev.display(),
-        side.mnt.display()
-    ))?;
-    let checks = precond::evaluate(&precond::gather(&name, &side.mnt), &name);
-    let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let failed = dax_checks(ctx, &name, &side.mnt);
     if !failed.is_empty() {
         return Ok(Verdict::Fail(format!(
             "{} ({}): not a DAX mount: {}",
@@ -97,15 +83,6 @@ fn set_up(ctx: &mut Ctx, side: &mut Side) -> Result<Verdict> {
         side.mnt.display()
     ));
     Ok(Verdict::Pass)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// The VUP-METRIC line of one device's `run` in `block` (a number, or `all`); returns its p50.
@@ -167,7 +144,7 @@ fn measure_op(ctx: &mut Ctx, sides: &mut [Side; 2], op: Op) -> Result<Verdict> {
         all[0] as f64 / 1000.0,
         all[1] as f64 / 1000.0,
         all[0] as f64 / all[1].max(1) as f64,
-        median(ratios),
+        stats::median(ratios),
     ));
     Ok(Verdict::Pass)
 }
@@ -241,15 +218,3 @@ pub const SUITE: SuiteDef = SuiteDef {
     ],
     run: suite,
 };
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn median_of_odd_even_and_none() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
-        assert!(median(Vec::new()).is_nan());
-    }
-}
